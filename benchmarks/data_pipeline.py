@@ -1,0 +1,65 @@
+"""Training-pipeline throughput (episodes/s) on this machine, one JSON line per measurement.
+
+Paths: json + images (decode whole images) and TFDS records (decode pre-cut crops); warping in
+tf.data ('host') or shipping crops + matrices for the accelerator ('device': the host part only).
+
+    python benchmarks/data_pipeline.py [--root MP100_ROOT --ann annotations/x.json --image-dir images]
+
+Without --root a synthetic MP-100-format dataset is generated in a temporary folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
+
+from data_pipeline import pipeline as pl  # noqa: E402
+from data_pipeline import synthetic  # noqa: E402
+from data_pipeline import tfds_mp100 as tm  # noqa: E402
+
+
+def measure(source, warp, batch, steps, warmup=3):
+  cfg = pl.PipelineConfig(warp=warp, shots=1)
+  it = pl.make_train_iterator(source, batch, cfg, process_index=0, process_count=1)
+  for _ in range(warmup):
+    next(it)
+  t = time.perf_counter()
+  for _ in range(steps):
+    next(it)
+  return steps * batch / (time.perf_counter() - t)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument('--root')
+  p.add_argument('--ann', default='annotations/synthetic_train.json')
+  p.add_argument('--image-dir', default='images')
+  p.add_argument('--batch', type=int, default=32)
+  p.add_argument('--steps', type=int, default=40)
+  p.add_argument('--image-size', type=int, default=400)
+  a = p.parse_args(argv)
+  tmp = tempfile.mkdtemp(prefix='capenext_bench_')
+  root = a.root
+  if root is None:
+    root = os.path.join(tmp, 'synthetic')
+    synthetic.generate_synthetic(root, (20, 1, 1), 60, a.image_size, seed=0)
+  cfg = tm.Mp100Config.for_root_layout('bench', {'train': a.ann}, image_dir=a.image_dir)
+  builder = tm.build_records(root, os.path.join(tmp, 'tfds'), cfg)
+  sources = {'json': pl.json_source(os.path.join(root, a.ann), os.path.join(root, a.image_dir)),
+             'records': tm.load_records(builder, 'train')}
+  for name, src in sources.items():
+    for warp in ('host', 'device'):
+      eps = measure(src, warp, a.batch, a.steps)
+      print(json.dumps({'benchmark': 'data_pipeline_train', 'source': name, 'warp': warp,
+                        'global_batch': a.batch, 'episodes_per_s': round(eps, 1),
+                        'cpu_count': os.cpu_count(), 'dataset': 'synthetic' if a.root is None else root}),
+            flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,132 @@
+"""Official CapeNext checkpoints (mmcv `.pth`, or `.npz` of the same keys) <-> our params.
+
+The official state dict has four groups (spec 7): `backbone.` (Swin V2), `text_backbone.` (CLIP,
+OpenAI layout), `keypoint_head.` and `additional_module.` (the fusion module). Each group is
+converted by its own pure-dict function; this module only routes keys by prefix. Every key must
+be consumed: the group converters skip the known-unused ones (Swin `head`, fusion `non_linear`,
+buffers) by explicit lists and raise on anything else.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from flax import nnx
+
+from capenext_jax.convert import clip as clip_convert
+from capenext_jax.convert import head as head_convert
+from capenext_jax.convert import swin as swin_convert
+from capenext_jax.convert.torch_io import load_state_dict
+from capenext_jax.models.capenext import CapeNextConfig
+from capenext_jax.models.clip import CLIPConfig
+from capenext_jax.models.fusion import FusionConfig
+from capenext_jax.models.head import HeadConfig
+from capenext_jax.models.swin_v2 import SwinV2Config
+
+# prefix -> (our sub-module name, official -> ours, ours -> official)
+GROUPS = {
+    'backbone.': ('backbone', swin_convert.swin_from_torch, swin_convert.swin_to_torch),
+    'text_backbone.': ('clip', clip_convert.clip_from_openai, clip_convert.clip_to_openai),
+    'keypoint_head.': ('head', head_convert.head_from_torch, head_convert.head_to_torch),
+    'additional_module.': ('fusion', head_convert.fusion_from_torch,
+                           head_convert.fusion_to_torch),
+}
+# Trainable in torch but never used by the forward pass, so they never get a gradient.
+KNOWN_UNUSED_GRADS = ()
+
+
+def split_groups(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+  """Official flat names -> {prefix: {name without prefix: array}}; unknown prefixes raise."""
+  groups: dict[str, dict[str, np.ndarray]] = {p: {} for p in GROUPS}
+  for key, value in state_dict.items():
+    prefix = next((p for p in GROUPS if key.startswith(p)), None)
+    if prefix is None:
+      raise ValueError(f'unexpected key {key!r} in the CapeNext state dict (expected one of the '
+                       f'groups {", ".join(GROUPS)})')
+    groups[prefix][key[len(prefix):]] = np.asarray(value)
+  return groups
+
+
+def capenext_from_official(state_dict: Mapping[str, np.ndarray]) -> dict:
+  """Official state dict (flat names) -> our nested params pure dict, CLIP included.
+
+  A checkpoint without `additional_module.` keys is plain CapeX (no fusion params).
+  """
+  params = {}
+  for prefix, part in split_groups(state_dict).items():
+    name, from_torch, _ = GROUPS[prefix]
+    if not part:
+      if prefix == 'additional_module.':
+        continue
+      raise ValueError(f'the state dict has no {prefix}* keys')
+    try:
+      params[name] = from_torch(part)
+    except ValueError as e:
+      raise ValueError(f'{prefix}: {e}') from e
+  return params
+
+
+def capenext_to_official(params: Mapping) -> dict[str, np.ndarray]:
+  """Inverse of `capenext_from_official` (unused official keys are not recreated)."""
+  out = {}
+  for prefix, (name, _, to_torch) in GROUPS.items():
+    if name in params:
+      out.update({prefix + k: v for k, v in to_torch(params[name]).items()})
+  return out
+
+
+def load_official(path: str) -> dict:
+  """Read an official checkpoint safely (no pickled code runs) and convert it."""
+  return capenext_from_official(load_state_dict(path))
+
+
+def load_into(model: nnx.Module, params: Mapping) -> None:
+  """Write a params pure dict into `model` (shapes must match exactly)."""
+  state = nnx.state(model, nnx.Param)
+  expected = nnx.to_pure_dict(state)
+  _check_same_tree(expected, params, '')
+  state.replace_by_pure_dict(params)
+  nnx.update(model, state)
+
+
+def _check_same_tree(expected, given, path: str) -> None:
+  if isinstance(expected, Mapping):
+    if not isinstance(given, Mapping):
+      raise ValueError(f'params{path}: expected a dict, got {type(given).__name__}')
+    exp_keys, got_keys = {str(k) for k in expected}, {str(k) for k in given}
+    if exp_keys != got_keys:
+      raise ValueError(f'params{path}: missing {sorted(exp_keys - got_keys)}, '
+                       f'unexpected {sorted(got_keys - exp_keys)}')
+    by_str = {str(k): v for k, v in given.items()}
+    for k, v in expected.items():
+      _check_same_tree(v, by_str[str(k)], f'{path}/{k}')
+  elif np.shape(expected) != np.shape(given):
+    raise ValueError(f'params{path}: shape {np.shape(given)} != model {np.shape(expected)}')
+
+
+def config_from_fixture(cfg: Mapping) -> CapeNextConfig:
+  """CapeNextConfig from a parity fixture's `config_json` (the official constructor sizes)."""
+  enc, head, clip = cfg['encoder_config'], cfg['keypoint_head'], cfg['clip']
+  tr = head['transformer']
+  swin = SwinV2Config(img_size=enc['img_size'], embed_dim=enc['embed_dim'],
+                      depths=tuple(enc['depths']), num_heads=tuple(enc['num_heads']),
+                      window_size=enc['window_size'], drop_path_rate=enc['drop_path_rate'])
+  fusion = None
+  if cfg.get('additional_module'):
+    fusion = FusionConfig(embed_dim=cfg['additional_module']['model_params']['embed_dim'])
+  return CapeNextConfig(
+      swin=swin,
+      clip=CLIPConfig(**{k: clip[k] for k in (
+          'embed_dim', 'image_resolution', 'vision_layers', 'vision_width', 'vision_patch_size',
+          'context_length', 'vocab_size', 'transformer_width', 'transformer_heads',
+          'transformer_layers')}),
+      fusion=fusion,
+      head=HeadConfig(d_model=tr['d_model'], nhead=tr['nhead'],
+                      num_encoder_layers=tr['num_encoder_layers'],
+                      num_decoder_layers=tr['num_decoder_layers'],
+                      dim_feedforward=tr['dim_feedforward'], dropout=tr['dropout'],
+                      similarity_proj_dim=tr['similarity_proj_dim'],
+                      dynamic_proj_dim=tr['dynamic_proj_dim'],
+                      num_feats=head['positional_encoding']['num_feats'],
+                      img_in_channels=head['img_in_channels'],
+                      text_in_channels=head['text_in_channels']))

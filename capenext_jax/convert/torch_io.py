@@ -1,0 +1,77 @@
+"""Safe readers for PyTorch-side weight files: `.pth`/`.pt`/`.bin`, `.npz`, `.safetensors`.
+
+Nothing here unpickles arbitrary objects: torch files are read with `weights_only=True`, npz
+files with `allow_pickle=False`. torch is imported only when a torch file (or a bf16
+safetensors file, which numpy cannot represent) is read.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+_TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
+_WRAPPERS = ('state_dict', 'model')  # mmcv / generic training checkpoints nest the weights
+
+
+def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Flat `name -> np.ndarray` of a weight file; fp16 / bf16 tensors are upcast to fp32.
+
+  A checkpoint dict holding the weights under 'state_dict' or 'model' is unwrapped.
+  Raises ValueError naming the file (missing, unknown suffix) or the offending entry.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise ValueError(f'{path}: no such file')
+  if path.suffix in _TORCH_SUFFIXES:
+    sd = _load_torch(path)
+  elif path.suffix == '.npz':
+    with np.load(path, allow_pickle=False) as z:
+      sd = {k: z[k] for k in z.files}
+  elif path.suffix == '.safetensors':
+    sd = _load_safetensors(path)
+  else:
+    raise ValueError(f'{path}: unknown weight file type {path.suffix!r} '
+                     f'(expected one of {_TORCH_SUFFIXES + (".npz", ".safetensors")})')
+  return {k: _upcast(v) for k, v in sd.items()}
+
+
+def _upcast(a: np.ndarray) -> np.ndarray:
+  # bfloat16 arrays appear when ml_dtypes (imported by jax) lets safetensors build them.
+  return a.astype(np.float32) if a.dtype.name in ('float16', 'bfloat16') else a
+
+
+def _unwrap(obj, path: Path) -> dict:
+  for key in _WRAPPERS:
+    if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+      return obj[key]
+  if not isinstance(obj, dict):
+    raise ValueError(f'{path}: expected a state dict, got {type(obj).__name__}')
+  return obj
+
+
+def _torch_to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
+  import torch  # lazy: only torch files need it
+  out = {}
+  for k, v in sd.items():
+    if not isinstance(v, torch.Tensor):
+      raise ValueError(f'{path}: entry {k!r} is a {type(v).__name__}, not a tensor')
+    v = v.detach().cpu()
+    out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
+  return out
+
+
+def _load_torch(path: Path) -> dict[str, np.ndarray]:
+  import torch  # lazy: only torch files need it
+  obj = torch.load(path, map_location='cpu', weights_only=True)
+  return _torch_to_numpy(_unwrap(obj, path), path)
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+  from safetensors.numpy import load_file
+  try:
+    return load_file(str(path))
+  except TypeError:  # numpy has no bfloat16: read through torch instead
+    from safetensors.torch import load_file as load_torch
+    return _torch_to_numpy(load_torch(str(path)), path)

@@ -1,0 +1,169 @@
+"""CapeNext: CapeX (Swin V2 + text-described keypoints + graph decoder) with CLIP fusion.
+
+Spec section 0 and Appendix A. The support images are never used: the support enters only
+through the category's keypoint descriptions and the support-visibility mask.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from capenext_jax.models.clip import CLIP, CLIPConfig
+from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
+from capenext_jax.models.head import HeadConfig, PoseHead
+from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config
+
+NUM_SLOTS = 100          # keypoint slots of MP-100 (max_kpt_num)
+CONTEXT_LENGTH = 77      # CLIP text context
+
+
+@dataclasses.dataclass(frozen=True)
+class CapeNextConfig:
+  """Sizes of the whole model. The defaults are the headline CapeNext (Swin V2-T, CLIP B/32).
+
+  fusion=None gives plain CapeX (keypoint text goes straight to the head).
+  """
+  swin: SwinV2Config = SwinV2Config()
+  clip: CLIPConfig = CLIPConfig()
+  fusion: FusionConfig | None = FusionConfig()
+  head: HeadConfig = HeadConfig()
+
+  @property
+  def image_size(self) -> int:
+    return self.swin.img_size
+
+  def to_dict(self) -> dict:
+    """JSON-able nested dict (tuples become lists); `from_dict` inverts it."""
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> CapeNextConfig:
+    """Inverse of `to_dict`. Missing fields take their defaults (so files written before a
+    field was added still load); unknown fields raise ValueError naming them."""
+    parts = {'swin': SwinV2Config, 'clip': CLIPConfig, 'fusion': FusionConfig,
+             'head': HeadConfig}
+    _check_fields(cls, d, 'config')
+    return cls(**{k: (None if d[k] is None else _sub_config(parts[k], d[k], k))
+                  for k in parts if k in d})
+
+
+def _check_fields(cls, d: dict, where: str) -> None:
+  unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f'{where}: unknown fields {unknown} for {cls.__name__}')
+
+
+def _sub_config(cls, d: dict, where: str):
+  """A frozen sub-config from its dict; JSON lists back to the tuples the dataclasses use."""
+  _check_fields(cls, d, where)
+  return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+  """x / ||x|| over the last axis, no epsilon (as the official code); all-zero rows stay 0."""
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.where(norm > 0, norm, 1.0)
+
+
+class CapeNext(nnx.Module):
+  """The full model. See docs/DESIGN.md for the call contract."""
+
+  def __init__(self, config: CapeNextConfig = CapeNextConfig(), *, rngs: nnx.Rngs):
+    self.config = config
+    self.backbone = SwinTransformerV2(config.swin, rngs=rngs)
+    self.clip = CLIP(config.clip, rngs=rngs)
+    self.fusion = (MultiModalFusion(config.fusion, rngs=rngs)
+                   if config.fusion is not None else None)
+    self.head = PoseHead(config.head, rngs=rngs)
+
+  # ------------------------------------------------------------------ frozen CLIP encoders
+  def encode_text(self, tokens: jax.Array) -> jax.Array:
+    """L2-normalised CLIP text embeddings, no gradient. tokens int32 [..., 77] -> [..., E]."""
+    flat = tokens.reshape(-1, tokens.shape[-1])
+    emb = l2_normalize(self.clip.encode_text(flat))
+    return jax.lax.stop_gradient(emb.reshape(*tokens.shape[:-1], emb.shape[-1]))
+
+  def encode_query_image(self, query_image: jax.Array) -> jax.Array:
+    """CLIP image embedding of the (ImageNet-normalised) query, no gradient.
+
+    The official code feeds the Swin input, bilinearly resized to CLIP's resolution without
+    antialiasing, and never applies CLIP's own normalisation (spec 1.3).
+    query_image [B, S, S, 3] -> [B, E].
+    """
+    b, _, _, c = query_image.shape
+    r = self.config.clip.image_resolution
+    resized = jax.image.resize(query_image, (b, r, r, c), 'bilinear', antialias=False)
+    return jax.lax.stop_gradient(l2_normalize(self.clip.encode_image(resized)))
+
+  # ------------------------------------------------------------------ forward
+  def __call__(self, query_image: jax.Array, support_mask: jax.Array, adjacency: jax.Array, *,
+               keypoint_text: jax.Array | None = None, category_text: jax.Array | None = None,
+               keypoint_tokens: jax.Array | None = None,
+               category_tokens: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Predict every keypoint slot of a batch of episodes.
+
+    Args:
+      query_image: float32 [B, S, S, 3], ImageNet-normalised RGB.
+      support_mask: [B, 100], 1 where the support (shot 0) keypoint is visible and in bounds.
+      adjacency: [B, 100, 100] 0/1 skeleton adjacency (see `head.adjacency_from_skeleton`).
+      keypoint_text: [B, 100, E] L2-normalised CLIP text embedding of each slot's description
+        (from the text cache; rows of masked slots are ignored), or
+      keypoint_tokens: int32 [B, 100, 77] the descriptions' CLIP tokens.
+      category_text: [B, E] L2-normalised embedding of "a photo of {category}", or
+      category_tokens: int32 [B, 77].
+    Returns:
+      dict with 'keypoints' [L, B, 100, 2] in [0, 1] (x, y relative to S), 'proposals'
+      [B, 100, 2], 'similarity' [B, 100, h, w], the head's intermediates, and 'joint_text'
+      (masked J), 'fused_text' (J'), 'image_embedding' (I), 'category_embedding' (C),
+      'backbone_feature' [B, h, w, C]. Unused entries cost nothing under jit.
+    """
+    self._check_inputs(query_image, support_mask, adjacency)
+    if (keypoint_text is None) == (keypoint_tokens is None):
+      raise ValueError('pass exactly one of keypoint_text / keypoint_tokens')
+    if keypoint_text is None:
+      _check_tokens('keypoint_tokens', keypoint_tokens, (query_image.shape[0], NUM_SLOTS))
+      keypoint_text = self.encode_text(keypoint_tokens)
+    mask = support_mask.astype(query_image.dtype)
+    # Masked slots are exactly zero, as the official per-visible-keypoint encoding leaves them.
+    joint_text = jax.lax.stop_gradient(keypoint_text) * mask[..., None]
+
+    extras = {'joint_text': joint_text}
+    fused_text = joint_text
+    if self.fusion is not None:
+      if (category_text is None) == (category_tokens is None):
+        raise ValueError('pass exactly one of category_text / category_tokens')
+      if category_text is None:
+        _check_tokens('category_tokens', category_tokens, (query_image.shape[0],))
+        category_text = self.encode_text(category_tokens)
+      category_text = jax.lax.stop_gradient(category_text)
+      image_text = self.encode_query_image(query_image)
+      fused_text = self.fusion(image_text, joint_text, category_text)
+      extras.update(image_embedding=image_text, category_embedding=category_text)
+
+    feature = self.backbone(query_image)
+    out = self.head(feature, fused_text, mask, adjacency.astype(query_image.dtype))
+    return {**out, **extras, 'fused_text': fused_text, 'backbone_feature': feature}
+
+  def _check_inputs(self, query_image, support_mask, adjacency):
+    s = self.config.image_size
+    if query_image.ndim != 4 or query_image.shape[1:] != (s, s, 3):
+      hint = (' (channels-first? images are NHWC)'
+              if query_image.ndim == 4 and query_image.shape[1] == 3 else '')
+      raise ValueError(f'query_image must be [B, {s}, {s}, 3], got {tuple(query_image.shape)}'
+                       f'{hint}')
+    b = query_image.shape[0]
+    if support_mask.shape != (b, NUM_SLOTS):
+      raise ValueError(f'support_mask must be [B={b}, {NUM_SLOTS}] (at most {NUM_SLOTS} '
+                       f'keypoints), got {tuple(support_mask.shape)}')
+    if adjacency.shape != (b, NUM_SLOTS, NUM_SLOTS):
+      raise ValueError(f'adjacency must be [B={b}, {NUM_SLOTS}, {NUM_SLOTS}], '
+                       f'got {tuple(adjacency.shape)}')
+
+
+def _check_tokens(name: str, tokens: jax.Array, lead: tuple[int, ...]):
+  if tokens.shape != (*lead, CONTEXT_LENGTH) or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f'{name} must be integer [{", ".join(map(str, lead))}, {CONTEXT_LENGTH}], '
+                     f'got {tokens.dtype} {tuple(tokens.shape)}')

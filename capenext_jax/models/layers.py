@@ -1,0 +1,146 @@
+"""Building blocks shared by every CapeNext sub-model, with PyTorch semantics.
+
+All modules are batch-first. Linear layers are `nnx.Linear` (kernel `[in, out]`), so an
+official PyTorch weight `W [out, in]` converts as `kernel = W.T`.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-5  # PyTorch's LayerNorm default, used everywhere in CapeNext (Flax defaults to 1e-6).
+
+
+# ----------------------------------------------------------------------------- initialisers
+def _uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def xavier_uniform(fan_in: int, fan_out: int):
+  """`nn.init.xavier_uniform_` for a matrix whose torch shape is `[fan_out, fan_in]`."""
+  return _uniform(math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: bool = True,
+           init: str = 'torch', fan_out_for_xavier: int | None = None) -> nnx.Linear:
+  """An `nnx.Linear` initialised as PyTorch would.
+
+  init: 'torch' (nn.Linear default), 'xavier' (xavier-uniform weight, zero bias) or 'zeros'.
+  fan_out_for_xavier: the fan-out xavier sees when the torch weight is a slice of a packed
+    matrix (e.g. MHA `in_proj_weight [3E, E]` has fan_out 3E).
+  """
+  if init == 'torch':
+    k_init = b_init = _uniform(1.0 / math.sqrt(in_features))
+  elif init == 'xavier':
+    k_init = xavier_uniform(in_features, fan_out_for_xavier or out_features)
+    b_init = jax.nn.initializers.zeros
+  elif init == 'zeros':
+    k_init = b_init = jax.nn.initializers.zeros
+  else:
+    raise ValueError(f'unknown init {init!r}')
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=k_init,
+                    bias_init=b_init, rngs=rngs)
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """LayerNorm over the last axis with PyTorch's eps (1e-5), weight 1 and bias 0."""
+  return nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------- activations
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, as `torch.nn.GELU()`; jax's default is the tanh approximation."""
+  return jax.nn.gelu(x, approximate=False)
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """CLIP's QuickGELU: x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# ----------------------------------------------------------------------------- attention
+class MultiHeadAttention(nnx.Module):
+  """`torch.nn.MultiheadAttention` (batch-first here) with separate q/k/v projections.
+
+  The packed torch `in_proj_weight [3E, E]` splits into `q_proj`, `k_proj`, `v_proj`; when
+  kdim or vdim differ from embed_dim torch stores them separately (`q_proj_weight` ...), which
+  maps the same way. q is scaled by 1/sqrt(head_dim) after its projection and bias; heads are
+  split channel-major (`c = h * head_dim + i`).
+
+  Init follows torch: xavier-uniform projection weights (over the packed `[3E, E]` matrix when
+  packed), zero projection biases, `out_proj` with nn.Linear's default weight and a zero bias.
+  """
+
+  def __init__(self, embed_dim: int, num_heads: int, *, kdim: int | None = None,
+               vdim: int | None = None, dropout: float = 0.0, rngs: nnx.Rngs):
+    if embed_dim % num_heads:
+      raise ValueError(f'embed_dim {embed_dim} is not divisible by num_heads {num_heads}')
+    kdim, vdim = kdim or embed_dim, vdim or embed_dim
+    packed = kdim == embed_dim and vdim == embed_dim
+    self.embed_dim, self.num_heads = embed_dim, num_heads
+    self.head_dim = embed_dim // num_heads
+
+    def proj(in_dim):
+      fan_out = 3 * embed_dim if packed else embed_dim
+      return linear(in_dim, embed_dim, rngs=rngs, init='xavier', fan_out_for_xavier=fan_out)
+
+    self.q_proj, self.k_proj, self.v_proj = proj(embed_dim), proj(kdim), proj(vdim)
+    self.out_proj = linear(embed_dim, embed_dim, rngs=rngs)
+    self.out_proj.bias.value = jnp.zeros_like(self.out_proj.bias.value)
+    self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
+
+  def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
+               key_padding_mask: jax.Array | None = None,
+               attn_mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Attention of `query` over `key`/`value`.
+
+    Args:
+      query: [B, Lq, E]; key: [B, Lk, kdim]; value: [B, Lk, vdim].
+      key_padding_mask: [B, Lk] bool, True = ignore that key (torch convention).
+      attn_mask: [Lq, Lk] bool (True = ignore) or additive float mask.
+    Returns:
+      out [B, Lq, E] and the attention weights averaged over heads [B, Lq, Lk].
+    """
+    b, lq, _ = query.shape
+    lk = key.shape[1]
+    split = lambda t, l: t.reshape(b, l, self.num_heads, self.head_dim)
+    q = split(self.q_proj(query), lq) * (1.0 / math.sqrt(self.head_dim))
+    k = split(self.k_proj(key), lk)
+    v = split(self.v_proj(value), lk)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
+    if attn_mask is not None:
+      if attn_mask.dtype == jnp.bool_:
+        logits = jnp.where(attn_mask[None, None], -jnp.inf, logits)
+      else:
+        logits = logits + attn_mask[None, None]
+    if key_padding_mask is not None:
+      logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+    weights = jax.nn.softmax(logits, axis=-1)
+    mean_weights = weights.mean(axis=1)
+    weights = self.attn_dropout(weights)
+    out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, lq, self.embed_dim)
+    return self.out_proj(out), mean_weights
+
+
+# ----------------------------------------------------------------------------- stochastic depth
+class DropPath(nnx.Module):
+  """Per-sample stochastic depth (timm's `drop_path`): zero a sample's residual branch with
+  probability `rate` and scale the kept ones by 1/(1-rate). Identity in eval mode."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs, rng_collection: str = 'dropout'):
+    self.rate = rate
+    self.deterministic = False
+    self.rngs = rngs[rng_collection].fork() if rate > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.rngs(), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))

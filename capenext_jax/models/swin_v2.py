@@ -1,0 +1,357 @@
+"""Swin Transformer V2 image backbone (CapeNext's `backbone`, spec section 1.6).
+
+Images are NHWC. Inside a stage tokens are kept as a `[B, H, W, C]` grid (row-major, so a
+flattened grid is exactly the official `[B, L, C]` token order). Window attention works on all
+windows at once through reshapes; the shift masks, relative-position tables and indices are
+numpy constants derived from the config (never parameters).
+
+Param tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), mirroring the official names:
+  patch_embed.{proj (Conv), norm}
+  layers[s].blocks[b].{norm1, norm2, mlp.{fc1, fc2},
+                       attn.{logit_scale [h,1,1], q_bias, v_bias, qkv (no bias), proj,
+                             cpb_mlp_0, cpb_mlp_2 (no bias)}}
+  layers[s].downsample.{reduction (no bias), norm}      (every stage but the last)
+  norm
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capenext_jax.models import layers
+
+CPB_HIDDEN = 512        # hidden width of the continuous position bias MLP (hard-coded upstream)
+MASK_VALUE = -100.0     # additive logit between tokens of different shifted-window regions
+MAX_LOGIT_SCALE = math.log(100.0)  # the official clamp, log(1 / 0.01)
+
+
+@dataclasses.dataclass(frozen=True)
+class SwinV2Config:
+  """Swin-V2 sizes; the defaults are CapeNext's headline Swin-V2-T at 256 px."""
+  img_size: int = 256
+  patch_size: int = 4
+  in_chans: int = 3
+  embed_dim: int = 96
+  depths: tuple[int, ...] = (2, 2, 6, 2)
+  num_heads: tuple[int, ...] = (3, 6, 12, 24)
+  window_size: int = 16
+  mlp_ratio: float = 4.0
+  drop_path_rate: float = 0.2
+  pretrained_window_sizes: tuple[int, ...] = (0, 0, 0, 0)
+
+  def __post_init__(self):
+    n = len(self.depths)
+    if len(self.num_heads) != n or len(self.pretrained_window_sizes) != n:
+      raise ValueError(f'depths {self.depths}, num_heads {self.num_heads} and '
+                       f'pretrained_window_sizes {self.pretrained_window_sizes} differ in length')
+    if self.img_size % self.patch_size:
+      raise ValueError(f'img_size {self.img_size} is not a multiple of patch_size {self.patch_size}')
+    if (self.img_size // self.patch_size) % 2 ** (n - 1):
+      raise ValueError(f'patch grid {self.img_size // self.patch_size} cannot be halved {n - 1} times')
+    for s in range(n):
+      dim, res, (window, _) = self.stage_dim(s), self.stage_resolution(s), self.stage_window(s)
+      if dim % self.num_heads[s]:
+        raise ValueError(f'stage {s}: dim {dim} is not divisible by num_heads {self.num_heads[s]}')
+      if res % window:
+        raise ValueError(f'stage {s}: resolution {res} is not a multiple of window_size {window}')
+      if window < 2:
+        # The official table divides by (window - 1): a 1x1 window gives NaN there.
+        raise ValueError(f'stage {s}: window {window} < 2 is not supported')
+
+  @property
+  def num_features(self) -> int:
+    """Channels of the last stage (8 * embed_dim for four stages)."""
+    return self.stage_dim(len(self.depths) - 1)
+
+  @property
+  def output_resolution(self) -> int:
+    """Side of the `__call__` feature map: last stage grid upsampled x2 (S / 16 for 4 stages)."""
+    return 2 * self.stage_resolution(len(self.depths) - 1)
+
+  def stage_dim(self, s: int) -> int:
+    return self.embed_dim * 2 ** s
+
+  def stage_resolution(self, s: int) -> int:
+    """Token grid side at the input of stage s."""
+    return self.img_size // self.patch_size // 2 ** s
+
+  def stage_window(self, s: int) -> tuple[int, int]:
+    """(window, shift of the odd blocks) of stage s: a grid no larger than the window is one
+    unshifted window covering the grid."""
+    res = self.stage_resolution(s)
+    if res <= self.window_size:
+      return res, 0
+    return self.window_size, self.window_size // 2
+
+
+# ----------------------------------------------------------------------------- constants
+def window_partition(x, window: int):
+  """[B, H, W, C] -> [B, nW, window*window, C], windows and their tokens row-major.
+  Works on numpy and jax arrays alike."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def window_merge(x, window: int, h: int, w: int):
+  """Inverse of `window_partition`: [B, nW, window*window, C] -> [B, H, W, C]."""
+  b, _, _, c = x.shape
+  x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=None)
+def relative_coords_table(window: int, pretrained_window: int = 0) -> np.ndarray:
+  """Log-spaced relative offsets fed to the position-bias MLP.
+
+  Returns float32 `[2w-1, 2w-1, 2]`: entry (a, b) holds (dh, dw) = (a - w + 1, b - w + 1)
+  scaled to [-8, 8] by the (pretrained) window and mapped through sign(t) log2(|t| + 1) / 3.
+  Computed in float32 as upstream so the table matches its buffer bit for bit.
+  """
+  offsets = np.arange(-(window - 1), window, dtype=np.float32)
+  table = np.stack(np.meshgrid(offsets, offsets, indexing='ij'), axis=-1)
+  span = (pretrained_window if pretrained_window > 0 else window) - 1
+  table = table / np.float32(span) * np.float32(8)
+  table = np.sign(table) * np.log2(np.abs(table) + np.float32(1)) / np.float32(3)
+  return _frozen(table.astype(np.float32))
+
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(window: int) -> np.ndarray:
+  """int64 `[N, N]` (N = window^2): row of the flattened coords table for each token pair,
+  `(hi - hj + w - 1) * (2w - 1) + (wi - wj + w - 1)`."""
+  hh, ww = np.meshgrid(np.arange(window), np.arange(window), indexing='ij')
+  hh, ww = hh.reshape(-1), ww.reshape(-1)
+  dh = hh[:, None] - hh[None, :] + window - 1
+  dw = ww[:, None] - ww[None, :] + window - 1
+  return _frozen((dh * (2 * window - 1) + dw).astype(np.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
+  """float32 `[nW, N, N]` additive mask of a shifted block: -100 between tokens that come from
+  different regions of the rolled grid (they are not neighbours in the image), else 0."""
+  region = np.zeros((1, resolution, resolution, 1), np.float32)
+  bounds = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+  for i, (hs, ws) in enumerate((hs, ws) for hs in bounds for ws in bounds):
+    region[:, hs, ws, :] = i
+  ids = window_partition(region, window)[0, :, :, 0]          # [nW, N]
+  return _frozen(np.where(ids[:, None, :] != ids[:, :, None], MASK_VALUE, 0.0).astype(np.float32))
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+  """Read-only, since the cached constants are shared by every caller."""
+  a.setflags(write=False)
+  return a
+
+
+# ----------------------------------------------------------------------------- initialisers
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _timm_trunc_normal(key, shape, dtype=jnp.float32):
+  """timm's `trunc_normal_(std=.02)`: the bounds are +-2 absolute, i.e. +-100 std. Jitted so
+  that eager model construction compiles one program per weight shape, not one per op."""
+  return 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, shape, dtype)
+
+
+def _swin_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
+                 use_bias: bool = True) -> nnx.Linear:
+  """Linear with the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
+  lin = layers.linear(in_features, out_features, rngs=rngs, use_bias=use_bias, init='zeros')
+  lin.kernel.value = _timm_trunc_normal(rngs.params(), tuple(lin.kernel.value.shape))
+  return lin
+
+
+def _zero_layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """Res-post-norm LayerNorm, zeroed as by `_init_respostnorm` (blocks start as identities)."""
+  norm = layers.layer_norm(dim, rngs=rngs)
+  norm.scale.value = jnp.zeros_like(norm.scale.value)
+  return norm
+
+
+# ----------------------------------------------------------------------------- modules
+class PatchEmbed(nnx.Module):
+  """Non-overlapping patch conv then LayerNorm: [B, S, S, 3] -> [B, S/p, S/p, C]."""
+
+  def __init__(self, config: SwinV2Config, *, rngs: nnx.Rngs):
+    p = config.patch_size
+    # The conv keeps PyTorch's Conv2d default init (the official _init_weights skips it).
+    bound = 1.0 / math.sqrt(config.in_chans * p * p)
+    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+    self.proj = nnx.Conv(config.in_chans, config.embed_dim, kernel_size=(p, p), strides=(p, p),
+                         padding='VALID', kernel_init=init, bias_init=init, rngs=rngs)
+    self.norm = layers.layer_norm(config.embed_dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.norm(self.proj(x))
+
+
+class WindowAttention(nnx.Module):
+  """Cosine window self-attention with a continuous (MLP) relative position bias."""
+
+  def __init__(self, dim: int, num_heads: int, window: int, pretrained_window: int, *,
+               rngs: nnx.Rngs):
+    self.num_heads, self.window, self.pretrained_window = num_heads, window, pretrained_window
+    self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), jnp.float32))
+    self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
+    self.qkv = _swin_linear(dim, 3 * dim, use_bias=False, rngs=rngs)
+    self.proj = _swin_linear(dim, dim, rngs=rngs)
+    self.cpb_mlp_0 = _swin_linear(2, CPB_HIDDEN, rngs=rngs)
+    self.cpb_mlp_2 = _swin_linear(CPB_HIDDEN, num_heads, use_bias=False, rngs=rngs)
+
+  def position_bias(self) -> jax.Array:
+    """[heads, N, N] bias 16 * sigmoid(cpb_mlp(table)) gathered per token pair."""
+    table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
+    per_offset = self.cpb_mlp_2(jax.nn.relu(self.cpb_mlp_0(table.reshape(-1, 2))))
+    n = self.window * self.window
+    bias = per_offset[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
+    return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))
+
+  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
+    """x: [B, nW, N, C] windows; mask: [nW, N, N] additive or None. Returns [B, nW, N, C]."""
+    b, nw, n, c = x.shape
+    # The qkv Linear has no bias: upstream adds (q_bias, 0, v_bias), so k is never biased.
+    bias = jnp.concatenate([self.q_bias.value, jnp.zeros_like(self.v_bias.value),
+                            self.v_bias.value])
+    qkv = (self.qkv(x) + bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
+    q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]     # [B, nW, N, h, d]
+    logits = jnp.einsum('bwqhd,bwkhd->bwhqk', _l2_normalize(q), _l2_normalize(k))
+    logits = logits * jnp.exp(jnp.minimum(self.logit_scale.value, MAX_LOGIT_SCALE))
+    logits = logits + self.position_bias()
+    if mask is not None:
+      logits = logits + jnp.asarray(mask)[:, None]
+    weights = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum('bwhqk,bwkhd->bwqhd', weights, v).reshape(b, nw, n, c)
+    return self.proj(out)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+  """`F.normalize(x, dim=-1)`: x / max(||x||, 1e-12)."""
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Mlp(nnx.Module):
+  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
+    self.fc1 = _swin_linear(dim, hidden, rngs=rngs)
+    self.fc2 = _swin_linear(hidden, dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(layers.gelu(self.fc1(x)))
+
+
+class SwinBlock(nnx.Module):
+  """Res-post-norm block: x + DropPath(LN1(attn(x))), then x + DropPath(LN2(mlp(x)))."""
+
+  def __init__(self, config: SwinV2Config, stage: int, shifted: bool, drop_path: float, *,
+               rngs: nnx.Rngs):
+    dim = config.stage_dim(stage)
+    self.resolution = config.stage_resolution(stage)
+    self.window, shift = config.stage_window(stage)
+    self.shift = shift if shifted else 0
+    self.norm1 = _zero_layer_norm(dim, rngs=rngs)
+    self.attn = WindowAttention(dim, config.num_heads[stage], self.window,
+                                config.pretrained_window_sizes[stage], rngs=rngs)
+    self.norm2 = _zero_layer_norm(dim, rngs=rngs)
+    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, H, W, C] -> same shape."""
+    _, h, w, _ = x.shape
+    mask = None
+    y = x
+    if self.shift:
+      y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
+      mask = shifted_window_mask(self.resolution, self.window, self.shift)
+    y = self.attn(window_partition(y, self.window), mask)
+    y = window_merge(y, self.window, h, w)
+    if self.shift:
+      y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
+    x = x + self.drop_path(self.norm1(y))
+    return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+class PatchMerging(nnx.Module):
+  """2x2 neighbourhood to channels, Linear(4C -> 2C, no bias), then LN: [B,H,W,C] -> [B,H/2,W/2,2C]."""
+
+  def __init__(self, dim: int, *, rngs: nnx.Rngs):
+    self.reduction = _swin_linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
+    self.norm = layers.layer_norm(2 * dim, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, h, w, c = x.shape
+    # Upstream concatenates (even row, even col), (odd, even), (even, odd), (odd, odd): the
+    # column parity is the slower index, hence the (col, row) parity order below.
+    x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 4, 2, 5)
+    return self.norm(self.reduction(x.reshape(b, h // 2, w // 2, 4 * c)))
+
+
+class BasicLayer(nnx.Module):
+  """One stage: `depth` blocks (odd ones shifted) and the PatchMerging of non-final stages."""
+
+  def __init__(self, config: SwinV2Config, stage: int, drop_paths: list[float], *,
+               rngs: nnx.Rngs):
+    self.blocks = nnx.List([SwinBlock(config, stage, shifted=bool(i % 2), drop_path=rate,
+                                      rngs=rngs) for i, rate in enumerate(drop_paths)])
+    last = stage == len(config.depths) - 1
+    self.downsample = None if last else PatchMerging(config.stage_dim(stage), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for block in self.blocks:
+      x = block(x)
+    return x if self.downsample is None else self.downsample(x)
+
+
+class SwinTransformerV2(nnx.Module):
+  """Swin-V2 `forward_features` with bilinear x2 upsampling (no classifier head).
+
+  `model(x)`: x [B, S, S, in_chans] NHWC -> [B, 2S/(p 2^(n-1)), same, num_features]
+  ([B, 16, 16, 768] for the headline config). `model.forward_with_intermediates(x)` also
+  returns the patch embedding and every stage output as official `[B, L, C]` tokens.
+  """
+
+  def __init__(self, config: SwinV2Config, *, rngs: nnx.Rngs):
+    self.config = config
+    self.patch_embed = PatchEmbed(config, rngs=rngs)
+    # Stochastic depth grows linearly over all blocks of all stages.
+    rates = np.linspace(0.0, config.drop_path_rate, sum(config.depths)).tolist()
+    starts = np.cumsum((0,) + tuple(config.depths)).tolist()
+    self.layers = nnx.List([
+        BasicLayer(config, s, rates[starts[s]:starts[s + 1]], rngs=rngs)
+        for s in range(len(config.depths))])
+    self.norm = layers.layer_norm(config.num_features, rngs=rngs)
+
+  def forward_with_intermediates(self, x: jax.Array) -> dict:
+    """x: [B, S, S, in_chans] NHWC.
+
+    Returns a dict with
+      'patch_embed': [B, L0, C] tokens after the patch LayerNorm (row-major);
+      'stages': list of [B, L, C] stage outputs (after their PatchMerging, if any);
+      'out': [B, 2h, 2w, num_features] NHWC: final LN of the last stage ([B, h, w, C] grid), then
+        the bilinear (half-pixel centres) x2 upsample.
+    """
+    size = self.config.img_size
+    if x.ndim != 4 or x.shape[1:] != (size, size, self.config.in_chans):
+      raise ValueError(f'expected images [B, {size}, {size}, {self.config.in_chans}] NHWC, '
+                       f'got {x.shape}')
+    tokens = lambda t: t.reshape(t.shape[0], -1, t.shape[-1])
+    x = self.patch_embed(x)
+    result = {'patch_embed': tokens(x), 'stages': []}
+    for layer in self.layers:
+      x = layer(x)
+      result['stages'].append(tokens(x))
+    x = self.norm(x)
+    b, h, w, c = x.shape
+    # For x2 upsampling jax's bilinear resize equals torch's align_corners=False Upsample.
+    result['out'] = jax.image.resize(x, (b, 2 * h, 2 * w, c), method='bilinear')
+    return result
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """x: [B, S, S, in_chans] NHWC -> [B, S/16, S/16, num_features] (four stages)."""
+    return self.forward_with_intermediates(x)['out']

@@ -1,0 +1,234 @@
+"""Parity of our CapeNext against golden outputs of the official PyTorch code.
+
+usage: python -m capenext_jax.tools.check_parity FIXTURE.npz [--state-dict SD.npz]
+
+FIXTURE.npz has the layout of ../shared/fixtures/tiny_capenext.npz (weights under their
+official names, the batch, intermediates, outputs, losses, gradients); a full-size fixture of the
+same layout works unchanged. --state-dict takes the weights from another file instead
+(official names; .npz or .pth). Prints max abs / rel error per recorded tensor and exits 1 when
+any exceeds its tolerance:
+  activations and outputs <= 1e-5 abs (similarity logits <= 1e-4),
+  decoded image-space predictions <= 1e-5 relative to their magnitude (float32 holds ~7
+    significant digits, so pixel coordinates in the hundreds cannot meet an absolute 1e-5),
+  losses <= 1e-5 rel, gradients of every trainable parameter <= 1e-4 rel (norm-wise).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capenext_jax import losses as losses_lib
+from capenext_jax import metrics
+from capenext_jax.convert import official
+from capenext_jax.convert.torch_io import load_state_dict
+from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
+from capenext_jax.models.head import adjacency_from_skeleton
+from capenext_jax.text.cache import category_prompt
+from capenext_jax.text.tokenizer import tokenize
+
+ACT_TOL, SIM_TOL, PRED_RTOL, LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-5, 1e-4
+
+
+@dataclasses.dataclass
+class Row:
+  name: str
+  abs_err: float
+  rel_err: float
+  kind: str  # which tolerance applies: 'abs', 'rel', 'norm'
+  tol: float
+
+  @property
+  def ok(self) -> bool:
+    err = self.abs_err if self.kind == 'abs' else self.rel_err
+    return bool(np.isfinite(err) and err <= self.tol)
+
+
+def compare(name: str, ours, ref, kind: str, tol: float) -> Row:
+  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+  if ours.shape != ref.shape:
+    raise ValueError(f'{name}: shape {ours.shape} != reference {ref.shape}')
+  diff = np.abs(ours - ref)
+  abs_err = float(diff.max()) if diff.size else 0.0
+  if kind == 'norm':
+    rel = np.linalg.norm(ours - ref) / max(np.linalg.norm(ref), 1e-30)
+  elif kind == 'elementwise':  # relative to each element's magnitude (>= 1)
+    rel = float((diff / np.maximum(np.abs(ref), 1.0)).max()) if diff.size else 0.0
+  else:
+    rel = abs_err / max(float(np.abs(ref).max()) if ref.size else 0.0, 1e-30)
+  return Row(name, abs_err, float(rel), 'rel' if kind in ('norm', 'elementwise', 'rel') else kind,
+             tol)
+
+
+# ----------------------------------------------------------------------------- inputs
+def fixture_batch(z) -> dict[str, np.ndarray]:
+  """Model inputs and loss targets of the fixture's B episodes (NHWC, batch-first)."""
+  b = z['in_img_q'].shape[0]
+  adjacency, kpt_tokens, cat_tokens = [], [], []
+  for i in range(b):
+    adjacency.append(adjacency_from_skeleton(z[f'meta_b{i}_skeleton'], NUM_SLOTS))
+    tokens = np.zeros((NUM_SLOTS, 77), np.int32)
+    desc = [str(d) for d in z[f'meta_b{i}_point_descriptions']]
+    tokens[:len(desc)] = tokenize(desc)
+    kpt_tokens.append(tokens)
+    cat_tokens.append(tokenize([category_prompt(str(z[f'meta_b{i}_category_name']))])[0])
+  return {
+      'query_image': np.transpose(z['in_img_q'], (0, 2, 3, 1)),
+      'support_mask': z['in_target_weight_s'][..., 0],
+      'adjacency': np.stack(adjacency),
+      'keypoint_tokens': np.stack(kpt_tokens),
+      'category_tokens': np.stack(cat_tokens),
+      'query_joints': np.stack([z[f'meta_b{i}_query_joints_3d'][:, :2] for i in range(b)]),
+      'query_weight': z['in_target_weight_q'][..., 0],
+      'target_heatmaps': z['in_target_q'],
+  }
+
+
+def build_model(z, state_dict) -> CapeNext:
+  config = official.config_from_fixture(json.loads(str(z['config_json'])))
+  model = CapeNext(config, rngs=nnx.Rngs(0))
+  official.load_into(model, official.capenext_from_official(state_dict))
+  model.eval()
+  return model
+
+
+def loss_fn(model: CapeNext, batch) -> tuple[jax.Array, tuple[dict, dict]]:
+  out = model(batch['query_image'], batch['support_mask'], batch['adjacency'],
+              keypoint_tokens=batch['keypoint_tokens'], category_tokens=batch['category_tokens'])
+  terms = losses_lib.capenext_losses(
+      out, batch['query_joints'], batch['query_weight'], batch['support_mask'],
+      image_size=model.config.image_size, heatmap_size=batch['target_heatmaps'].shape[-1],
+      target_heatmaps=batch['target_heatmaps'])
+  return terms['loss'], (out, terms)
+
+
+# ----------------------------------------------------------------------------- checks
+def run_checks(z, state_dict) -> list[Row]:
+  model = build_model(z, state_dict)
+  batch = {k: jnp.asarray(v) for k, v in fixture_batch(z).items()}
+  rows = [compare('in_text_tokens_category', batch['category_tokens'],
+                  z['in_text_tokens_category'], 'abs', 0.0)]
+  mask = np.asarray(batch['support_mask']) > 0
+  rows.append(compare('in_text_tokens_points', np.asarray(batch['keypoint_tokens'])[mask],
+                      z['in_text_tokens_points'], 'abs', 0.0))
+
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def value_and_grad(params, batch):
+    def f(p):
+      return loss_fn(nnx.merge(graphdef, p, rest), batch)
+    return jax.value_and_grad(f, has_aux=True)(params)
+
+  (_, (out, terms)), grads = value_and_grad(params, batch)
+  rows += _activation_rows(model, batch, out, z)
+  rows += [compare(f'loss_{k}', terms[k], z[f'loss_{k}'], 'rel', LOSS_RTOL)
+           for k in ('heatmap_loss', 'proposal_loss', 'l1_loss_layer0', 'l1_loss_layer1',
+                     'l1_loss_layer2', 'loss')]
+  rows.append(compare('loss_acc_pose', terms['acc_pose'], z['loss_acc_pose'], 'abs', ACT_TOL))
+  rows += _gradient_rows(grads, z)
+  return rows
+
+
+def _activation_rows(model, batch, out, z) -> list[Row]:
+  """Every recorded intermediate we produce, in the fixture's layouts."""
+  nchw = lambda x: np.transpose(np.asarray(x), (0, 3, 1, 2))
+  seq_first = lambda x: np.swapaxes(np.asarray(x), 0, 1)
+  mask = np.asarray(batch['support_mask']) > 0
+  clip = model.clip
+  points_raw = clip.encode_text(batch['keypoint_tokens'][mask])
+  r = model.config.clip.image_resolution
+  img224 = jax.image.resize(batch['query_image'], (mask.shape[0], r, r, 3), 'bilinear',
+                            antialias=False)
+  swin = model.backbone.forward_with_intermediates(batch['query_image'])
+  ours = {
+      'clip_text_points_raw': points_raw,
+      'clip_text_category_raw': clip.encode_text(batch['category_tokens']),
+      'in_img_q_224': nchw(img224),
+      'clip_image_raw': clip.encode_image(img224),
+      'point_text_embeddings': out['joint_text'],
+      'mm_in_joint_text_embedding': out['joint_text'],
+      'mm_in_image_embedding': out['image_embedding'],
+      'mm_in_category_embedding': out['category_embedding'],
+      'mm_out_text_embeddings': out['fused_text'],
+      'swin_patch_embed': swin['patch_embed'],
+      **{f'swin_stage{i}': stage for i, stage in enumerate(swin['stages'])},
+      'backbone_feature': nchw(out['backbone_feature']),
+      'head_input_proj': nchw(out['input_proj']),
+      'head_pos_embed': nchw(out['pos_embed']),
+      'head_text_proj': out['text_proj'],
+      'enc_query_feat': seq_first(out['enc_query_feat']),
+      'enc_support_feat': seq_first(out['enc_support_feat']),
+      'prop_for_loss': out['proposals'],
+      'out_initial_proposals': out['proposals'],
+      'prop_similarity': out['similarity'],
+      'out_similarity_map': out['similarity'],
+      'prop_local': out['prop_local'],
+      'dec_outs': np.swapaxes(np.asarray(out['dec_outs']), 1, 2),
+      'dec_out_points': out['dec_out_points'],
+      'dec_cross_attn_maps': out['dec_cross_attn_maps'],
+      'out_kpts': out['keypoints'],
+  }
+  rows = []
+  for name, value in ours.items():
+    tol = SIM_TOL if 'similarity' in name else ACT_TOL
+    rows.append(compare(name, value, z[name], 'abs', tol))
+  size = model.config.image_size
+  for i in range(mask.shape[0]):
+    preds = metrics.transform_preds(np.asarray(out['keypoints'][-1, i:i + 1]) * size,
+                                    z[f'meta_b{i}_query_center'][None],
+                                    z[f'meta_b{i}_query_scale'][None], image_size=size)
+    rows.append(compare(f'test_b{i}_preds', preds, z[f'test_b{i}_preds'][..., :2],
+                        'elementwise', PRED_RTOL))
+  return rows
+
+
+def _gradient_rows(grads, z) -> list[Row]:
+  """d loss / d parameter under official names, for every parameter the fixture records.
+
+  Parameters with no recorded gradient (frozen CLIP, unused modules) must get exactly zero.
+  """
+  ours = official.capenext_to_official(nnx.to_pure_dict(grads))
+  recorded = {k[len('grad/'):] for k in z.files if k.startswith('grad/')}
+  rows = []
+  for name in sorted(ours):
+    if name in recorded:
+      rows.append(compare(f'grad/{name}', ours[name], z[f'grad/{name}'], 'norm', GRAD_RTOL))
+    elif np.any(ours[name] != 0):
+      rows.append(Row(f'grad/{name} (must be 0)', float(np.abs(ours[name]).max()), np.inf,
+                      'abs', 0.0))
+  missing = recorded - set(ours) - set(official.KNOWN_UNUSED_GRADS)
+  for name in sorted(missing):
+    rows.append(Row(f'grad/{name} (not produced)', np.inf, np.inf, 'abs', 0.0))
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('fixture')
+  parser.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
+  args = parser.parse_args(argv)
+  jax.config.update('jax_default_matmul_precision', 'highest')
+  z = np.load(args.fixture, allow_pickle=False)
+  if args.state_dict:
+    state_dict = load_state_dict(args.state_dict)
+  else:
+    state_dict = {k: z[k] for k in z['state_dict_keys']}
+  rows = run_checks(z, state_dict)
+  width = max(len(r.name) for r in rows)
+  for r in rows:
+    print(f'{"ok " if r.ok else "BAD"} {r.name:<{width}}  max|abs| {r.abs_err:9.2e}  '
+          f'rel {r.rel_err:9.2e}  ({r.kind} tol {r.tol:g})')
+  bad = [r.name for r in rows if not r.ok]
+  print(f'{len(rows) - len(bad)} passed, {len(bad)} failed')
+  return 1 if bad else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,112 @@
+"""Which parameters train, and where every array lives on the device mesh.
+
+* Trainable = every `nnx.Param` whose path has no frozen key ('clip' by default: the whole
+  CLIP model is frozen, spec section 4). Everything else (frozen params, buffers, RNG
+  streams) is "frozen": never differentiated and given no optimizer state.
+* The mesh has axes ('data', 'fsdp'). The batch is split over both axes together; params
+  follow big_vision-style rules `(regex over the '/'-joined path, spec)`, first match wins.
+  A spec is a `PartitionSpec` or the string 'fsdp': shard the largest dim divisible by the
+  fsdp axis size (replicate when there is none, or the fsdp axis has size 1). An implicit
+  final rule applies 'fsdp' to everything.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping, Sequence
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ('data', 'fsdp')
+BATCH_SPEC = P(MESH_AXES)
+Rules = Sequence[tuple[str, 'P | str']]
+PyTree = Any
+
+
+def trainable_filter(frozen_keys: Sequence[str] = ('clip',)) -> nnx.filterlib.Filter:
+  """`nnx.Param` whose path contains none of `frozen_keys` (as whole path elements)."""
+  return nnx.All(nnx.Param, *(nnx.Not(nnx.PathContains(k)) for k in frozen_keys))
+
+
+def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = trainable_filter()
+                ) -> tuple[nnx.GraphDef, dict, dict]:
+  """`model -> (graphdef, trainable, frozen)`, both states as pure nested dicts of arrays.
+
+  Pure dicts (no `Variable` wrappers) keep optimizer states and checkpoints plain;
+  `nnx.merge(graphdef, trainable, frozen)` rebuilds the model.
+  """
+  graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
+  return graphdef, nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
+
+
+def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None
+              ) -> Mesh:
+  """A ('data', 'fsdp') mesh from e.g. `{'data': -1, 'fsdp': 1}` (-1: the remaining devices).
+
+  Axes are `AxisType.Auto` (GSPMD propagation from the shardings we put on jit inputs and
+  outputs); jax >= 0.7 made `Explicit` the `make_mesh` default, so it is spelled out.
+  """
+  if set(mesh_shape) - set(MESH_AXES):
+    raise ValueError(f'mesh_shape axes {sorted(mesh_shape)} must be among {MESH_AXES}')
+  devices = list(jax.devices() if devices is None else devices)
+  sizes = [int(mesh_shape.get(a, 1)) for a in MESH_AXES]
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if sizes.count(-1) > 1 or len(devices) % known:
+    raise ValueError(f'mesh_shape {dict(mesh_shape)} does not fit {len(devices)} devices')
+  sizes = [len(devices) // known if s == -1 else s for s in sizes]
+  if int(np.prod(sizes)) != len(devices):
+    raise ValueError(f'mesh_shape {dict(mesh_shape)} does not fit {len(devices)} devices')
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def path_name(path: tuple) -> str:
+  """A jax key path as the '/'-joined name the rules match, e.g. 'head/layers/0/kernel'."""
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+                  for k in path)
+
+
+def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
+  """Shard the largest dim divisible by `fsdp_size` over 'fsdp' (first one on ties)."""
+  dims = [d for d, n in enumerate(shape) if fsdp_size > 1 and n % fsdp_size == 0]
+  if not dims:
+    return P()
+  best = max(dims, key=lambda d: shape[d])
+  return P(*(('fsdp' if d == best else None) for d in range(len(shape))))
+
+
+def param_shardings(params: PyTree, mesh: Mesh, rules: Rules = ()) -> PyTree:
+  """A NamedSharding per leaf of `params` (arrays or ShapeDtypeStructs) by the first rule."""
+  compiled = [(re.compile(rx), spec) for rx, spec in rules]
+
+  def one(path, x):
+    name = path_name(path)
+    spec = next((s for rx, s in compiled if rx.fullmatch(name)), 'fsdp')
+    if spec == 'fsdp':
+      spec = fsdp_spec(x.shape, mesh.shape['fsdp'])
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(one, params)
+
+
+def opt_state_shardings(optimizer: optax.GradientTransformation, params: PyTree,
+                        shardings: PyTree) -> PyTree:
+  """Optimizer-state shardings: moments follow their param, counters are replicated."""
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  abstract = jax.eval_shape(optimizer.init, params)
+  return optax.tree_map_params(optimizer, lambda _, s: s, abstract, shardings,
+                               transform_non_params=lambda _: NamedSharding(mesh, P()))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dim split over every device: ('data', 'fsdp') together."""
+  return NamedSharding(mesh, BATCH_SPEC)
+
+
+def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
+  """Host-local numpy batch (this process's rows) -> global jax arrays split over the mesh."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)

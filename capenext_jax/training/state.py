@@ -1,0 +1,61 @@
+"""The train state: everything a jitted step reads and writes, as one pytree.
+
+The graphdef (static structure of the model) is kept outside: `make_train_step` closes over
+it, so the state holds arrays only and checkpoints/shards leaf by leaf.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx, struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from capenext_jax.training import partition
+
+# The fields a checkpoint holds. `frozen` is rebuilt by the run's init (pretrained CLIP and
+# buffers), so it is not saved again every time.
+CHECKPOINTED = ('trainable', 'opt_state', 'step', 'rng')
+
+
+@struct.dataclass
+class TrainState:
+  trainable: Any       # pure nested dict of the trainable params (differentiated, optimised)
+  frozen: Any          # pure nested dict of everything else: CLIP params, buffers, RNG streams
+  opt_state: Any       # optax state over `trainable` only
+  step: jax.Array      # int32 [], global iteration = number of updates applied
+  rng: jax.Array       # uint32 [2], raw base key; step i uses fold_in(rng, i)
+
+
+def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation, rng: jax.Array,
+                     trainable: nnx.filterlib.Filter = partition.trainable_filter()
+                     ) -> tuple[nnx.GraphDef, TrainState]:
+  """Split `model` and build the optimizer state over its trainable part (host/default device).
+
+  rng: raw uint32 [2] key (`jax.random.PRNGKey(seed)`), kept raw so it checkpoints as data.
+  """
+  graphdef, train_params, frozen = partition.split_model(model, trainable)
+  state = TrainState(trainable=train_params, frozen=frozen,
+                     opt_state=optimizer.init(train_params),
+                     step=jnp.zeros((), jnp.int32), rng=jnp.asarray(rng, jnp.uint32))
+  return graphdef, state
+
+
+def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    rules: partition.Rules = ()) -> TrainState:
+  """A TrainState of NamedShardings (state may be abstract); step and rng are replicated."""
+  replicated = NamedSharding(mesh, P())
+  train = partition.param_shardings(state.trainable, mesh, rules)
+  return TrainState(
+      trainable=train,
+      frozen=partition.param_shardings(state.frozen, mesh, rules),
+      opt_state=partition.opt_state_shardings(optimizer, state.trainable, train),
+      step=replicated, rng=replicated)
+
+
+def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs carrying the target shardings (what a checkpoint restores into)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      state, shardings)

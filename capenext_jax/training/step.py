@@ -1,0 +1,117 @@
+"""Jitted train and eval steps, generic over the model and the loss.
+
+* `forward(model, batch) -> outputs` calls the model; the default follows DESIGN.md's call.
+* `loss_fn(outputs, batch) -> {name: scalar}` must contain 'loss' (the differentiated total);
+  every entry is logged.
+The step never syncs with the host. It reports a `finite` flag per step; the loop checks it
+with `check_finite` whenever it fetches metrics anyway, naming the first bad step and term.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from capenext_jax.training.state import TrainState
+
+Batch = Mapping[str, jax.Array]
+Forward = Callable[[nnx.Module, Batch], Any]
+LossFn = Callable[[Any, Batch], Mapping[str, jax.Array]]
+TEXT_KEYS = ('keypoint_text', 'category_text', 'keypoint_tokens', 'category_tokens')
+
+
+def default_forward(model: nnx.Module, batch: Batch) -> Any:
+  """`model(query_image, support_mask, adjacency, **text)` with the text inputs in the batch."""
+  text = {k: batch[k] for k in TEXT_KEYS if k in batch}
+  return model(batch['query_image'], batch['support_mask'], batch['adjacency'], **text)
+
+
+def reseed_all(model: nnx.Module, key: jax.Array) -> None:
+  """Give every RNG stream of `model` a fresh key derived from `key` (one per stream tag).
+
+  `nnx.reseed` matches streams by tag, and a model built with `nnx.Rngs(0)` tags its dropout
+  streams 'default', not 'dropout': reseeding only 'dropout' would silently reuse the same
+  masks at every step.
+  """
+  tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+  nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
+
+
+def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
+                    optimizer: optax.GradientTransformation, *,
+                    forward: Forward = default_forward,
+                    shardings: TrainState | None = None
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
+  """`train_step(state, batch) -> (state, metrics)`, jitted, donating the input state.
+
+  metrics: every `loss_fn` term, 'grad_norm' (global L2 norm of the grads) and 'finite'
+  (bool: all of them finite). shardings: the state's NamedShardings; when given the output
+  state is pinned to them, so the layout cannot drift between steps.
+  """
+
+  def train_step(state: TrainState, batch: Batch):
+    key = jax.random.fold_in(state.rng, state.step)
+
+    def loss_of(trainable):
+      # Frozen arrays enter as constants: no tangents flow through CLIP, so its backward
+      # pass is never built.
+      model = nnx.merge(graphdef, trainable, state.frozen)
+      model.train()
+      reseed_all(model, key)
+      terms = dict(loss_fn(forward(model, batch), batch))
+      return terms['loss'], terms
+
+    grads, terms = jax.grad(loss_of, has_aux=True)(state.trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = dict(terms, grad_norm=global_norm(grads))
+    metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in metrics.values()]))
+    new_state = state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1)
+    return new_state, metrics
+
+  if shardings is None:
+    return jax.jit(train_step, donate_argnums=0)
+  replicated = NamedSharding(jax.tree.leaves(shardings)[0].mesh, P())
+  return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, replicated))
+
+
+def global_norm(tree: Any) -> jax.Array:
+  """L2 norm over all leaves (optax.global_norm is deprecated, its successor is recent)."""
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def make_eval_step(graphdef: nnx.GraphDef, *, forward: Forward = default_forward
+                   ) -> Callable[[TrainState, Batch], Any]:
+  """`eval_step(state, batch) -> forward(model, batch)` in eval mode (no dropout), jitted.
+
+  `forward` may reduce the outputs (e.g. keep only the last layer's keypoints) to cut the
+  device-to-host transfer.
+  """
+
+  def eval_step(state: TrainState, batch: Batch):
+    model = nnx.merge(graphdef, state.trainable, state.frozen)
+    model.eval()
+    return forward(model, batch)
+
+  return jax.jit(eval_step)
+
+
+def check_finite(history: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
+  """Raise FloatingPointError at the first step whose metrics are not all finite.
+
+  history: `(step, metrics)` pairs as fetched to host, in step order; `step` is the global
+  iteration the metrics were computed at (the state's step before the update).
+  """
+  for step, metrics in history:
+    if bool(np.asarray(metrics['finite'])):
+      continue
+    bad = sorted(k for k, v in metrics.items()
+                 if k != 'finite' and not np.all(np.isfinite(np.asarray(v))))
+    values = ', '.join(f'{k}={np.asarray(metrics[k])}' for k in bad)
+    raise FloatingPointError(f'non-finite {", ".join(bad)} at step {step} ({values}); the '
+                             'update was applied, so resume from an earlier checkpoint')

@@ -1,0 +1,350 @@
+"""MP-100 / COCO-style keypoint annotations: reader, validator and the instance table.
+
+``load_annotations(ann_file, image_root)`` reproduces the record list ("db") the official
+datasets build (spec section 5.1): images in JSON order (``coco.getImgIds()``), their
+non-crowd annotations in JSON order, bbox cleaning, the record filters, center/scale with
+aspect ratio 1 and padding 1.25. Ids stay Python ints / int64 end to end (MP-100 ids exceed
+2**53, where float64 collides).
+
+The result is an :class:`MP100Dataset` of flat numpy arrays (one row per kept instance, db
+order) plus the category table. Malformed input raises ``ValueError`` naming the file, the
+category / annotation / image id and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import warnings
+
+import numpy as np
+
+from data_pipeline.descriptions import regular_descriptions
+
+MAX_KPT = 100          # max_kpt_num of the MP-100 configs: every array is padded to this.
+PIXEL_STD = 200.0      # mmpose's bbox scale unit
+PADDING = 1.25         # context padding of the top-down bbox
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclasses.dataclass
+class MP100Dataset:
+  """Instances (db order) and categories (``getCatIds`` = JSON order) of one annotation file.
+
+  Instance arrays (N rows):
+    ann_id, image_id: int64 [N]; file_name: list[str]; image_path: list[str] (image_root joined);
+    image_size: int64 [N, 2] (width, height from the json); category_index: int32 [N] (row of the
+    category table); bbox: float64 [N, 4] cleaned ``[x1, y1, w', h']``; center, scale: float64
+    [N, 2] (scale in units of 200 px, padded by 1.25, aspect ratio 1); joints: float64 [N, 100, 2]
+    raw image coordinates (padded rows 0); visible: float32 [N, 100] ``min(1, v)`` (padded 0);
+    num_keypoints: int32 [N] (the category's K).
+  Category table (C rows):
+    category_ids: int64 [C]; category_names: list[str] (``_`` -> space, the prompt name);
+    raw_category_names, supercategories: list[str]; descriptions: list[list[str]] (length >= K);
+    category_num_keypoints: int32 [C]; skeletons: list[list[tuple[int, int]]] (0-based).
+  """
+  ann_file: str
+  image_root: str
+  ann_id: np.ndarray
+  image_id: np.ndarray
+  file_name: list
+  image_path: list
+  image_size: np.ndarray
+  category_index: np.ndarray
+  bbox: np.ndarray
+  center: np.ndarray
+  scale: np.ndarray
+  joints: np.ndarray
+  visible: np.ndarray
+  num_keypoints: np.ndarray
+  category_ids: np.ndarray
+  category_names: list
+  raw_category_names: list
+  supercategories: list
+  descriptions: list
+  category_num_keypoints: np.ndarray
+  skeletons: list
+  num_dropped_missing_images: int = 0
+
+  def __len__(self):
+    return int(self.ann_id.shape[0])
+
+  @property
+  def num_categories(self) -> int:
+    return int(self.category_ids.shape[0])
+
+  @property
+  def bbox_thr(self) -> np.ndarray:
+    """PCK normaliser per instance: max(clean w, clean h), float64 [N]."""
+    return np.max(self.bbox[:, 2:], axis=1)
+
+  def cat2obj(self) -> list[np.ndarray]:
+    """Per category (table order): db indices of its instances, in db order (int64)."""
+    order = np.argsort(self.category_index, kind='stable')
+    bounds = np.searchsorted(self.category_index[order], np.arange(self.num_categories + 1))
+    return [order[bounds[c]:bounds[c + 1]].astype(np.int64) for c in range(self.num_categories)]
+
+  def category_table(self, num_slots: int = MAX_KPT) -> dict:
+    """Per-category arrays ready to become global jax arrays (row = ``category_index``).
+
+    Returns a dict: ``category_ids`` int64 [C]; ``names`` list[str] (prompt name, ``_`` -> space);
+    ``descriptions`` numpy str array [C, num_slots] ('' padding; only the first K are used);
+    ``num_keypoints`` int32 [C]; ``keypoint_valid`` bool [C, num_slots] (slot < K);
+    ``adjacency`` float32 [C, num_slots, num_slots] (0/1, symmetrised skeleton);
+    ``skeletons`` list of [E_c, 2] int32 arrays.
+    """
+    c = self.num_categories
+    desc = np.full((c, num_slots), '', dtype=object)
+    adj = np.zeros((c, num_slots, num_slots), np.float32)
+    for i in range(c):
+      k = int(self.category_num_keypoints[i])
+      desc[i, :k] = self.descriptions[i][:k]
+      for a, b in self.skeletons[i]:
+        adj[i, a, b] = 1.0
+        adj[i, b, a] = 1.0
+    return dict(
+        category_ids=self.category_ids.copy(),
+        names=list(self.category_names),
+        descriptions=desc.astype(str),
+        num_keypoints=self.category_num_keypoints.copy(),
+        keypoint_valid=np.arange(num_slots)[None, :] < self.category_num_keypoints[:, None],
+        adjacency=adj,
+        skeletons=[np.asarray(s, np.int32).reshape(-1, 2) for s in self.skeletons],
+    )
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+  return (isinstance(x, (int, float)) and not isinstance(x, bool)) and np.isfinite(x)
+
+
+def _require(obj: dict, fields, where: str):
+  for name in fields:
+    if name not in obj:
+      raise ValueError(f'{where}: missing field "{name}"')
+
+
+def _check_id(value, where: str, field: str) -> int:
+  if not _is_int(value):
+    raise ValueError(f'{where}: field "{field}" must be an integer, got {value!r}')
+  if not 0 <= value <= _INT64_MAX:
+    raise ValueError(f'{where}: field "{field}"={value} does not fit int64')
+  return value
+
+
+def _parse_categories(cats: list, ann_file: str, max_kpt: int):
+  out = []
+  seen = set()
+  for pos, cat in enumerate(cats):
+    if not isinstance(cat, dict):
+      raise ValueError(f'{ann_file}: categories[{pos}] is not an object')
+    where = f'{ann_file}: category #{pos} (id={cat.get("id")!r}, name={cat.get("name")!r})'
+    _require(cat, ('id', 'name', 'supercategory', 'keypoints', 'skeleton'), where)
+    cid = _check_id(cat['id'], where, 'id')
+    if cid in seen:
+      raise ValueError(f'{where}: duplicate category id {cid} (field "id")')
+    seen.add(cid)
+    if not isinstance(cat['keypoints'], list):
+      raise ValueError(f'{where}: field "keypoints" must be a list of names')
+    k = len(cat['keypoints'])
+    if k == 0:
+      raise ValueError(f'{where}: field "keypoints" is empty (K unknown)')
+    if k > max_kpt:
+      raise ValueError(f'{where}: field "keypoints" has {k} keypoints, more than max_kpt_num={max_kpt}')
+    skel = cat['skeleton']
+    if not isinstance(skel, list):
+      raise ValueError(f'{where}: field "skeleton" must be a list of [i, j] pairs')
+    edges = []
+    for e in skel:
+      if not (isinstance(e, (list, tuple)) and len(e) == 2 and all(_is_int(i) for i in e)):
+        raise ValueError(f'{where}: field "skeleton" has a bad edge {e!r} (want [i, j] integers)')
+      if not all(0 <= i < k for i in e):
+        raise ValueError(f'{where}: field "skeleton" edge {list(e)} out of range [0, {k}) '
+                         '(skeletons must be 0-based keypoint indices)')
+      edges.append((int(e[0]), int(e[1])))
+    if not edges:
+      warnings.warn(f'{where}: empty skeleton (the official code would crash; adjacency is all 0)')
+    desc = regular_descriptions(cat)
+    if len(desc) < k:
+      raise ValueError(f'{where}: field "keypoints": only {len(desc)} description names for {k} keypoints')
+    out.append(dict(id=cid, name=str(cat['name']), supercategory=str(cat['supercategory']), k=k,
+                    skeleton=edges, descriptions=[str(d) for d in desc]))
+  return out
+
+
+def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images: bool = False,
+                     max_kpt: int = MAX_KPT, data: dict | None = None) -> MP100Dataset:
+  """Reads and validates one MP-100 / COCO-style keypoint json.
+
+  Args:
+    ann_file: the json path (named in errors).
+    image_root: prefix joined with ``images[].file_name`` (official MP-100 code: the dataset root;
+      CapeX and ``mp100_mini``: ``<root>/images``).
+    drop_missing_images: drop records whose image file does not exist (the official train and
+      val datasets do this; the official test dataset does not).
+    max_kpt: slot count (100); a category with more keypoints is an error.
+    data: the parsed json, if already loaded (``ann_file`` is then only used in messages).
+  """
+  if data is None:
+    if not os.path.exists(ann_file):
+      raise ValueError(f'{ann_file}: annotation file not found')
+    with open(ann_file, encoding='utf-8') as f:
+      try:
+        data = json.load(f)   # json keeps integers as Python ints (no float64 round trip)
+      except json.JSONDecodeError as e:
+        raise ValueError(f'{ann_file}: cannot parse json: {e}') from e
+  if not isinstance(data, dict):
+    raise ValueError(f'{ann_file}: top level must be an object')
+  for key in ('images', 'annotations', 'categories'):
+    if not isinstance(data.get(key), list):
+      raise ValueError(f'{ann_file}: missing field "{key}" (a list)')
+
+  cats = _parse_categories(data['categories'], ann_file, max_kpt)
+  cat_row = {c['id']: i for i, c in enumerate(cats)}
+
+  # Images: dict keyed by id in first-seen order (as COCO's index); duplicates are an error.
+  images = {}
+  for pos, img in enumerate(data['images']):
+    where = f'{ann_file}: image #{pos} (id={img.get("id")!r})' if isinstance(img, dict) else None
+    if where is None:
+      raise ValueError(f'{ann_file}: images[{pos}] is not an object')
+    _require(img, ('id', 'file_name', 'width', 'height'), where)
+    iid = _check_id(img['id'], where, 'id')
+    if iid in images:
+      raise ValueError(f'{where}: duplicate image id {iid} (field "id")')
+    for field in ('width', 'height'):
+      if not _is_num(img[field]) or img[field] <= 0:
+        raise ValueError(f'{where}: field "{field}" must be a positive number, got {img[field]!r}')
+    images[iid] = img
+
+  # Annotations grouped by image in JSON order (coco.imgToAnns); crowd ones are not records.
+  per_image: dict[int, list] = {}
+  ann_ids = set()
+  for pos, ann in enumerate(data['annotations']):
+    if not isinstance(ann, dict):
+      raise ValueError(f'{ann_file}: annotations[{pos}] is not an object')
+    where = f'{ann_file}: annotation #{pos} (id={ann.get("id")!r})'
+    _require(ann, ('id', 'image_id', 'category_id'), where)
+    aid = _check_id(ann['id'], where, 'id')
+    if aid in ann_ids:
+      raise ValueError(f'{where}: duplicate annotation id {aid} (field "id")')
+    ann_ids.add(aid)
+    _check_id(ann['image_id'], where, 'image_id')
+    cid = _check_id(ann['category_id'], where, 'category_id')
+    if cid not in cat_row:
+      raise ValueError(f'{where}: field "category_id"={cid} is not a category of this file')
+    k = cats[cat_row[cid]]['k']
+    if 'keypoints' in ann:
+      kp = ann['keypoints']
+      if not isinstance(kp, list) or not all(_is_num(v) for v in kp):
+        raise ValueError(f'{where}: field "keypoints" must be a flat list of numbers')
+      if len(kp) != 3 * k:
+        raise ValueError(f'{where}: field "keypoints" has {len(kp)} numbers, category {cid} '
+                         f'({cats[cat_row[cid]]["name"]}) has K={k} keypoints (want {3 * k})')
+    if 'bbox' in ann:
+      bb = ann['bbox']
+      if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+        raise ValueError(f'{where}: field "bbox" must be [x, y, w, h] numbers, got {bb!r}')
+    iscrowd = ann.get('iscrowd', 0)
+    if iscrowd not in (0, 1, False, True):
+      raise ValueError(f'{where}: field "iscrowd" must be 0 or 1, got {iscrowd!r}')
+    if iscrowd:
+      continue
+    per_image.setdefault(ann['image_id'], []).append(ann)
+
+  rows = dict(ann_id=[], image_id=[], file_name=[], image_path=[], image_size=[], cat=[], bbox=[],
+              kpts=[])
+  dropped = 0
+  exists_cache: dict[str, bool] = {}
+  for iid, img in images.items():
+    anns = per_image.get(iid)
+    if not anns:
+      continue
+    width, height = img['width'], img['height']
+    path = os.path.join(image_root, img['file_name']) if image_root else img['file_name']
+    for ann in anns:
+      if 'bbox' not in ann:
+        continue
+      x, y, w, h = ann['bbox']
+      x1 = max(0, x)
+      y1 = max(0, y)
+      x2 = min(width - 1, x1 + max(0, w - 1))
+      y2 = min(height - 1, y1 + max(0, h - 1))
+      if not (('area' not in ann or ann['area'] > 0) and x2 > x1 and y2 > y1):
+        continue
+      if 'keypoints' not in ann or max(ann['keypoints']) == 0:
+        continue
+      if 'num_keypoints' in ann and ann['num_keypoints'] == 0:
+        continue
+      if drop_missing_images:
+        if path not in exists_cache:
+          exists_cache[path] = os.path.exists(path)
+        if not exists_cache[path]:
+          dropped += 1
+          continue
+      rows['ann_id'].append(ann['id'])
+      rows['image_id'].append(iid)
+      rows['file_name'].append(img['file_name'])
+      rows['image_path'].append(path)
+      rows['image_size'].append((width, height))
+      rows['cat'].append(cat_row[ann['category_id']])
+      rows['bbox'].append((x1, y1, x2 - x1, y2 - y1))
+      rows['kpts'].append(ann['keypoints'])
+  if dropped:
+    warnings.warn(f'{ann_file}: dropped {dropped} records whose image file is missing under '
+                  f'{image_root!r}')
+
+  n = len(rows['ann_id'])
+  cat_index = np.asarray(rows['cat'], np.int32).reshape(n)
+  bbox = np.asarray(rows['bbox'], np.float64).reshape(n, 4)
+  joints = np.zeros((n, max_kpt, 2), np.float64)
+  visible = np.zeros((n, max_kpt), np.float32)
+  for i, kp in enumerate(rows['kpts']):
+    arr = np.asarray(kp, np.float64).reshape(-1, 3)
+    joints[i, :arr.shape[0]] = arr[:, :2]
+    visible[i, :arr.shape[0]] = np.minimum(1.0, arr[:, 2])
+  center, scale = bbox_to_center_scale(bbox)
+  cat_k = np.asarray([c['k'] for c in cats], np.int32)
+  return MP100Dataset(
+      ann_file=ann_file, image_root=image_root,
+      ann_id=np.asarray(rows['ann_id'], np.int64).reshape(n),
+      image_id=np.asarray(rows['image_id'], np.int64).reshape(n),
+      file_name=rows['file_name'], image_path=rows['image_path'],
+      image_size=np.asarray(rows['image_size'], np.int64).reshape(n, 2),
+      category_index=cat_index, bbox=bbox, center=center, scale=scale, joints=joints,
+      visible=visible, num_keypoints=cat_k[cat_index] if n else np.zeros(0, np.int32),
+      category_ids=np.asarray([c['id'] for c in cats], np.int64),
+      category_names=[c['name'].replace('_', ' ') for c in cats],
+      raw_category_names=[c['name'] for c in cats],
+      supercategories=[c['supercategory'] for c in cats],
+      descriptions=[c['descriptions'] for c in cats],
+      category_num_keypoints=cat_k,
+      skeletons=[c['skeleton'] for c in cats],
+      num_dropped_missing_images=dropped)
+
+
+def bbox_to_center_scale(bbox: np.ndarray, aspect_ratio: float = 1.0, padding: float = PADDING):
+  """Clean ``[x, y, w, h]`` -> (center, scale) in float64, as mmpose's ``_xywh2cs``.
+
+  The shorter side is expanded to the aspect ratio, the scale is in units of 200 px and padded.
+  """
+  bbox = np.asarray(bbox, np.float64)
+  x, y, w, h = bbox[..., 0], bbox[..., 1], bbox[..., 2], bbox[..., 3]
+  center = np.stack([x + w * 0.5, y + h * 0.5], axis=-1)
+  w2 = np.where(w > aspect_ratio * h, w, h * aspect_ratio)
+  h2 = np.where(w > aspect_ratio * h, w / aspect_ratio, h)
+  scale = np.stack([w2 / PIXEL_STD, h2 / PIXEL_STD], axis=-1) * padding
+  return center, scale
+
+
+def check_episode_size(dataset: MP100Dataset, needed: int, what: str = 'episode'):
+  """Raises ValueError naming every category with fewer than ``needed`` instances."""
+  counts = np.bincount(dataset.category_index, minlength=dataset.num_categories)
+  bad = [f'category id={int(dataset.category_ids[c])} ({dataset.raw_category_names[c]}) has '
+         f'{int(counts[c])} instances' for c in range(dataset.num_categories) if counts[c] < needed]
+  if bad:
+    raise ValueError(f'{dataset.ann_file}: too few instances for a {what} of {needed} '
+                     f'(shots + queries): ' + '; '.join(bad))

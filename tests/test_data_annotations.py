@@ -1,0 +1,150 @@
+"""Annotation reader / validator on the real mp100_mini files and on hand-built bad inputs."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+
+from data_pipeline import annotations as an
+from data_pipeline.descriptions import regular_descriptions
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINI = os.path.join(REPO, '..', 'shared', 'data', 'mp100_mini')
+TRAIN = os.path.join(MINI, 'annotations', 'mini_train.json')
+TEST = os.path.join(MINI, 'annotations', 'mini_test.json')
+
+
+def test_mini_train_loads_with_exact_ids():
+  d = an.load_annotations(TRAIN, os.path.join(MINI, 'images'), drop_missing_images=True)
+  raw = json.load(open(TRAIN))
+  assert len(d) == 47 and d.num_categories == 6
+  assert d.ann_id.dtype == np.int64
+  # db order: images in JSON order, then their annotations in JSON order
+  order = []
+  for img in raw['images']:
+    order += [a['id'] for a in raw['annotations'] if a['image_id'] == img['id']]
+  assert [int(v) for v in d.ann_id] == order
+  big = [a['id'] for a in raw['annotations'] if a['id'] > 2 ** 53]
+  assert big and set(big) <= set(int(v) for v in d.ann_id)
+  assert d.category_ids.tolist() == [c['id'] for c in raw['categories']]
+  assert all(os.path.exists(p) for p in d.image_path)
+
+
+def test_center_scale_and_bbox_cleaning_float64():
+  d = an.load_annotations(TRAIN, '')
+  raw = json.load(open(TRAIN))
+  by_id = {a['id']: a for a in raw['annotations']}
+  imgs = {i['id']: i for i in raw['images']}
+  for i in range(len(d)):
+    a = by_id[int(d.ann_id[i])]
+    img = imgs[a['image_id']]
+    x, y, w, h = a['bbox']
+    x1, y1 = max(0, x), max(0, y)
+    x2 = min(img['width'] - 1, x1 + max(0, w - 1))
+    y2 = min(img['height'] - 1, y1 + max(0, h - 1))
+    cw, ch = x2 - x1, y2 - y1
+    np.testing.assert_array_equal(d.bbox[i], [x1, y1, cw, ch])
+    side = max(cw, ch)
+    np.testing.assert_allclose(d.center[i], [x1 + cw / 2, y1 + ch / 2], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(d.scale[i], [side / 200 * 1.25] * 2, rtol=0, atol=1e-12)
+    assert d.bbox_thr[i] == side
+    k = len(a['keypoints']) // 3
+    kp = np.array(a['keypoints'], float).reshape(-1, 3)
+    np.testing.assert_array_equal(d.joints[i, :k], kp[:, :2])
+    np.testing.assert_array_equal(d.visible[i, :k], np.minimum(1, kp[:, 2]))
+    assert not d.joints[i, k:].any() and not d.visible[i, k:].any()
+
+
+def test_descriptions_and_category_table():
+  d = an.load_annotations(TRAIN, '')
+  face40 = d.category_ids.tolist().index(40)
+  table = json.load(open(os.path.join(REPO, 'data_pipeline', 'regular_descriptions.json')))
+  assert d.descriptions[face40] == table['lists']['id==40']
+  hand = d.raw_category_names.index('hand')
+  assert d.descriptions[hand] == table['lists']['name==hand']
+  mpii = d.raw_category_names.index('person_mpii')
+  raw = json.load(open(TRAIN))
+  cat = [c for c in raw['categories'] if c['name'] == 'person_mpii'][0]
+  assert d.descriptions[mpii] == [k.replace('_', ' ') for k in cat['keypoints']]
+  assert d.category_names[d.raw_category_names.index('long_sleeved_dress')] == 'long sleeved dress'
+  t = d.category_table()
+  assert t['descriptions'].shape == (6, 100) and t['adjacency'].shape == (6, 100, 100)
+  assert (t['adjacency'] == np.swapaxes(t['adjacency'], 1, 2)).all()
+  for c in range(6):
+    k = t['num_keypoints'][c]
+    assert (t['descriptions'][c, k:] == '').all() and (t['descriptions'][c, :k] != '').all()
+    assert t['adjacency'][c, k:].sum() == 0
+    for a, b in d.skeletons[c]:
+      assert t['adjacency'][c, a, b] == 1
+  # branch order: supercategory animal_face wins over name
+  assert regular_descriptions({'id': 1, 'name': 'fly', 'supercategory': 'animal_face',
+                               'keypoints': []}) == table['lists']['supercategory==animal_face']
+
+
+def _base():
+  return {
+      'images': [{'id': 2 ** 60 + 1, 'file_name': 'a.jpg', 'width': 100, 'height': 80}],
+      'annotations': [{'id': 2 ** 60 + 7, 'image_id': 2 ** 60 + 1, 'category_id': 5,
+                       'bbox': [10, 10, 30, 20], 'keypoints': [12, 12, 2, 20, 15, 1, 0, 0, 0],
+                       'num_keypoints': 2, 'area': 600, 'iscrowd': 0}],
+      'categories': [{'id': 5, 'name': 'thing', 'supercategory': 'x',
+                      'keypoints': ['a_b', 'c', 'd'], 'skeleton': [[0, 1], [1, 2]]}],
+  }
+
+
+def _load(data):
+  return an.load_annotations('bad.json', '', data=data)
+
+
+def test_good_hand_built_file():
+  d = _load(_base())
+  assert int(d.ann_id[0]) == 2 ** 60 + 7 and d.descriptions[0] == ['a b', 'c', 'd']
+
+
+@pytest.mark.parametrize('mutate, pattern', [
+    (lambda d: d['categories'][0].pop('skeleton'), r'bad.json: category #0 .*missing field "skeleton"'),
+    (lambda d: d['annotations'][0].pop('category_id'), r'annotation #0 \(id=1152921504606846983\): missing field "category_id"'),
+    (lambda d: d['images'][0].pop('width'), r'image #0 .*missing field "width"'),
+    (lambda d: d.pop('annotations'), r'missing field "annotations"'),
+    (lambda d: d['annotations'][0]['keypoints'].append(1), r'id=1152921504606846983.*field "keypoints" has 10 numbers.*K=3'),
+    (lambda d: d['categories'][0]['skeleton'].append([1, 3]), r'category #0 \(id=5.*field "skeleton" edge \[1, 3\] out of range'),
+    (lambda d: d['categories'][0].update(keypoints=['k'] * 101), r'category #0.*101 keypoints, more than max_kpt_num=100'),
+    (lambda d: d['categories'][0].update(name='fly', keypoints=['k'] * 34), r'category #0 \(id=5, name=\'fly\'\).*only 33 description names for 34 keypoints'),
+    (lambda d: d['annotations'][0].update(category_id=9), r'annotation #0 .*field "category_id"=9 is not a category'),
+    (lambda d: d['annotations'][0].update(id=1.5), r'field "id" must be an integer'),
+])
+def test_bad_inputs_name_the_place(mutate, pattern):
+  data = copy.deepcopy(_base())
+  mutate(data)
+  with pytest.raises(ValueError, match=pattern):
+    _load(data)
+
+
+def test_record_filters():
+  data = _base()
+  a = data['annotations'][0]
+  variants = [dict(bbox=[10, 10, 0.5, 20]), dict(area=0), dict(keypoints=[0] * 9), dict(num_keypoints=0),
+              dict(iscrowd=1), dict(bbox=[10, 10, -5, 20]), dict(bbox=[10, 79.5, 30, 20])]
+  for v in variants:
+    d = copy.deepcopy(data)
+    d['annotations'][0].update(v)
+    assert len(_load(d)) == 0, v
+  d = copy.deepcopy(data)
+  d['annotations'][0].pop('bbox')
+  assert len(_load(d)) == 0
+  assert len(_load(data)) == 1 and a['bbox'] == [10, 10, 30, 20]
+
+
+def test_too_few_instances_and_missing_images(tmp_path):
+  from data_pipeline import episodes as ep
+  d = _load(_base())
+  with pytest.raises(ValueError, match=r'category id=5 \(thing\) has 1 instances'):
+    ep.official_pairs(d, 1, 1, 1)
+  with pytest.raises(ValueError, match='thing'):
+    ep.training_episodes(d, 1, 0, 0)
+  p = tmp_path / 'a.json'
+  p.write_text(json.dumps(_base()))
+  with pytest.warns(UserWarning, match='dropped 1 records whose image file is missing'):
+    assert len(an.load_annotations(str(p), str(tmp_path), drop_missing_images=True)) == 0
+  assert len(an.load_annotations(str(p), str(tmp_path), drop_missing_images=False)) == 1

@@ -1,0 +1,126 @@
+"""The jitted train/eval steps: frozen params untouched, non-finite reporting, and the same
+result on 1 device, a (2,1) data mesh and a (1,2) fsdp mesh (2 fake CPU devices)."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib
+from training_toy import ToyCapeNext, toy_batch, toy_loss
+
+OPTIM = dict(lr=1e-2, warmup_steps=0)  # a visible update, no warmup
+
+
+def setup(seed=0):
+  cfg = schedule.default_optim_config()
+  cfg.update(OPTIM)
+  tx = schedule.make_optimizer(cfg, steps_per_epoch=10)
+  graphdef, st = state_lib.init_train_state(ToyCapeNext(rngs=nnx.Rngs(seed)), tx,
+                                            jax.random.PRNGKey(1))
+  return graphdef, st, tx
+
+
+def test_train_step_updates_trainable_only():
+  graphdef, st, tx = setup()
+  before = jax.device_get(st)
+  train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
+  batch = toy_batch()
+  losses = []
+  for _ in range(5):
+    st, metrics = train_step(st, batch)
+    losses.append(float(metrics['loss']))
+  assert int(st.step) == 5 and bool(metrics['finite'])
+  assert set(metrics) == {'loss', 'proposal_loss', 'l1_loss_layer1', 'grad_norm', 'finite'}
+  assert losses[-1] < losses[0]
+  jax.tree.map(np.testing.assert_array_equal, before.frozen['clip'], st.frozen['clip'])
+  assert not np.array_equal(before.trainable['backbone']['kernel'],
+                            st.trainable['backbone']['kernel'])
+
+
+def test_dropout_key_depends_on_step_and_eval_is_deterministic():
+  graphdef, st, tx = setup()
+  batch = toy_batch()
+  train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
+
+  def loss_at(step):  # the step donates its input state, so each call gets a fresh one
+    return float(train_step(setup()[1].replace(step=jnp.int32(step)), batch)[1]['loss'])
+
+  assert loss_at(0) != loss_at(1)
+  eval_step = step_lib.make_eval_step(graphdef)
+  out = eval_step(st, batch)
+  model = nnx.merge(graphdef, st.trainable, st.frozen)
+  model.eval()
+  want = step_lib.default_forward(model, batch)
+  np.testing.assert_allclose(out['keypoints'], want['keypoints'], rtol=1e-6)
+  np.testing.assert_array_equal(eval_step(st, batch)['keypoints'], out['keypoints'])
+
+
+def test_non_finite_loss_names_step_and_term():
+  graphdef, st, tx = setup()
+  train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
+  good = toy_batch()
+  bad = dict(good, query_joints=np.full_like(good['query_joints'], np.nan))
+  history = []
+  for i, batch in enumerate([good, good, bad, good]):
+    st, metrics = train_step(st, batch)
+    history.append((i, metrics))  # device arrays: nothing is fetched until the check
+  step_lib.check_finite(jax.device_get(history[:2]))
+  with pytest.raises(FloatingPointError, match=r'non-finite l1_loss_layer1, loss, '
+                     r'proposal_loss at step 2'):
+    step_lib.check_finite(jax.device_get(history))
+
+
+# ----------------------------------------------------------------------------- 2 fake devices
+def multi_device_main():
+  """Run in a subprocess with 2 fake CPU devices (the flag must precede the jax import)."""
+  assert jax.device_count() == 2, jax.devices()
+  graphdef, init, tx = setup()
+  # Host copies (numpy; key arrays stay jax and are re-wrapped): device_put may alias its
+  # input on a 1-device mesh, and the step donates it. Re-running setup() would cost ~100
+  # eager-op compiles.
+  host = jax.device_get(init)
+  fresh = lambda: jax.tree.map(
+      lambda x: x if isinstance(x, np.ndarray)
+      else jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))), host)
+  batch = toy_batch(batch=4)
+  rules = [('text_proj/kernel', P()), ('layers/.*/kernel', P('fsdp', None))]
+  results = {}
+  for layout, devices in [((1, 1), jax.devices()[:1]), ((2, 1), None), ((1, 2), None)]:
+    mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
+    with jax.set_mesh(mesh):
+      shardings = state_lib.state_shardings(host, tx, mesh, rules)
+      st = jax.device_put(fresh(), shardings)
+      train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings)
+      metrics = []
+      for _ in range(2):
+        st, m = train_step(st, partition.shard_batch(batch, mesh))
+        metrics.append(m)
+      if layout == (1, 2):
+        assert st.trainable['backbone']['kernel'].sharding.spec == P(None, 'fsdp')
+        assert st.trainable['text_proj']['kernel'].sharding.spec == P()
+        assert st.trainable['layers'][0]['kernel'].sharding.spec == P('fsdp', None)
+        assert st.opt_state[0].mu['backbone']['kernel'].sharding.spec == P(None, 'fsdp')
+        assert st.trainable['layers'][0]['bias'].sharding.spec == P('fsdp')
+      results[layout] = jax.device_get((st.trainable, st.opt_state, metrics))
+  for layout in [(2, 1), (1, 2)]:
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 results[(1, 1)], results[layout])
+  print('MULTI_DEVICE_OK')
+
+
+def test_multi_device_layouts_match_single_device():
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                        timeout=240, cwd=os.path.dirname(__file__))
+  assert proc.returncode == 0 and 'MULTI_DEVICE_OK' in proc.stdout, proc.stderr[-4000:]
+
+
+if __name__ == '__main__':
+  multi_device_main()
