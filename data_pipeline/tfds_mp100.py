@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import os
 import warnings
 
@@ -69,13 +70,11 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
             'ann_id': np.int64,
             'image_id': np.int64,
             'file_name': tfds.features.Text(),
-            'width': np.float64,
-            'height': np.float64,
             'category_id': np.int64,
-            'bbox': tfds.features.Tensor(shape=(4,), dtype=np.float64),
-            'area': np.float64,
-            'num_keypoints': np.int64,
-            'keypoints': tfds.features.Tensor(shape=(None,), dtype=np.float64),
+            # the annotation and image objects verbatim (JSON text keeps float64 and big ints
+            # exact; tf.train.Example would store floats as float32)
+            'annotation_json': tfds.features.Text(),
+            'image_json': tfds.features.Text(),
             'crop': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
             'crop_origin': tfds.features.Tensor(shape=(2,), dtype=np.int64),
             'crop_size': tfds.features.Tensor(shape=(2,), dtype=np.int64),
@@ -93,7 +92,6 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root, rel, split):
     cfg = self.builder_config
     ann_file = os.path.join(root, rel)
-    import json
     with open(ann_file, encoding='utf-8') as f:
       data = json.load(f)
     image_root = os.path.join(root, cfg.image_dir) if cfg.image_dir else root
@@ -103,6 +101,7 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
         {k: c[k] for k in ('id', 'name', 'supercategory', 'keypoints', 'skeleton')}
         for c in data['categories']]
     anns = {a['id']: a for a in data['annotations']}
+    imgs = {im['id']: im for im in data['images']}
     origin, size, stored = tr.crop_window(ds.center, ds.scale, ds.image_size, max_crop=cfg.max_crop)
     from PIL import Image
     cache_path, cache_img = None, None
@@ -132,11 +131,8 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
       ann = anns[int(ds.ann_id[i])]
       yield i, {
           'db_index': i, 'ann_id': int(ds.ann_id[i]), 'image_id': int(ds.image_id[i]),
-          'file_name': ds.file_name[i], 'width': float(ds.image_size[i, 0]),
-          'height': float(ds.image_size[i, 1]), 'category_id': int(ann['category_id']),
-          'bbox': np.asarray(ann['bbox'], np.float64), 'area': float(ann.get('area', 1.0)),
-          'num_keypoints': int(ann.get('num_keypoints', -1)),
-          'keypoints': np.asarray(ann['keypoints'], np.float64),
+          'file_name': ds.file_name[i], 'category_id': int(ann['category_id']),
+          'annotation_json': json.dumps(ann), 'image_json': json.dumps(imgs[int(ds.image_id[i])]),
           'crop': io.BytesIO(buf.getvalue()),
           'crop_origin': origin[i], 'crop_size': size[i],
       }
@@ -164,17 +160,11 @@ def load_records(builder: Mp100, split: str) -> Source:
   cats = builder.info.metadata['categories'][split]
   images, seen, anns = [], set(), []
   for r in rows:
-    iid = int(r['image_id'])
-    if iid not in seen:
-      seen.add(iid)
-      images.append({'id': iid, 'file_name': r['file_name'].decode(), 'width': float(r['width']),
-                     'height': float(r['height'])})
-    ann = {'id': int(r['ann_id']), 'image_id': iid, 'category_id': int(r['category_id']),
-           'bbox': [float(v) for v in r['bbox']], 'area': float(r['area']), 'iscrowd': 0,
-           'keypoints': [float(v) for v in r['keypoints']]}
-    if int(r['num_keypoints']) >= 0:
-      ann['num_keypoints'] = int(r['num_keypoints'])
-    anns.append(ann)
+    img = json.loads(r['image_json'])
+    if img['id'] not in seen:
+      seen.add(img['id'])
+      images.append(img)
+    anns.append(json.loads(r['annotation_json']))
   name = f'{builder.name}/{builder.builder_config.name}:{split}'
   data = {'images': images, 'annotations': anns, 'categories': cats}
   dataset = load_annotations(name, '', data=data)

@@ -159,3 +159,17 @@ def test_crop_window_covers_every_augmented_view():
       lo = np.clip(np.floor(src.min(1)), 0, 600)
       hi = np.clip(np.floor(src.max(1)) + 1, 0, 599)
       assert (lo >= origin).all() and (hi < origin + size).all()
+
+
+def test_device_heatmaps_match_host_reference():
+  import jax.numpy as jnp
+  from capenext_jax import image_ops
+  if not hasattr(image_ops, 'gaussian_heatmaps'):
+    pytest.skip('device heatmaps not available')
+  rng = np.random.default_rng(4)
+  joints = rng.uniform(-30, 290, (4, 100, 2))
+  vis = (rng.random((4, 100)) < 0.8).astype(np.float32)
+  w = tr.heatmap_weight(joints, vis)
+  hm, wd = image_ops.gaussian_heatmaps(jnp.asarray(joints, jnp.float32), jnp.asarray(vis))
+  np.testing.assert_array_equal(np.asarray(wd), w)
+  np.testing.assert_allclose(np.asarray(hm), tr.gaussian_heatmaps(joints, w), atol=1e-6)

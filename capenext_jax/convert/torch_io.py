@@ -62,9 +62,27 @@ def _torch_to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
   return out
 
 
+def _numpy_scalar_globals() -> list:
+  """Picklable numpy scalar types that mmcv writes into checkpoint `meta` (e.g. the best
+  score of `save_best` as np.float64). Rebuilding a numpy scalar runs no user code, so they
+  are allowed alongside torch's own weights-only set."""
+  multiarray = getattr(np, '_core', None) or np.core
+  return [multiarray.multiarray.scalar, np.dtype,
+          *(type(np.dtype(c)) for c in 'bBhHiIlLqQefdg?')]
+
+
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
+  import pickle
+
   import torch  # lazy: only torch files need it
-  obj = torch.load(path, map_location='cpu', weights_only=True)
+  try:
+    with torch.serialization.safe_globals(_numpy_scalar_globals()):
+      obj = torch.load(path, map_location='cpu', weights_only=True)
+  except pickle.UnpicklingError as e:
+    reason = next((line.strip() for line in str(e).splitlines()
+                   if 'global' in line.lower() or 'can only build' in line.lower()), str(e))
+    raise ValueError(f'{path}: refused to load: the file needs pickled objects beyond tensors, '
+                     f'which could run code (weights-only loading: {reason})') from e
   return _torch_to_numpy(_unwrap(obj, path), path)
 
 

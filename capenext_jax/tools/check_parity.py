@@ -214,13 +214,13 @@ def main(argv=None) -> int:
   parser.add_argument('fixture')
   parser.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
   args = parser.parse_args(argv)
-  jax.config.update('jax_default_matmul_precision', 'highest')
   z = np.load(args.fixture, allow_pickle=False)
   if args.state_dict:
     state_dict = load_state_dict(args.state_dict)
   else:
     state_dict = {k: z[k] for k in z['state_dict_keys']}
-  rows = run_checks(z, state_dict)
+  with jax.default_matmul_precision('highest'):  # GPUs would otherwise use TF32
+    rows = run_checks(z, state_dict)
   width = max(len(r.name) for r in rows)
   for r in rows:
     print(f'{"ok " if r.ok else "BAD"} {r.name:<{width}}  max|abs| {r.abs_err:9.2e}  '

@@ -1,0 +1,265 @@
+"""Params-only export of a CapeNext, and `load_pretrained` to rebuild it elsewhere.
+
+An export directory holds (docs/EXPORT.md describes the names for other projects):
+  config.json          {"format": "capenext-jax", "version": 1, "dtype": ..., "config": {...}}
+  params.safetensors   flat '/'-joined names ('backbone/layers/0/blocks/1/attn/qkv/kernel'),
+                       the same JSON as the header's `capenext` metadata entry
+  params.msgpack       the nested dict (string keys) through `flax.serialization`
+  params.orbax/        the nested dict as an orbax StandardCheckpointer pytree
+
+Only jax, flax, numpy and safetensors are imported here (orbax lazily, for that format
+alone), so exported models load without TensorFlow, torch or our training code.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+
+FORMAT_NAME, FORMAT_VERSION = 'capenext-jax', 1
+CONFIG_FILE = 'config.json'
+PARAM_FILES = {'safetensors': 'params.safetensors', 'msgpack': 'params.msgpack',
+               'orbax': 'params.orbax'}
+DTYPES = {'float32': np.float32, 'bfloat16': jnp.bfloat16}
+METADATA_KEY = 'capenext'  # safetensors header entry holding the config JSON
+
+
+# ----------------------------------------------------------------------------- names
+def flatten_params(params: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
+  """Nested pure dict -> {'a/0/b': array}; int keys (NNX list indices) become strings."""
+  flat = {}
+  for k, v in params.items():
+    name = f'{prefix}{k}'
+    if isinstance(v, Mapping):
+      flat.update(flatten_params(v, name + '/'))
+    else:
+      flat[name] = np.asarray(v)
+  return flat
+
+
+def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict:
+  """Inverse of `flatten_params`: digit segments become int keys, as `nnx.to_pure_dict` has."""
+  nested: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = [int(p) if p.isdigit() else p for p in name.split('/')]
+    node = nested
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return nested
+
+
+def _string_keys(params: Mapping) -> dict:
+  """Nested dict with str keys everywhere (msgpack / orbax want them)."""
+  return {str(k): _string_keys(v) if isinstance(v, Mapping) else v for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------- export
+def model_params(model: CapeNext) -> dict:
+  """The model's params pure dict (nested, int list indices), as host numpy arrays."""
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def _header(config: CapeNextConfig, dtype: str) -> dict:
+  return {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'dtype': dtype,
+          'config': config.to_dict()}
+
+
+def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.PathLike, *,
+                  formats: Iterable[str] = ('safetensors',), dtype: str = 'float32'
+                  ) -> dict[str, Path]:
+  """Write `params` (our pure dict) and `config` into `directory` (created if needed).
+
+  formats: any of 'safetensors', 'msgpack', 'orbax'. dtype: 'float32' or 'bfloat16' (floating
+  arrays are cast; the loader casts back to float32 by default).
+  Returns {format or 'config': path written}.
+  """
+  formats = tuple(formats)
+  unknown = [f for f in formats if f not in PARAM_FILES]
+  if unknown or not formats:
+    raise ValueError(f'formats {formats}: expected some of {sorted(PARAM_FILES)}')
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  flat = {k: _cast(v, DTYPES[dtype]) for k, v in flatten_params(params).items()}
+  header = json.dumps(_header(config, dtype), indent=1)
+  written = {'config': directory / CONFIG_FILE}
+  written['config'].write_text(header + '\n')
+  for fmt in formats:
+    written[fmt] = directory / PARAM_FILES[fmt]
+    _WRITERS[fmt](flat, written[fmt], header)
+  return written
+
+
+def export_model(model: CapeNext, directory: str | os.PathLike, **kwargs) -> dict[str, Path]:
+  """`export_params` of a live model (its own config)."""
+  return export_params(model_params(model), model.config, directory, **kwargs)
+
+
+def _cast(a: np.ndarray, dtype) -> np.ndarray:
+  # np.array, not ascontiguousarray: that one turns 0-d scalars (logit_scale) into 1-d.
+  return np.array(a, dtype=dtype if np.issubdtype(a.dtype, np.floating) else a.dtype, order='C')
+
+
+def _write_safetensors(flat: dict, path: Path, header: str) -> None:
+  from safetensors.numpy import save_file
+  save_file(flat, str(path), metadata={METADATA_KEY: header})
+
+
+def _write_msgpack(flat: dict, path: Path, header: str) -> None:
+  from flax import serialization
+  path.write_bytes(serialization.msgpack_serialize(_string_keys(unflatten_params(flat))))
+
+
+def _write_orbax(flat: dict, path: Path, header: str) -> None:
+  import orbax.checkpoint as ocp  # lazy: only this format needs orbax
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path.absolute(), _string_keys(unflatten_params(flat)), force=True)
+  checkpointer.wait_until_finished()
+
+
+_WRITERS = {'safetensors': _write_safetensors, 'msgpack': _write_msgpack,
+            'orbax': _write_orbax}
+
+
+# ----------------------------------------------------------------------------- import
+def is_export(path: str | os.PathLike) -> bool:
+  """True for an export directory or one of its params files."""
+  path = Path(path)
+  if path.is_dir():
+    return (path / CONFIG_FILE).is_file() or (
+        path.name == PARAM_FILES['orbax'] and (path.parent / CONFIG_FILE).is_file())
+  return path.name in PARAM_FILES.values() or path.suffix == '.safetensors' and (
+      METADATA_KEY in _safetensors_metadata(path))
+
+
+def read_export(path: str | os.PathLike) -> tuple[CapeNextConfig, dict]:
+  """(config, nested params with int list indices, arrays as stored) of an export.
+
+  path: an export directory (safetensors preferred, then msgpack, then orbax) or one params
+  file in it; a lone `.safetensors` carries its config in its header.
+  """
+  path = Path(path)
+  if path.is_dir() and path.name != PARAM_FILES['orbax']:
+    found = [path / f for f in PARAM_FILES.values() if (path / f).exists()]
+    if not found:
+      raise ValueError(f'{path}: no {" / ".join(PARAM_FILES.values())} in this directory')
+    path = found[0]
+  if not path.exists():
+    raise ValueError(f'{path}: no such file')
+  header = _read_header(path)
+  if header.get('format') != FORMAT_NAME:
+    raise ValueError(f'{path}: not a {FORMAT_NAME} export (format {header.get("format")!r})')
+  if header.get('version') != FORMAT_VERSION:
+    raise ValueError(f'{path}: export version {header.get("version")} is not supported '
+                     f'(this code reads version {FORMAT_VERSION})')
+  return CapeNextConfig.from_dict(header['config']), _READERS[_format_of(path)](path)
+
+
+def _format_of(path: Path) -> str:
+  if path.suffix == '.safetensors':
+    return 'safetensors'
+  by_name = {v: k for k, v in PARAM_FILES.items()}
+  if path.name not in by_name:
+    raise ValueError(f'{path}: not an export params file ({", ".join(PARAM_FILES.values())})')
+  return by_name[path.name]
+
+
+def _safetensors_metadata(path: Path) -> dict:
+  from safetensors import safe_open
+  with safe_open(str(path), framework='numpy') as f:
+    return f.metadata() or {}
+
+
+def _read_header(path: Path) -> dict:
+  """The export JSON: from the safetensors header, else from config.json next to the file."""
+  if path.suffix == '.safetensors':
+    meta = _safetensors_metadata(path)
+    if METADATA_KEY in meta:
+      return json.loads(meta[METADATA_KEY])
+  config_file = path.parent / CONFIG_FILE
+  if not config_file.is_file():
+    raise ValueError(f'{path}: no {CONFIG_FILE} next to it (and no config in the file)')
+  return json.loads(config_file.read_text())
+
+
+def _read_safetensors(path: Path) -> dict:
+  from safetensors.numpy import load_file
+  return unflatten_params(load_file(str(path)))
+
+
+def _read_msgpack(path: Path) -> dict:
+  from flax import serialization
+  return unflatten_params(flatten_params(serialization.msgpack_restore(path.read_bytes())))
+
+
+def _read_orbax(path: Path) -> dict:
+  import orbax.checkpoint as ocp  # lazy: only this format needs orbax
+  restored = ocp.StandardCheckpointer().restore(path.absolute())
+  return unflatten_params(flatten_params(jax.tree.map(np.asarray, restored)))
+
+
+_READERS = {'safetensors': _read_safetensors, 'msgpack': _read_msgpack, 'orbax': _read_orbax}
+
+
+def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
+                seed: int = 0) -> CapeNext:
+  """A CapeNext in eval mode holding `params` (cast to `dtype`), without a random init.
+
+  The module tree is traced abstractly (`nnx.eval_shape`), so nothing is computed for the
+  ~200M parameters that get overwritten; only the dropout / drop-path RNG streams are made
+  concrete, each from its own `fold_in(key(seed), i)`.
+  """
+  model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(seed)))
+  state = nnx.state(model, nnx.Param)
+  _check_shapes(nnx.to_pure_dict(state), params, '')
+  state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
+  rng_state = nnx.state(model, nnx.Not(nnx.Param))
+  leaves, treedef = jax.tree.flatten(rng_state)
+  nnx.update(model, state, jax.tree.unflatten(treedef, [
+      _concrete(leaf, jax.random.fold_in(jax.random.key(seed), i))
+      for i, leaf in enumerate(leaves)]))
+  model.eval()
+  return model
+
+
+def _concrete(abstract: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
+  """A real value for an abstract RNG variable: a key, or a zero counter."""
+  if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
+    return key
+  return jnp.zeros(abstract.shape, abstract.dtype)
+
+
+def _check_shapes(expected: Mapping, given: Mapping, path: str) -> None:
+  """ValueError naming the first missing / unexpected / mis-shaped entry."""
+  if not isinstance(given, Mapping):
+    raise ValueError(f'params{path}: expected a dict, got {type(given).__name__}')
+  exp_keys, got_keys = {str(k) for k in expected}, {str(k) for k in given}
+  if exp_keys != got_keys:
+    raise ValueError(f'params{path}: missing {sorted(exp_keys - got_keys)}, '
+                     f'unexpected {sorted(got_keys - exp_keys)}')
+  by_str = {str(k): v for k, v in given.items()}
+  for k, v in expected.items():
+    if isinstance(v, Mapping):
+      _check_shapes(v, by_str[str(k)], f'{path}/{k}')
+    elif tuple(v.shape) != np.shape(by_str[str(k)]):
+      raise ValueError(f'params{path}/{k}: shape {np.shape(by_str[str(k)])} != model '
+                       f'{tuple(v.shape)}')
+
+
+def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:
+  """Rebuild an exported CapeNext (eval mode) from `path` (see `read_export`)."""
+  config, params = read_export(path)
+  try:
+    return build_model(config, params, dtype=dtype)
+  except ValueError as e:
+    raise ValueError(f'{path}: {e}') from e

@@ -1,0 +1,22 @@
+"""Shared test helpers: where the golden fixtures and the real mini dataset live.
+
+CI clones the repo with `shared/` beside it, so both are found relative to the repo root
+(override with $CAPENEXT_SHARED). A missing file is a failure, never a skip.
+"""
+import os
+import pathlib
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get('CAPENEXT_SHARED', REPO.parent / 'shared'))
+FIXTURES = SHARED / 'fixtures'
+MP100_MINI = SHARED / 'data' / 'mp100_mini'
+
+
+def load_fixture(name: str):
+  """np.load of a golden fixture (no pickles)."""
+  path = FIXTURES / name
+  if not path.exists():
+    raise FileNotFoundError(f'golden fixture {path} is missing (set $CAPENEXT_SHARED)')
+  return np.load(path, allow_pickle=False)
