@@ -194,8 +194,7 @@ class Predictor:
     mask = np.zeros((len(pad), NUM_SLOTS), np.float32)
     for b, q in enumerate(pad):
       mask[b, :len(q.descriptions)] = 1.0  # every described keypoint is asked for
-    adjacency = np.stack([adjacency_from_skeleton(np.asarray(q.skeleton, np.int64).reshape(-1, 2),
-                                                  NUM_SLOTS) for q in pad])
+    adjacency = np.stack([_adjacency(q.skeleton) for q in pad])
     texts = [self._text[(q.category, q.descriptions)] for q in pad]
     points = self._forward(images, jnp.asarray(mask), jnp.asarray(adjacency, jnp.float32),
                            jnp.stack([t[0] for t in texts]), jnp.stack([t[1] for t in texts]))
@@ -204,6 +203,14 @@ class Predictor:
     scale = np.stack([c[2] for c in crops[:n]])
     image_points = metrics.transform_preds(points, center, scale, self.size)
     return [image_points[b, :len(q.descriptions)] for b, q in enumerate(queries)]
+
+
+def _adjacency(skeleton: tuple[tuple[int, int], ...]) -> np.ndarray:
+  """[100, 100] 0/1. Without a skeleton the graph layers get no neighbours (rows of zeros),
+  which our head handles; the official model would need at least one edge."""
+  if not skeleton:
+    return np.zeros((NUM_SLOTS, NUM_SLOTS), np.float32)
+  return adjacency_from_skeleton(np.asarray(skeleton, np.int64), NUM_SLOTS)
 
 
 # ----------------------------------------------------------------------------- CLI parsing
@@ -231,13 +238,18 @@ def parse_skeleton(spec: str | None, num_keypoints: int) -> tuple[tuple[int, int
     spec = Path(spec).read_text()
   spec = spec.strip()
   if spec.startswith('['):
-    pairs = [tuple(p) for p in json.loads(spec)]
-  else:
-    pairs = [tuple(p.split('-')) for p in spec.replace(' ', '').split(',') if p]
+    return check_skeleton(json.loads(spec), num_keypoints)
+  return check_skeleton([p.split('-') for p in spec.replace(' ', '').split(',') if p],
+                        num_keypoints)
+
+
+def check_skeleton(pairs, num_keypoints: int) -> tuple[tuple[int, int], ...]:
+  """Integer (i, j) edges, each index in [0, num_keypoints); ValueError naming bad ones."""
   try:
     edges = tuple((int(a), int(b)) for a, b in pairs)
-  except ValueError as e:
-    raise ValueError(f'skeleton {spec!r}: expected pairs like "0-1,1-2" or [[0,1],[1,2]]') from e
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'skeleton {pairs!r}: expected pairs like "0-1,1-2" or [[0,1],[1,2]]'
+                     ) from e
   bad = [e for e in edges if not all(0 <= i < num_keypoints for i in e)]
   if bad:
     raise ValueError(f'skeleton edges {bad} index past the {num_keypoints} keypoints (0-based)')
@@ -265,8 +277,8 @@ def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None):
                       gt_visible=gt_visible)
 
 
-def predict_image(args, predictor: Predictor) -> dict:
-  """Single-image mode: writes args.output (JSON) and args.overlay (PNG) unless disabled."""
+def predict_image(args, predictor: Predictor) -> list[Path]:
+  """Single-image mode: writes the JSON and (unless --no_overlay) the PNG; returns their paths."""
   image = load_image(args.image)
   descriptions = parse_descriptions(args.keypoints, args.keypoints_file)
   query = Query(image=image, bbox=clean_bbox(parse_bbox(args.bbox), image.shape[1],
@@ -279,13 +291,12 @@ def predict_image(args, predictor: Predictor) -> dict:
             'bbox': query.bbox.tolist(), 'category': query.category,
             'keypoints': keypoints_record(points, query),
             'skeleton': [list(e) for e in query.skeleton], 'checkpoint': str(args.checkpoint)}
-  output = Path(args.output or f'{stem}_keypoints.json')
-  output.write_text(json.dumps(result, indent=1) + '\n')
+  written = [Path(args.output or f'{stem}_keypoints.json')]
+  written[0].write_text(json.dumps(result, indent=1) + '\n')
   if not args.no_overlay:
-    overlay_path = Path(args.overlay or f'{stem}_overlay.png')
-    overlay(query, points).save(overlay_path)
-    result['overlay'] = str(overlay_path)
-  return result
+    written.append(Path(args.overlay or f'{stem}_overlay.png'))
+    overlay(query, points).save(written[1])
+  return written
 
 
 def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict]]:
@@ -307,31 +318,30 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
     queries.append(Query(
         image=image, bbox=clean_bbox(ann.get('bbox'), image.shape[1], image.shape[0]),
         category=cat['name'], descriptions=tuple(regular_descriptions(cat)[:k]),
-        skeleton=parse_skeleton(json.dumps(cat.get('skeleton', [])), k)))
+        skeleton=check_skeleton(cat.get('skeleton', []), k)))
     anns.append(ann)
   return queries, anns
 
 
-def predict_coco(args, predictor: Predictor) -> list[dict]:
-  """Batch mode: COCO keypoint results (one per annotation) and optional overlays with the
-  annotation's keypoints as ground truth."""
+def predict_coco(args, predictor: Predictor) -> list[Path]:
+  """Batch mode: COCO keypoint results (one per annotation, score 1) in one JSON, and optional
+  overlays with the annotation's keypoints as ground truth. Returns the paths written."""
   queries, anns = coco_queries(args.coco, args.image_root)
-  all_points = predictor(queries)
-  results = []
-  for query, ann, points in zip(queries, anns, all_points):
+  results, written = [], [Path(args.output or 'predictions.json')]
+  for query, ann, points in zip(queries, anns, predictor(queries)):
     flat = np.concatenate([points, np.ones((len(points), 1))], axis=1).reshape(-1)
     results.append({'image_id': ann['image_id'], 'annotation_id': ann.get('id'),
                     'category_id': ann['category_id'], 'keypoints': flat.tolist(),
                     'score': 1.0})
     if args.overlay_dir:
+      written.append(Path(args.overlay_dir) / f'{ann.get("id", len(results))}.png')
+      written[-1].parent.mkdir(parents=True, exist_ok=True)
       gt = np.asarray(ann.get('keypoints', []), np.float64).reshape(-1, 3)
       has_gt = len(gt) == len(points)
-      Path(args.overlay_dir).mkdir(parents=True, exist_ok=True)
       overlay(query, points, gt[:, :2] if has_gt else None,
-              gt[:, 2] > 0 if has_gt else None).save(
-                  Path(args.overlay_dir) / f'{ann.get("id", len(results))}.png')
-  Path(args.output or 'predictions.json').write_text(json.dumps(results) + '\n')
-  return results
+              gt[:, 2] > 0 if has_gt else None).save(written[-1])
+  written[0].write_text(json.dumps(results) + '\n')
+  return written
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -368,13 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = read_config(args.config) if args.config else None
     predictor = Predictor(load_model(args.checkpoint, config),
                           batch_size=1 if args.image else args.batch_size)
-    if args.image:
-      result = predict_image(args, predictor)
-      print(json.dumps({k: result[k] for k in ('image', 'category') if k in result}
-                       | {'keypoints': len(result['keypoints']),
-                          'overlay': result.get('overlay')}))
-    else:
-      print(f'{len(predict_coco(args, predictor))} predictions')
+    written = (predict_image if args.image else predict_coco)(args, predictor)
+    print('wrote ' + ', '.join(str(p) for p in written))
   except ValueError as e:
     print(f'capenext-predict: error: {e}', file=sys.stderr)
     return 2

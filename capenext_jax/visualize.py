@@ -137,8 +137,8 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
     photo = photo.resize((round(photo.width * scale), round(photo.height * scale)),
                          Image.Resampling.LANCZOS)
   base = max(photo.size)
-  radius, width = max(3.0, base / 160), max(2, round(base / 320))
-  font = _font(max(12, round(base / 48)))
+  radius, width = max(4.0, base / 110), max(2, round(base / 250))
+  font = _font(max(12, round(base / 40)))
   colors = keypoint_colors(k)
 
   def placed(points, mask):
@@ -158,7 +158,7 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
   if title is None:
     title = 'dot: prediction, ring: ground truth' if gt is not None else 'keypoints'
   names = list(descriptions) if descriptions is not None else [''] * k
-  panel = _legend_panel(names, colors, photo.height, _font(max(12, round(base / 56))), title)
+  panel = _legend_panel(names, colors, photo.height, _font(max(12, round(base / 48))), title)
   canvas = Image.new('RGB', (photo.width + panel.width, photo.height), PANEL_BG)
   canvas.paste(photo, (0, 0))
   canvas.paste(panel, (photo.width, 0))

@@ -1,0 +1,177 @@
+"""The training loop: `train_and_evaluate(config, workdir)` (train.py is a thin flag wrapper).
+
+One readable loop (big_vision style). Per step: the host pipeline yields a batch for global
+step i, the jitted step (state donated) applies one Adam update and returns metrics as device
+arrays. Every `log_every_steps` the accumulated metrics are fetched in one transfer, checked
+for non-finite values (naming the step and the term) and written (TensorBoard + log) with a
+progress line (steps/s, ETA). Validation PCK@0.2 and checkpoints follow their cadences.
+
+Resume: the checkpoint holds the train state and {'step': next global step}; the pipeline
+restarts at that step (its episodes and augmentations are a function of the step), and the
+dropout / drop-path keys are fold_in(rng, step), so a resumed run continues exactly.
+Preemption (SIGTERM): the loop saves at the current step, waits for the write, and returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import ml_collections
+from clu import metric_writers
+
+from capenext_jax import evaluate, experiment, losses
+from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
+from capenext_jax.training import step as step_lib
+from data_pipeline import episodes as ep
+from data_pipeline.pipeline import json_source, make_train_iterator
+
+
+def log(msg: str) -> None:
+  if jax.process_index() == 0:
+    print(msg, flush=True)
+
+
+def _every(steps: int, epochs: int, steps_per_epoch: int) -> int:
+  return steps if steps > 0 else max(1, epochs * steps_per_epoch)
+
+
+def _format_eta(seconds: float) -> str:
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f'{h}:{m:02d}:{s:02d}'
+
+
+class Evaluator:
+  """PCK@0.2 (and the full official scores) of the current state on one split."""
+
+  def __init__(self, config, graphdef, state, source, mesh, split: str):
+    size = config.model.swin.img_size
+    cache = experiment.text_cache(graphdef, state, source.dataset, mesh)
+    self.step = evaluate.make_eval_step(graphdef, experiment.make_forward(cache, size))
+    self.config, self.source, self.mesh, self.split = config, source, mesh, split
+
+  def __call__(self, state) -> dict:
+    pred, arrays = evaluate.predict_pairs(self.step, state, self.source, self.config,
+                                          self.mesh, self.split)
+    return evaluate.score(pred, arrays)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
+  experiment.set_precision(config)
+  files = experiment.data_files(config, workdir)
+  d = config.data
+  train_src = json_source(files['train'], files['image_root'], drop_missing_images=True,
+                          on_bad_image=d.on_bad_image)
+  steps_per_epoch = ep.epoch_length(train_src.dataset) // config.batch_size
+  total = config.total_steps or config.num_epochs * steps_per_epoch
+  eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
+  ckpt_every = _every(config.checkpoint_every_steps, config.checkpoint_every_epochs,
+                      steps_per_epoch)
+  tx = schedule.make_optimizer(config.optim, steps_per_epoch)
+  lr_at = schedule.make_schedule(config.optim, steps_per_epoch)
+  mesh = partition.make_mesh(config.mesh_shape)
+  size = config.model.swin.img_size
+  results: dict = {}
+
+  with jax.set_mesh(mesh):
+    graphdef, state, shardings = experiment.init_state(config, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
+                                   keep_last=config.keep_checkpoints, best_metric='pck',
+                                   async_save=config.async_checkpoints)
+    start = 0
+    if ckpt.latest_step() is not None:
+      target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
+      state, position = ckpt.restore(target)
+      start = int(position['step'])
+      log(f'resumed from step {start}')
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        f.write(config.to_json(indent=1))
+    writer = metric_writers.create_default_writer(workdir,
+                                                  just_logging=jax.process_index() > 0)
+
+    cache = experiment.text_cache(graphdef, state, train_src.dataset, mesh)
+    forward = experiment.make_forward(cache, size)
+
+    def loss_fn(outputs, batch):
+      return losses.capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
+                                    batch['support_mask'], image_size=size,
+                                    heatmap_size=size // 4)
+
+    train_step = step_lib.make_train_step(graphdef, loss_fn, tx, forward=forward,
+                                          shardings=shardings)
+    val = (Evaluator(config, graphdef, state, json_source(
+        files['val'], files['image_root'], drop_missing_images=True,
+        on_bad_image=d.on_bad_image), mesh, 'val') if files['val'] else None)
+    test = (Evaluator(config, graphdef, state, json_source(
+        files['test'], files['image_root'], on_bad_image=d.on_bad_image), mesh, 'test')
+            if files['test'] and (config.test_at_start or config.test_at_end) else None)
+
+    if test is not None and config.test_at_start and start == 0:
+      results['test_start'] = test(state)
+      results['test_pck_start'] = evaluate.pck_at(results['test_start'])
+      log(f'test PCK@0.2 before training (step 0): {100 * results["test_pck_start"]:.2f}')
+      writer.write_scalars(0, {'test/pck': results['test_pck_start']})
+
+    batches = make_train_iterator(train_src, config.batch_size,
+                                  experiment.pipeline_config(config, train=True),
+                                  start_step=start)
+    stop = checkpoint.StopSignal()
+    history, t_log = [], time.perf_counter()
+    step = start
+    try:
+      for step in range(start, total):
+        if stop.should_stop(step):
+          ckpt.save(step, state, {'step': step}, force=True)
+          ckpt.wait()
+          log(f'stopped by SIGTERM at step {step}; checkpoint saved')
+          results.update(step=step, preempted=True)
+          return results
+        state, metrics = train_step(state, experiment.device_batch(next(batches), mesh))
+        history.append((step, metrics))
+        done = step + 1
+        if done % config.log_every_steps == 0 or done == total:
+          fetched = jax.device_get(history)
+          step_lib.check_finite(fetched)
+          now = time.perf_counter()
+          rate = len(fetched) / (now - t_log)
+          t_log, history = now, []
+          means = {k: float(sum(m[k] for _, m in fetched) / len(fetched))
+                   for k in fetched[0][1] if k != 'finite'}
+          means['lr'] = float(lr_at(step))
+          writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
+          writer.write_scalars(done, {'train/steps_per_sec': rate})
+          log(f'step {done}/{total} loss {means["loss"]:.4f} acc_pose {means["acc_pose"]:.3f} '
+              f'lr {means["lr"]:.2e} | {rate:.2f} steps/s ETA {_format_eta((total - done) / rate)}')
+        if val is not None and (done % eval_every == 0 or done == total):
+          pck = evaluate.pck_at(val(state))
+          results['val_pck'] = pck
+          writer.write_scalars(done, {'val/pck': pck})
+          log(f'step {done}: val PCK@0.2 {100 * pck:.2f}')
+          ckpt.save(done, state, {'step': done}, metrics={'pck': pck})
+          t_log = time.perf_counter()   # steps/s counts training only
+        elif done % ckpt_every == 0 or done == total:
+          ckpt.save(done, state, {'step': done})
+      step = total
+      if test is not None and config.test_at_end:
+        results['test_end'] = test(state)
+        results['test_pck_end'] = evaluate.pck_at(results['test_end'])
+        log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
+        writer.write_scalars(total, {'test/pck': results['test_pck_end']})
+      if 'test_pck_start' in results and 'test_pck_end' in results:
+        log(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
+            f'trained {100 * results["test_pck_end"]:.2f}')
+    finally:
+      ckpt.wait()
+      ckpt.close()
+      stop.uninstall()
+      writer.flush()
+    results['step'] = step
+    if jax.process_index() == 0:
+      summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
+      with open(os.path.join(workdir, 'results.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+    return results

@@ -1,0 +1,95 @@
+"""Pieces shared by the configs: argument parsing and the model / data / run sections.
+
+`get_config(arg)` takes a comma-separated `key=value` string (big_vision style), e.g.
+`configs/mp100.py:split=2,shots=5,backbone=swinv2_s`. Every knob of a run lives in the
+returned ConfigDict; train.py / eval.py only read it.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from capenext_jax.training.schedule import default_optim_config
+
+# Swin V2 sizes by name (Microsoft's releases; 'tiny' is a CPU-sized test model). The head's
+# image channels are derived from them (embed_dim * 2 ** (stages - 1)) by the experiment code.
+BACKBONES = {
+    'swinv2_t': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'swinv2_s': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    'swinv2_b': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    'tiny': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4),
+}
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,b=x,flag' -> ConfigDict over `defaults`, values cast to the default's type.
+
+  A bare key sets a bool default to True. Unknown keys raise ValueError naming them.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'config arg {key!r}: expected one of {sorted(defaults)}')
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ('', '1', 'true', 'yes')
+    else:
+      out[key] = kind(value)
+  return out
+
+
+def model_config(backbone: str = 'swinv2_t', image_size: int = 256,
+                 fusion: bool = True) -> ml_collections.ConfigDict:
+  """The headline sizes (Swin V2-T at 256 px, CLIP ViT-B/32, d_model 256) or a variant."""
+  if backbone not in BACKBONES:
+    raise ValueError(f'backbone {backbone!r}: expected one of {sorted(BACKBONES)}')
+  swin = dict(img_size=image_size, window_size=16, drop_path_rate=0.2)
+  swin.update(BACKBONES[backbone])
+  return ml_collections.ConfigDict(dict(
+      swin=swin,
+      clip=dict(),                 # CLIPConfig defaults: ViT-B/32
+      fusion=dict() if fusion else None,
+      head=dict(),                 # HeadConfig defaults
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Run settings with the official recipe (spec section 4) and single-host defaults."""
+  c = ml_collections.ConfigDict()
+  c.seed = 1
+  c.init = dict(swin_path='', clip_path='')  # pretrained weights ('' = random init)
+
+  c.data = ml_collections.ConfigDict(dict(
+      root='', image_root='', train_ann='', val_ann='', test_ann='',
+      synthetic=ml_collections.ConfigDict(dict(enabled=False, categories=(12, 4, 4),
+                                               instances=30, image_size=128)),
+      shots=1,
+      warp='host',            # 'host': tf.data warps; 'device': the step warps uint8 crops
+      augment=True,
+      val_episodes=100, test_episodes=200, num_queries=15,
+      on_bad_image='error',
+  ))
+
+  c.batch_size = 32              # global; the official runs use 32 on one GPU
+  c.eval_batch_size = 32
+  c.num_epochs = 200
+  c.total_steps = 0              # > 0 overrides num_epochs (short runs, tests)
+  c.optim = default_optim_config()
+
+  # Device mesh ('data', 'fsdp'); -1 takes the remaining devices. Sharding rules: (regex over
+  # the '/'-joined param path, spec) with spec 'fsdp' (largest divisible dim) or a tuple of
+  # axis names / None per dim; () replicates. First match wins, implicit final rule 'fsdp'.
+  c.mesh_shape = dict(data=-1, fsdp=1)
+  c.sharding_rules = (('clip/.*', ()),)     # frozen CLIP replicated: only read, never updated
+  c.precision = 'highest'        # jax_default_matmul_precision: 'highest' | 'high' | 'default'
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0         # 0: every `eval_every_epochs` epochs
+  c.eval_every_epochs = 25       # official: validation every 25 epochs
+  c.checkpoint_every_steps = 0   # 0: every `checkpoint_every_epochs` epochs
+  c.checkpoint_every_epochs = 20
+  c.keep_checkpoints = 3         # plus the best val PCK
+  c.async_checkpoints = True
+  c.test_at_start = False        # test-split PCK of the untrained model (step 0)
+  c.test_at_end = False
+  return c

@@ -1,0 +1,47 @@
+"""CapeNext on MP-100 (the headline run and its variants).
+
+  train.py --config configs/mp100.py:split=1,shots=1 --workdir runs/split1
+Args: split=1..5, shots=1|5, backbone=swinv2_t|swinv2_s|swinv2_b|tiny, capex (no fusion
+module: plain CapeX), runlocal (a few steps of a tiny model on CPU, to check the wiring),
+root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
+Pretrained weights (spec section 4): set init.swin_path / init.clip_path, e.g.
+  --config.init.swin_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=ViT-B-32.pt
+"""
+from __future__ import annotations
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  a = common.parse_arg(arg, split=1, shots=1, backbone='swinv2_t', capex=False,
+                       runlocal=False, root='data/mp100')
+  if a.split not in range(1, 6) or a.shots not in (1, 5):
+    raise ValueError(f'split must be 1..5 and shots 1 or 5, got {a.split}, {a.shots}')
+  c = common.base_config()
+  c.data.root = a.root
+  c.data.image_root = f'{a.root}/images'
+  for part in ('train', 'val', 'test'):
+    c.data[f'{part}_ann'] = f'{a.root}/annotations/mp100_split{a.split}_{part}.json'
+  c.data.shots = a.shots
+  c.model = common.model_config('tiny' if a.runlocal else a.backbone,
+                                image_size=64 if a.runlocal else 256, fusion=not a.capex)
+  if a.runlocal:
+    _tiny_sizes(c)
+    c.total_steps = 4
+    c.batch_size = c.eval_batch_size = 4
+    c.log_every_steps = 2
+    c.eval_every_steps = c.checkpoint_every_steps = 4
+    c.data.val_episodes = c.data.test_episodes = 2
+    c.data.num_queries = 1
+    c.test_at_end = True
+  return c
+
+
+def _tiny_sizes(c):
+  """CPU-sized CLIP and head (random CLIP: no weights can be downloaded in tests)."""
+  c.model.clip = dict(embed_dim=64, image_resolution=64, vision_layers=1, vision_width=64,
+                      vision_patch_size=16, transformer_width=64, transformer_heads=2,
+                      transformer_layers=1)
+  c.model.head = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2,
+                      dim_feedforward=64, similarity_proj_dim=32, dynamic_proj_dim=16)
+  c.precision = 'default'

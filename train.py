@@ -1,0 +1,46 @@
+"""Train CapeNext: `python train.py --workdir runs/x [--config configs/mp100.py:split=1]`.
+
+The default config is the synthetic CPU run (configs/synthetic.py). Override any field with
+`--config.batch_size=16` etc. Several processes: pass --num_processes/--process_id and
+--coordinator_address (or run where `jax.distributed.initialize()` detects the cluster and
+pass --distributed).
+"""
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'synthetic.py'),
+                                'ml_collections config file[:arg]', lock_config=True)
+flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard logs, config.json', required=True)
+flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() with auto-detection')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
+flags.DEFINE_integer('num_processes', 1, 'processes in the run')
+flags.DEFINE_integer('process_id', 0, 'this process')
+FLAGS = flags.FLAGS
+
+
+def initialize_distributed():
+  """jax.distributed.initialize when the run spans several processes (CPU: gloo collectives)."""
+  import jax
+  if FLAGS.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif FLAGS.distributed:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  del argv
+  # Our progress lines go to stdout; orbax's per-save INFO lines would drown them.
+  logging.set_verbosity(logging.WARNING)
+  initialize_distributed()
+  from capenext_jax.train_loop import train_and_evaluate
+  os.makedirs(FLAGS.workdir, exist_ok=True)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
