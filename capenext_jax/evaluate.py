@@ -165,7 +165,7 @@ def load_for_eval(path: str, config: ml_collections.ConfigDict, mesh, *, step: i
     config.model, config.seed, config.init = saved.model, saved.seed, saved.init
     tx = schedule.make_optimizer(saved.optim, 1)
     graphdef, state, shardings = experiment.init_state(config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(str(p / 'checkpoints'))
+    ckpt = checkpoint.Checkpointer(str(p.absolute() / 'checkpoints'))
     state, _ = ckpt.restore(abstract_state(state, shardings).replace(frozen=state.frozen),
                             step=step)
     ckpt.close()

@@ -58,6 +58,20 @@ class Evaluator:
     return evaluate.score(pred, arrays)
 
 
+def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
+  """The jitted, state-donating train step of `config`: cached text, official losses."""
+  size = config.model.swin.img_size
+
+  def loss_fn(outputs, batch):
+    return losses.capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
+                                  batch['support_mask'], image_size=size,
+                                  heatmap_size=size // 4)
+
+  return step_lib.make_train_step(graphdef, loss_fn, optimizer,
+                                  forward=experiment.make_forward(cache, size),
+                                  shardings=shardings)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
   experiment.set_precision(config)
@@ -73,7 +87,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = schedule.make_optimizer(config.optim, steps_per_epoch)
   lr_at = schedule.make_schedule(config.optim, steps_per_epoch)
   mesh = partition.make_mesh(config.mesh_shape)
-  size = config.model.swin.img_size
   results: dict = {}
 
   with jax.set_mesh(mesh):
@@ -94,18 +107,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                                   just_logging=jax.process_index() > 0)
 
     cache = experiment.text_cache(graphdef, state, train_src.dataset, mesh)
-    forward = experiment.make_forward(cache, size)
-
-    def loss_fn(outputs, batch):
-      return losses.capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
-                                    batch['support_mask'], image_size=size,
-                                    heatmap_size=size // 4)
-
-    train_step = step_lib.make_train_step(graphdef, loss_fn, tx, forward=forward,
-                                          shardings=shardings)
+    train_step = build_train_step(config, graphdef, cache, tx, shardings)
     val = (Evaluator(config, graphdef, state, json_source(
         files['val'], files['image_root'], drop_missing_images=True,
-        on_bad_image=d.on_bad_image), mesh, 'val') if files['val'] else None)
+        on_bad_image=d.on_bad_image), mesh, 'val') if files['val'] and config.validate
+           else None)
     test = (Evaluator(config, graphdef, state, json_source(
         files['test'], files['image_root'], on_bad_image=d.on_bad_image), mesh, 'test')
             if files['test'] and (config.test_at_start or config.test_at_end) else None)

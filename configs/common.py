@@ -84,6 +84,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.precision = 'highest'        # jax_default_matmul_precision: 'highest' | 'high' | 'default'
 
   c.log_every_steps = 50
+  c.validate = True              # periodic val PCK@0.2 (data.val_ann); best checkpoint by it
   c.eval_every_steps = 0         # 0: every `eval_every_epochs` epochs
   c.eval_every_epochs = 25       # official: validation every 25 epochs
   c.checkpoint_every_steps = 0   # 0: every `checkpoint_every_epochs` epochs

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,18 +13,14 @@ from capenext_jax.convert import clip as convert
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.clip import CLIP, CLIPConfig
 from capenext_jax.text.tokenizer import EOT_ID, tokenize
+from conftest import load_fixture
 
-FIXTURES = Path(os.environ.get('CAPENEXT_FIXTURES',
-                               Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
 ATOL = 1e-5
 
 
 @pytest.fixture(scope='module')
 def fixture():
-  path = FIXTURES / 'unit_clip_tiny.npz'
-  if not path.is_file():
-    pytest.skip(f'{path} not found')
-  with np.load(path, allow_pickle=False) as z:
+  with load_fixture('unit_clip_tiny.npz') as z:
     return {k: z[k] for k in z.files}
 
 
@@ -136,7 +130,7 @@ def test_unknown_and_missing_keys_raise(openai_sd):
 
 
 def test_load_clip_fp16_npz_and_pth(tmp_path, fixture, openai_sd):
-  torch = pytest.importorskip('torch')
+  import torch
   half = {k: v.astype(np.float16) for k, v in openai_sd.items()}
   np.savez(tmp_path / 'clip.npz', **half)
   torch.save({'state_dict': {k: torch.from_numpy(v) for k, v in half.items()}},
@@ -155,7 +149,7 @@ def test_load_clip_fp16_npz_and_pth(tmp_path, fixture, openai_sd):
 
 
 def test_load_state_dict_bf16_safetensors(tmp_path):
-  torch = pytest.importorskip('torch')
+  import torch
   from safetensors.torch import save_file
   save_file({'w': torch.tensor([1.5, -2.0], dtype=torch.bfloat16)}, tmp_path / 'w.safetensors')
   sd = load_state_dict(tmp_path / 'w.safetensors')
@@ -174,8 +168,8 @@ def test_load_state_dict_errors(tmp_path):
 @pytest.fixture(scope='module')
 def hf_model_dir(tmp_path_factory):
   """A small random transformers CLIPModel saved as safetensors (vision head size 16)."""
-  torch = pytest.importorskip('torch')
-  transformers = pytest.importorskip('transformers')
+  import torch
+  import transformers
   sizes = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                hidden_act='quick_gelu')
   config = transformers.CLIPConfig(

@@ -11,7 +11,6 @@ from flax import nnx
 from capenext_jax.convert.head import fusion_from_torch, fusion_to_torch
 from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
 
-FIXTURE = pathlib.Path('/work/shared/fixtures/unit_mm_small.npz')
 
 
 def _pure(model):
@@ -30,9 +29,7 @@ def _rel(a, b):
 
 @pytest.fixture(scope='module')
 def unit():
-  if not FIXTURE.exists():
-    pytest.skip(f'{FIXTURE} not found')
-  z = np.load(FIXTURE)
+  z = load_fixture('unit_mm_small.npz')
   cfg = json.loads(str(z['config']))
   sd = {k[2:]: z[k] for k in z.files if k.startswith('w.')}
   model = MultiModalFusion(FusionConfig(embed_dim=cfg['embed_dim'], num_heads=cfg['num_heads'],

@@ -10,7 +10,6 @@ from flax import nnx
 from capenext_jax.convert.head import head_from_torch, head_to_torch
 from capenext_jax.models.head import HeadConfig, PoseHead, adjacency_from_skeleton
 
-FIXTURE = pathlib.Path('/work/shared/fixtures/tiny_capenext.npz')
 TINY = HeadConfig(d_model=32, nhead=4, dim_feedforward=48, similarity_proj_dim=32,
                   dynamic_proj_dim=16, num_feats=16, img_in_channels=96, text_in_channels=64)
 PREFIX = 'keypoint_head.'
@@ -31,9 +30,7 @@ def _inputs(z):
 
 @pytest.fixture(scope='module')
 def tiny():
-  if not FIXTURE.exists():
-    pytest.skip(f'{FIXTURE} not found')
-  z = np.load(FIXTURE)
+  z = load_fixture('tiny_capenext.npz')
   sd = {k[len(PREFIX):]: z[k] for k in z['state_dict_keys'] if k.startswith(PREFIX)}
   model = PoseHead(TINY, rngs=nnx.Rngs(0))
   _load(model, head_from_torch(sd))

@@ -17,16 +17,13 @@ from capenext_jax.losses import bilinear_matrix, capenext_losses, heatmap_target
 from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
 from capenext_jax.models.head import HeadConfig, PoseHead, adjacency_from_skeleton
 
-FIXTURE = pathlib.Path('/work/shared/fixtures/tiny_capenext.npz')
 LOSS_KEYS = ('heatmap_loss', 'proposal_loss', 'l1_loss_layer0', 'l1_loss_layer1',
              'l1_loss_layer2', 'acc_pose', 'loss')
 
 
 @pytest.fixture(scope='module')
 def z():
-  if not FIXTURE.exists():
-    pytest.skip(f'{FIXTURE} not found')
-  return np.load(FIXTURE)
+  return load_fixture('tiny_capenext.npz')
 
 
 def _targets(z):

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from capenext_jax.text.tokenizer import EOT_ID, SOT_ID, tokenize
-
-FIXTURES = Path(os.environ.get('CAPENEXT_FIXTURES',
-                               Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
+from conftest import load_fixture
 
 TEXTS = [
     '', 'left eye', 'a photo of dog', 'Left Front Paw!!', 'ROOT  of\tthe\n tail',
@@ -29,9 +26,12 @@ TEXTS = [
 def reference():
   """OpenAI's SimpleTokenizer, loaded by file path (clip/__init__ imports torchvision)."""
   spec = importlib.util.find_spec('clip')
-  if spec is None:
-    pytest.skip('openai-clip is not installed')
+  if spec is None or not spec.submodule_search_locations:
+    raise ModuleNotFoundError("openai-clip (package 'clip') is a test dependency and is not "
+                              'installed: pip install openai-clip')
   path = Path(list(spec.submodule_search_locations)[0]) / 'simple_tokenizer.py'
+  if not path.is_file():
+    raise FileNotFoundError(f'openai-clip is installed but {path} is missing')
   module_spec = importlib.util.spec_from_file_location('_openai_simple_tokenizer', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
@@ -79,8 +79,5 @@ def test_too_long_names_the_text():
 
 
 def test_matches_fixture_tokens():
-  path = FIXTURES / 'unit_clip_tiny.npz'
-  if not path.is_file():
-    pytest.skip(f'{path} not found')
-  with np.load(path, allow_pickle=False) as z:
+  with load_fixture('unit_clip_tiny.npz') as z:
     np.testing.assert_array_equal(tokenize(list(z['prompts']), truncate=True), z['in_tokens'])

@@ -49,7 +49,7 @@ class FeedForward(nnx.Module):
   def __init__(self, dim: int, dropout: float, *, rngs: nnx.Rngs):
     self.fc1 = layers.linear(dim, 4 * dim, rngs=rngs)
     self.fc2 = layers.linear(4 * dim, dim, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = layers.Dropout(dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(self.dropout(jax.nn.relu(self.fc1(x))))
@@ -68,7 +68,7 @@ class AttentionLayer(nnx.Module):
     self.norm2 = layers.layer_norm(dim, rngs=rngs)
     self.ffn = FeedForward(dim, dropout, rngs=rngs)
     # One instance used twice, as in the official layer; every call draws a fresh mask.
-    self.dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.dropout = layers.Dropout(dropout, rngs=rngs)
 
   def __call__(self, query: jax.Array, key: jax.Array) -> jax.Array:
     """query [B, n, E], key (= value) [B, m, E] -> [B, n, E]."""
@@ -97,7 +97,7 @@ class MultiModalFusion(nnx.Module):
     self.weight_image = layers.linear(e, 1, rngs=rngs) if config.use_image else None
     self.inter_ffn = FeedForward(e, p, rngs=rngs)
     self.weighted_ffn = FeedForward(e, p, rngs=rngs)
-    self.dropout = nnx.Dropout(p, rngs=rngs)
+    self.dropout = layers.Dropout(p, rngs=rngs)
 
   def __call__(self, image_emb: jax.Array, joint_text: jax.Array,
                category_emb: jax.Array) -> jax.Array:

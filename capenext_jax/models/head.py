@@ -145,7 +145,7 @@ class EncoderLayer(nnx.Module):
     self.linear2 = _xavier_linear(cfg.dim_feedforward, d, rngs=rngs)
     self.norm1 = layers.layer_norm(d, rngs=rngs)
     self.norm2 = layers.layer_norm(d, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = layers.Dropout(cfg.dropout, rngs=rngs)
 
   def __call__(self, x: jax.Array, pos: jax.Array, padding_mask: jax.Array) -> jax.Array:
     """x [B, L, d], pos [L, d], padding_mask [B, L] (True = ignore) -> [B, L, d]."""
@@ -214,7 +214,7 @@ class GraphDecoderLayer(nnx.Module):
     self.norm1 = layers.layer_norm(d, rngs=rngs)
     self.norm2 = layers.layer_norm(d, rngs=rngs)
     self.norm3 = layers.layer_norm(d, rngs=rngs)
-    self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+    self.dropout = layers.Dropout(cfg.dropout, rngs=rngs)
     self.ffn_dim = f
 
   def __call__(self, x: jax.Array, memory: jax.Array, query_pos: jax.Array,

@@ -92,7 +92,7 @@ class MultiHeadAttention(nnx.Module):
     self.q_proj, self.k_proj, self.v_proj = proj(embed_dim), proj(kdim), proj(vdim)
     self.out_proj = linear(embed_dim, embed_dim, rngs=rngs)
     self.out_proj.bias.value = jnp.zeros_like(self.out_proj.bias.value)
-    self.attn_dropout = nnx.Dropout(dropout, rngs=rngs)
+    self.attn_dropout = Dropout(dropout, rngs=rngs)
 
   def __call__(self, query: jax.Array, key: jax.Array, value: jax.Array, *,
                key_padding_mask: jax.Array | None = None,
@@ -109,9 +109,14 @@ class MultiHeadAttention(nnx.Module):
     b, lq, _ = query.shape
     lk = key.shape[1]
     split = lambda t, l: t.reshape(b, l, self.num_heads, self.head_dim)
+    v = split(self.v_proj(value), lk)
+    if lk == 1 and key_padding_mask is None and attn_mask is None:
+      # Softmax over a single key is exactly 1 whatever q and k are (the fusion module's
+      # cross-attentions): skip both projections. Dropout still acts on that weight.
+      weights = jnp.ones((b, self.num_heads, lq, 1), v.dtype)
+      return self._attend(weights, v, b, lq)
     q = split(self.q_proj(query), lq) * (1.0 / math.sqrt(self.head_dim))
     k = split(self.k_proj(key), lk)
-    v = split(self.v_proj(value), lk)
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
     if attn_mask is not None:
       if attn_mask.dtype == jnp.bool_:
@@ -120,11 +125,41 @@ class MultiHeadAttention(nnx.Module):
         logits = logits + attn_mask[None, None]
     if key_padding_mask is not None:
       logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
-    weights = jax.nn.softmax(logits, axis=-1)
+    return self._attend(jax.nn.softmax(logits, axis=-1), v, b, lq)
+
+  def _attend(self, weights: jax.Array, v: jax.Array, b: int, lq: int):
+    """weights [B, H, Lq, Lk] (before dropout), v [B, Lk, H, hd] -> (out, head-mean weights)."""
     mean_weights = weights.mean(axis=1)
     weights = self.attn_dropout(weights)
     out = jnp.einsum('bhqk,bkhd->bqhd', weights, v).reshape(b, lq, self.embed_dim)
     return self.out_proj(out), mean_weights
+
+
+# ----------------------------------------------------------------------------- dropout
+class Dropout(nnx.Module):
+  """`torch.nn.Dropout`: zero each element with probability `rate`, scale the rest by
+  1/(1-rate); identity in eval mode.
+
+  The keep decision compares 16 random bits with round((1-rate) * 2^16): half the random bits
+  of `jax.random.bernoulli` (a float32 uniform per element). Random-number generation is a
+  sizeable part of a CPU training step (the head's attention maps alone draw ~12M numbers),
+  and the keep probability is off by less than 2^-17.
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs, rng_collection: str = 'dropout'):
+    if not 0.0 <= rate < 1.0:
+      raise ValueError(f'dropout rate must be in [0, 1), got {rate}')
+    self.rate = rate
+    self.deterministic = False
+    self.rngs = rngs[rng_collection].fork() if rate > 0 else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    bits = jax.random.bits(self.rngs(), x.shape, jnp.uint16)
+    threshold = min(round(keep * 65536), 65535)
+    return jnp.where(bits < threshold, x * (1.0 / keep), jnp.zeros_like(x))
 
 
 # ----------------------------------------------------------------------------- stochastic depth

@@ -1,0 +1,69 @@
+"""Shared layers against PyTorch: attention (packed, kdim/vdim, single key), dropout, drop path."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from capenext_jax.models import layers
+
+
+def load_torch_mha(ours: layers.MultiHeadAttention, theirs: torch.nn.MultiheadAttention):
+  sd = {k: v.detach().numpy() for k, v in theirs.state_dict().items()}
+  if 'in_proj_weight' in sd:
+    weights = np.split(sd['in_proj_weight'], 3)
+  else:
+    weights = [sd[f'{n}_proj_weight'] for n in 'qkv']
+  for lin, w, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), weights,
+                       np.split(sd['in_proj_bias'], 3)):
+    lin.kernel.value, lin.bias.value = jnp.asarray(w.T), jnp.asarray(b)
+  ours.out_proj.kernel.value = jnp.asarray(sd['out_proj.weight'].T)
+  ours.out_proj.bias.value = jnp.asarray(sd['out_proj.bias'])
+
+
+@pytest.mark.parametrize('kdim, vdim, lk', [(None, None, 7), (16, 8, 7), (None, None, 1)])
+def test_attention_matches_torch(kdim, vdim, lk):
+  torch.manual_seed(0)
+  e, h = 16, 4
+  theirs = torch.nn.MultiheadAttention(e, h, kdim=kdim, vdim=vdim).eval()
+  with torch.no_grad():  # torch starts the biases at zero; make them count
+    theirs.in_proj_bias.normal_()
+    theirs.out_proj.bias.normal_()
+  ours = layers.MultiHeadAttention(e, h, kdim=kdim, vdim=vdim, dropout=0.1, rngs=nnx.Rngs(0))
+  ours.eval()
+  load_torch_mha(ours, theirs)
+  rng = np.random.default_rng(0)
+  q = rng.normal(size=(2, 5, e)).astype(np.float32)
+  k = rng.normal(size=(2, lk, kdim or e)).astype(np.float32)
+  v = rng.normal(size=(2, lk, vdim or e)).astype(np.float32)
+  mask = np.zeros((2, lk), bool)
+  mask[0, 3:] = True
+  mask_arg = mask if lk > 1 else None
+  t = lambda x: torch.from_numpy(x).transpose(0, 1)
+  ref, ref_w = theirs(t(q), t(k), t(v), key_padding_mask=None if mask_arg is None
+                      else torch.from_numpy(mask))
+  out, w = ours(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), key_padding_mask=mask_arg)
+  np.testing.assert_allclose(out, ref.transpose(0, 1).detach().numpy(), atol=2e-6)
+  np.testing.assert_allclose(w, ref_w.detach().numpy(), atol=1e-7)
+
+
+def test_dropout_keeps_the_right_fraction_and_scales():
+  drop = layers.Dropout(0.1, rngs=nnx.Rngs(dropout=0))
+  y = np.asarray(drop(jnp.ones((1000, 1000))))
+  kept = y != 0
+  assert abs(kept.mean() - 0.9) < 2e-3
+  np.testing.assert_allclose(y[kept], 1 / 0.9, rtol=1e-6)
+  assert not np.array_equal(np.asarray(drop(jnp.ones((8, 8)))), np.asarray(drop(jnp.ones((8, 8)))))
+  drop.eval()
+  np.testing.assert_array_equal(drop(jnp.arange(4.0)), jnp.arange(4.0))
+
+
+def test_drop_path_drops_whole_samples():
+  dp = layers.DropPath(0.5, rngs=nnx.Rngs(dropout=0))
+  y = np.asarray(dp(jnp.ones((64, 3, 5))))
+  per_sample = y.reshape(64, -1)
+  assert set(np.unique(per_sample.std(axis=1))) == {0.0}  # all or nothing per sample
+  assert set(np.unique(y)) == {0.0, 2.0}
+  dp.eval()
+  np.testing.assert_array_equal(dp(jnp.ones((2, 3))), jnp.ones((2, 3)))

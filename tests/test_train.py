@@ -1,0 +1,178 @@
+"""train.py's loop on a tiny model: configs, resume == uninterrupted, 2 devices == 1 device,
+2 processes == 1 process. Subprocesses set device counts / distributed init before jax loads."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+
+from configs import mp100, synthetic
+
+
+def tiny_config(steps=4):
+  """The synthetic config shrunk to seconds: 3/2/2 categories of 6 drawn 48-px images."""
+  c = synthetic.get_config(f'steps={steps},batch=4')
+  c.data.synthetic.update(categories=(3, 2, 2), instances=6, image_size=48)
+  c.data.val_episodes = c.data.test_episodes = 1
+  c.data.num_queries = 2
+  c.eval_batch_size = 4
+  c.log_every_steps = 2
+  c.eval_every_steps = c.checkpoint_every_steps = steps
+  c.validate = c.test_at_start = c.test_at_end = False
+  c.async_checkpoints = False
+  return c
+
+
+def test_configs_build_models():
+  from capenext_jax import experiment
+  for arg in ('split=3,shots=5', 'backbone=swinv2_b', 'capex', 'runlocal'):
+    m = experiment.model_config(mp100.get_config(arg))
+    assert m.head.img_in_channels == m.swin.embed_dim * 8
+  assert experiment.model_config(mp100.get_config('capex')).fusion is None
+  with pytest.raises(ValueError, match='split'):
+    mp100.get_config('split=6')
+  assert synthetic.get_config().data.synthetic.enabled
+
+
+def restore_params(workdir, config):
+  """Trainable params and data position of the latest checkpoint in `workdir` (host numpy)."""
+  import jax
+  from capenext_jax import experiment
+  from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
+  tx = schedule.make_optimizer(config.optim, 1)
+  mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  with jax.set_mesh(mesh):
+    _, st, sh = experiment.init_state(config, tx, mesh)
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+    st, pos = ckpt.restore(state_lib.abstract_state(st, sh).replace(frozen=st.frozen))
+    ckpt.close()
+  return jax.device_get((st.trainable, st.opt_state)), pos
+
+
+def test_resume_continues_exactly(tmp_path):
+  from capenext_jax.train_loop import train_and_evaluate
+  full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
+  data = str(tmp_path / 'data')
+  for cfg_steps, wd in ((4, full), (2, part), (4, part)):
+    c = tiny_config(cfg_steps)
+    c.data.root = data
+    train_and_evaluate(c, wd)
+  c = tiny_config(4)
+  (a, pos_a), (b, pos_b) = restore_params(full, c), restore_params(part, c)
+  assert pos_a == pos_b == {'step': 4}
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  # The next batch a resumed run reads is the uninterrupted run's batch at that step.
+  from capenext_jax import experiment
+  from data_pipeline.pipeline import json_source, make_train_iterator
+  files = experiment.data_files(c, full)
+  src = json_source(files['train'], files['image_root'])
+  pc = experiment.pipeline_config(c, train=True)
+  it = make_train_iterator(src, 4, pc, process_index=0, process_count=1)
+  uninterrupted = [next(it) for _ in range(5)][4]
+  resumed = next(make_train_iterator(src, 4, pc, start_step=4, process_index=0,
+                                     process_count=1))
+  for k in uninterrupted:
+    np.testing.assert_array_equal(uninterrupted[k], resumed[k])
+
+
+def test_non_finite_loss_is_named(tmp_path):
+  from capenext_jax.train_loop import train_and_evaluate
+  c = tiny_config(2)
+  c.optim.lr = 1e30   # the first update blows the params up; step 1's loss is not finite
+  c.data.root = str(tmp_path / 'data')
+  with pytest.raises(FloatingPointError, match=r'at step 1'):
+    train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+# ----------------------------------------------------------------------------- 2 devices
+def two_device_main(data_root):
+  """Subprocess: the real train step (train_loop.build_train_step) on 1 device vs
+  ('data', 'fsdp') = (2, 1) and (1, 2)."""
+  import jax
+  from capenext_jax import experiment
+  from capenext_jax.train_loop import build_train_step
+  from capenext_jax.training import partition, schedule
+  from data_pipeline.pipeline import json_source, make_train_iterator
+  assert jax.device_count() == 2
+  c = tiny_config()
+  c.data.root = data_root
+  c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split
+  files = experiment.data_files(c, data_root)
+  src = json_source(files['train'], files['image_root'])
+  it = make_train_iterator(src, 4, experiment.pipeline_config(c, train=True),
+                           process_index=0, process_count=1)
+  batches = [next(it) for _ in range(2)]
+  tx = schedule.make_optimizer(c.optim, 10)
+  results = {}
+  for layout, devices in (((1, 1), jax.devices()[:1]), ((2, 1), None), ((1, 2), None)):
+    mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
+    with jax.set_mesh(mesh):
+      graphdef, st, sh = experiment.init_state(c, tx, mesh)
+      if layout == (1, 2):
+        assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
+      cache = experiment.text_cache(graphdef, st, src.dataset, mesh)
+      step = build_train_step(c, graphdef, cache, tx, sh)
+      metrics = []
+      for b in batches:
+        st, m = step(st, experiment.device_batch(b, mesh))
+        metrics.append(m)
+      results[layout] = jax.device_get((st.trainable, metrics))
+  for layout in ((2, 1), (1, 2)):
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+                 results[(1, 1)], results[layout])
+  print('TWO_DEVICES_OK')
+
+
+def test_two_devices_match_one(tmp_path):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
+
+
+# ----------------------------------------------------------------------------- 2 processes
+def train_cmd(workdir, data_root, *extra):
+  return [sys.executable, str(REPO / 'train.py'), f'--workdir={workdir}',
+          f'--config={REPO}/tests/test_train.py:tiny', f'--config.data.root={data_root}', *extra]
+
+
+def get_config(arg=None):
+  """Lets train.py load `tiny_config` via --config=tests/test_train.py:tiny."""
+  del arg
+  return tiny_config()
+
+
+def test_two_processes_match_one_process(tmp_path):
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
+  data = tmp_path / 'data'
+  single = subprocess.run(train_cmd(tmp_path / 'one', data), env=env, capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+  assert single.returncode == 0, single.stderr[-4000:]
+  procs = [subprocess.Popen(train_cmd(tmp_path / 'two', data, '--num_processes=2',
+                                      f'--process_id={i}', f'--coordinator_address=localhost:{port}'),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  c = tiny_config()
+  c.data.root = str(data)
+  (a, _), (b, _) = restore_params(str(tmp_path / 'one'), c), restore_params(str(tmp_path / 'two'), c)
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
+
+
+if __name__ == '__main__':
+  sys.path[:0] = [str(REPO), str(REPO / 'tests')]
+  if sys.argv[1] == 'two_devices':
+    two_device_main(sys.argv[2])
