@@ -33,6 +33,8 @@ flags.DEFINE_string('export_episodes', None, 'write the pairs .npz here; no mode
 flags.DEFINE_string('score_predictions', None, 'score this predictions json; no model')
 flags.DEFINE_string('predictions_out', None, 'also write our predictions in that format')
 flags.DEFINE_string('output', None, 'report JSON path')
+flags.DEFINE_integer('visualize', 0, 'write this many overlay PNGs per category (prediction '
+                     'vs ground truth) to <report dir>/overlays')
 FLAGS = flags.FLAGS
 
 
@@ -83,13 +85,17 @@ def main(argv):
     return
   if not FLAGS.checkpoint:
     raise app.UsageError('--checkpoint is required (or --export_episodes / --score_predictions)')
-  scores = run_model_eval(config, annotations, image_root, shots, episodes, queries)
   default = os.path.join(FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else '.',
                          f'eval_{os.path.splitext(os.path.basename(annotations))[0]}.json')
-  report(scores, annotations, FLAGS.output or default, info)
+  output = FLAGS.output or default
+  overlays = os.path.join(os.path.dirname(os.path.abspath(output)), 'overlays')
+  scores = run_model_eval(config, annotations, image_root, shots, episodes, queries, overlays)
+  report(scores, annotations, output, info)
 
 
-def run_model_eval(config, annotations, image_root, shots, episodes, queries):
+def run_model_eval(config, annotations, image_root, shots, episodes, queries, overlays):
+  """Scores of the --checkpoint model on the official pairs; writes --predictions_out and
+  --visualize overlays (into `overlays`) when asked."""
   import jax
   from capenext_jax import evaluate, experiment
   from capenext_jax.training import partition
@@ -111,6 +117,9 @@ def run_model_eval(config, annotations, image_root, shots, episodes, queries):
     pred, arrays = evaluate.predict_pairs(step, state, source, config, mesh, 'test')
   if FLAGS.predictions_out:
     evaluate.write_predictions(FLAGS.predictions_out, pred, arrays)
+  if FLAGS.visualize and jax.process_index() == 0:
+    paths = evaluate.write_overlays(pred, arrays, source.dataset, overlays, FLAGS.visualize)
+    print(f'wrote {len(paths)} overlays to {overlays}')
   return evaluate.score(pred, arrays)
 
 

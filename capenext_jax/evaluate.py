@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -132,6 +133,32 @@ def predict_pairs(eval_step, state: TrainState, source, config: ml_collections.C
   pred[index] = metrics.transform_preds(crop * size, source.dataset.center[q[index]],
                                         source.dataset.scale[q[index]], size)
   return pred, arrays
+
+
+def write_overlays(pred: np.ndarray, arrays: dict[str, np.ndarray], dataset: MP100Dataset,
+                   out_dir: str, per_category: int) -> list[str]:
+  """PNG overlays (prediction dots, ground-truth rings) of the first `per_category` pairs of
+  every category, named `<category>_<pair>.png` in `out_dir`. Returns the paths written.
+
+  pred: [N, 100, 2] original-image px, aligned with `arrays` (see `predict_pairs`).
+  """
+  from capenext_jax.visualize import draw_overlay
+  from data_pipeline.pipeline import load_rgb
+  os.makedirs(out_dir, exist_ok=True)
+  q = arrays['pairs'][:, -1]
+  paths = []
+  for c in np.unique(arrays['category_id']):
+    for i in np.flatnonzero(arrays['category_id'] == c)[:per_category]:
+      row = dataset.category_index[q[i]]
+      k = int(arrays['num_keypoints'][i])
+      photo = load_rgb(dataset.image_path[q[i]], tuple(dataset.image_size[q[i]]))
+      image = draw_overlay(photo, pred[i, :k],
+                           dataset.skeletons[row], dataset.descriptions[row][:k],
+                           gt=arrays['gt_keypoints'][i, :k], gt_visible=arrays['mask'][i, :k])
+      name = dataset.raw_category_names[row].replace('/', '_').replace(' ', '_')
+      paths.append(os.path.join(out_dir, f'{name}_{i}.png'))
+      image.save(paths[-1])
+  return paths
 
 
 def pck_at(scores: dict, thr: float = 0.2) -> float:

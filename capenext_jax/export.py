@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capenext_jax import params as params_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 
 FORMAT_NAME, FORMAT_VERSION = 'capenext-jax', 1
@@ -33,30 +34,6 @@ METADATA_KEY = 'capenext'  # safetensors header entry holding the config JSON
 
 
 # ----------------------------------------------------------------------------- names
-def flatten_params(params: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-  """Nested pure dict -> {'a/0/b': array}; int keys (NNX list indices) become strings."""
-  flat = {}
-  for k, v in params.items():
-    name = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      flat.update(flatten_params(v, name + '/'))
-    else:
-      flat[name] = np.asarray(v)
-  return flat
-
-
-def unflatten_params(flat: Mapping[str, np.ndarray]) -> dict:
-  """Inverse of `flatten_params`: digit segments become int keys, as `nnx.to_pure_dict` has."""
-  nested: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = [int(p) if p.isdigit() else p for p in name.split('/')]
-    node = nested
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return nested
-
-
 def _string_keys(params: Mapping) -> dict:
   """Nested dict with str keys everywhere (msgpack / orbax want them)."""
   return {str(k): _string_keys(v) if isinstance(v, Mapping) else v for k, v in params.items()}
@@ -90,7 +67,7 @@ def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.P
     raise ValueError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  flat = {k: _cast(v, DTYPES[dtype]) for k, v in flatten_params(params).items()}
+  flat = {k: _cast(v, DTYPES[dtype]) for k, v in params_lib.flatten(params).items()}
   header = json.dumps(_header(config, dtype), indent=1)
   written = {'config': directory / CONFIG_FILE}
   written['config'].write_text(header + '\n')
@@ -117,13 +94,13 @@ def _write_safetensors(flat: dict, path: Path, header: str) -> None:
 
 def _write_msgpack(flat: dict, path: Path, header: str) -> None:
   from flax import serialization
-  path.write_bytes(serialization.msgpack_serialize(_string_keys(unflatten_params(flat))))
+  path.write_bytes(serialization.msgpack_serialize(_string_keys(params_lib.unflatten(flat))))
 
 
 def _write_orbax(flat: dict, path: Path, header: str) -> None:
   import orbax.checkpoint as ocp  # lazy: only this format needs orbax
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(path.absolute(), _string_keys(unflatten_params(flat)), force=True)
+  checkpointer.save(path.absolute(), _string_keys(params_lib.unflatten(flat)), force=True)
   checkpointer.wait_until_finished()
 
 
@@ -194,18 +171,18 @@ def _read_header(path: Path) -> dict:
 
 def _read_safetensors(path: Path) -> dict:
   from safetensors.numpy import load_file
-  return unflatten_params(load_file(str(path)))
+  return params_lib.unflatten(load_file(str(path)))
 
 
 def _read_msgpack(path: Path) -> dict:
   from flax import serialization
-  return unflatten_params(flatten_params(serialization.msgpack_restore(path.read_bytes())))
+  return params_lib.unflatten(params_lib.flatten(serialization.msgpack_restore(path.read_bytes())))
 
 
 def _read_orbax(path: Path) -> dict:
   import orbax.checkpoint as ocp  # lazy: only this format needs orbax
   restored = ocp.StandardCheckpointer().restore(path.absolute())
-  return unflatten_params(flatten_params(jax.tree.map(np.asarray, restored)))
+  return params_lib.unflatten(params_lib.flatten(jax.tree.map(np.asarray, restored)))
 
 
 _READERS = {'safetensors': _read_safetensors, 'msgpack': _read_msgpack, 'orbax': _read_orbax}
@@ -221,7 +198,7 @@ def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
   """
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(seed)))
   state = nnx.state(model, nnx.Param)
-  _check_shapes(nnx.to_pure_dict(state), params, '')
+  params_lib.check_structure(nnx.to_pure_dict(state), params)
   state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
   rng_state = nnx.state(model, nnx.Not(nnx.Param))
   leaves, treedef = jax.tree.flatten(rng_state)
@@ -237,23 +214,6 @@ def _concrete(abstract: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
   if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
     return key
   return jnp.zeros(abstract.shape, abstract.dtype)
-
-
-def _check_shapes(expected: Mapping, given: Mapping, path: str) -> None:
-  """ValueError naming the first missing / unexpected / mis-shaped entry."""
-  if not isinstance(given, Mapping):
-    raise ValueError(f'params{path}: expected a dict, got {type(given).__name__}')
-  exp_keys, got_keys = {str(k) for k in expected}, {str(k) for k in given}
-  if exp_keys != got_keys:
-    raise ValueError(f'params{path}: missing {sorted(exp_keys - got_keys)}, '
-                     f'unexpected {sorted(got_keys - exp_keys)}')
-  by_str = {str(k): v for k, v in given.items()}
-  for k, v in expected.items():
-    if isinstance(v, Mapping):
-      _check_shapes(v, by_str[str(k)], f'{path}/{k}')
-    elif tuple(v.shape) != np.shape(by_str[str(k)]):
-      raise ValueError(f'params{path}/{k}: shape {np.shape(by_str[str(k)])} != model '
-                       f'{tuple(v.shape)}')
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:

@@ -59,8 +59,8 @@ def _is_official(path: Path) -> bool:
 def _load_official(path: Path, config: CapeNextConfig | None) -> CapeNext:
   """Official CapeNext (or CapeX: no `additional_module.*`) weights; headline sizes unless a
   config is given, since shapes alone cannot tell e.g. head counts or the input size."""
-  from capenext_jax.pretrained import load_official_checkpoint
-  params = load_official_checkpoint(path)
+  from capenext_jax.convert.official import load_official
+  params = load_official(path)
   if config is None:
     config = CapeNextConfig() if 'fusion' in params else CapeNextConfig(fusion=None)
   return export.build_model(config, params)

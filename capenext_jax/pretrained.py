@@ -6,31 +6,12 @@ is refused with a ValueError before any of its code runs.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import pickle
 
+from capenext_jax import params as params_lib
 from capenext_jax.convert import clip as clip_convert
-from capenext_jax.convert import official
 from capenext_jax.convert import swin as swin_convert
 from capenext_jax.models.capenext import CapeNext
-
-
-@contextlib.contextmanager
-def refusing_pickled_code(path: str | os.PathLike):
-  """Turn torch's weights-only refusal into a ValueError that names the file and says why.
-
-  (torch's own message suggests `weights_only=False`, which would run the file's code.)
-  """
-  try:
-    yield
-  except pickle.UnpicklingError as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else ''
-    raise ValueError(
-        f'{path}: refused: the file pickles objects other than tensors and plain containers, '
-        f'and unpickling them could run arbitrary code. Only weights are read; re-save the '
-        f'state dict alone (e.g. torch.save(ckpt["state_dict"], ...) in a trusted '
-        f'environment) or convert it to .safetensors / .npz. (torch: {first_line})') from e
 
 
 def init_from_pretrained(model: CapeNext, swin_path: str | os.PathLike | None = None,
@@ -44,24 +25,16 @@ def init_from_pretrained(model: CapeNext, swin_path: str | os.PathLike | None = 
   Raises ValueError naming the file and the first key or shape that does not fit the model.
   """
   if swin_path is not None:
-    with refusing_pickled_code(swin_path):
-      params = swin_convert.load_microsoft_swinv2(swin_path)
+    params = swin_convert.load_microsoft_swinv2(swin_path)
     _load(model.backbone, params, swin_path)
   if clip_path is not None:
-    with refusing_pickled_code(clip_path):
-      _, params = clip_convert.load_clip(clip_path, model.config.clip)
+    _, params = clip_convert.load_clip(clip_path, model.config.clip)
     _load(model.clip, params, clip_path)
   return model
 
 
-def load_official_checkpoint(path: str | os.PathLike) -> dict:
-  """Params pure dict of an official CapeNext / CapeX checkpoint (`.pth` or `.npz`)."""
-  with refusing_pickled_code(path):
-    return official.load_official(path)
-
-
 def _load(module, params: dict, path) -> None:
   try:
-    official.load_into(module, params)
+    params_lib.load_into(module, params)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e

@@ -3,9 +3,12 @@
 Every category is a random template of one of several families (polygon, star, stick animal,
 chair, fan, ladder) with its own skeleton. An instance draws the template under a random
 similarity transform with small per-joint jitter on a noisy background: limbs as thick lines in
-the category colour and each keypoint as a filled disc whose colour depends on its index, and the
-keypoint descriptions name that colour ("red point", ...), so positions are learnable from pixels
-and from text. Output: ``<root>/annotations/{prefix}_{train,val,test}.json`` (disjoint categories)
+the category colour and each keypoint as a filled disc of its own colour. A category gives its
+keypoints distinct colours (a random pick and order from one shared palette) and each keypoint's
+description names only its colour ("red point", ...): the description carries the visual
+attribute the same way in every category, so the text -> appearance mapping learned on the
+training categories transfers to unseen ones (the CLIP towers are random here, so words that
+never occur in training, such as a new category's name, carry no meaning). Output: ``<root>/annotations/{prefix}_{train,val,test}.json`` (disjoint categories)
 and ``<root>/images/<category>/<n>.jpg``. Ids are ``category_id * 10**14 + n`` (> 2**53 for
 category ids >= 91, as in MP-100).
 
@@ -22,14 +25,17 @@ import numpy as np
 
 COLORS = [('red', (230, 25, 75)), ('green', (60, 180, 75)), ('yellow', (255, 225, 25)),
           ('blue', (0, 130, 200)), ('orange', (245, 130, 48)), ('purple', (145, 30, 180)),
-          ('cyan', (70, 240, 240)), ('magenta', (240, 50, 230)), ('lime', (210, 245, 60)),
+          ('cyan', (70, 240, 240)), ('magenta', (240, 50, 230)), ('white', (255, 255, 255)),
           ('pink', (250, 190, 212)), ('teal', (0, 128, 128)), ('brown', (170, 110, 40)),
-          ('white', (255, 255, 255)), ('maroon', (128, 0, 0)), ('navy', (0, 0, 128)),
+          ('lime', (210, 245, 60)), ('maroon', (128, 0, 0)), ('navy', (0, 0, 128)),
           ('olive', (128, 128, 0))]
 ADJECTIVES = ('tiny', 'spiky', 'round', 'tall', 'flat', 'bent', 'wide', 'narrow', 'twisted', 'long',
               'short', 'lopsided', 'bold', 'thin', 'heavy', 'light', 'crooked', 'neat', 'wavy', 'sharp',
               'soft', 'broad', 'slim', 'stout', 'odd', 'plain', 'fancy', 'rough', 'smooth', 'giant')
 FAMILIES = ('polygon', 'star', 'stick', 'chair', 'fan', 'ladder')
+# Keypoint colours: the first PALETTE entries of COLORS, well apart in RGB. A category has at
+# most 12 keypoints (star 2 * 6, stick 12), so each keypoint of a category gets its own colour.
+PALETTE = 12
 
 
 def _template(family: str, rng: np.random.Generator):
@@ -86,10 +92,11 @@ def make_categories(num: int, rng: np.random.Generator, first_id: int = 1):
     pts, edges = _template(family, rng)
     k = len(pts)
     adj = ADJECTIVES[c % len(ADJECTIVES)] + ('' if c < len(ADJECTIVES) else str(c // len(ADJECTIVES)))
-    names = [f'{COLORS[i % len(COLORS)][0]} point' + ('' if i < len(COLORS) else f' {i // len(COLORS) + 1}')
-             + f' of the {adj} {family}' for i in range(k)]
+    assert k <= PALETTE, (family, k)
+    colors = [int(i) for i in rng.permutation(PALETTE)[:k]]
+    names = [f'{COLORS[i][0]} point' for i in colors]
     cats.append(dict(id=first_id + c, name=f'{adj}_{family}', supercategory=family, keypoints=names,
-                     skeleton=edges, template=pts.tolist(),
+                     skeleton=edges, template=pts.tolist(), kpt_colors=colors,
                      color=[int(v) for v in rng.integers(60, 200, 3)]))
   return cats
 
@@ -110,7 +117,7 @@ def _draw_instance(cat, rng, size):
   width = max(2, int(size / 48))
   for a, b in cat['skeleton']:
     draw.line([tuple(pts[a]), tuple(pts[b])], fill=tuple(cat['color']), width=width)
-  rad = max(2.5, size / 48)
+  rad = max(2.5, 0.12 * s)   # discs scale with the object: a few px after the crop
   k = len(pts)
   vis = np.full(k, 2)
   vis[rng.random(k) < 0.08] = 0
@@ -121,7 +128,7 @@ def _draw_instance(cat, rng, size):
   for i in range(k):
     if vis[i] > 0:
       x, y = pts[i]
-      draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=COLORS[i % len(COLORS)][1])
+      draw.ellipse([x - rad, y - rad, x + rad, y + rad], fill=COLORS[cat['kpt_colors'][i]][1])
   kp = []
   for i in range(k):
     kp += [round(float(pts[i, 0]), 2), round(float(pts[i, 1]), 2), int(vis[i])] if vis[i] else [0, 0, 0]

@@ -8,9 +8,9 @@ import pytest
 
 from data_pipeline import annotations as an
 from data_pipeline.descriptions import regular_descriptions
+from conftest import MP100_MINI, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(REPO, '..', 'shared', 'data', 'mp100_mini')
+MINI = str(MP100_MINI)
 TRAIN = os.path.join(MINI, 'annotations', 'mini_train.json')
 TEST = os.path.join(MINI, 'annotations', 'mini_test.json')
 

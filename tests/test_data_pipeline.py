@@ -12,9 +12,9 @@ from data_pipeline import episodes as ep
 from data_pipeline import pipeline as pl
 from data_pipeline import transforms as tr
 from tests.test_data_transforms import ref_warp, ref_weight_and_heatmap
+from conftest import MP100_MINI, REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(REPO, '..', 'shared', 'data', 'mp100_mini')
+MINI = str(MP100_MINI)
 ANN = {s: os.path.join(MINI, 'annotations', f'mini_{s}.json') for s in ('train', 'test')}
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -141,7 +141,7 @@ def test_cmyk_alpha_images_decode_to_rgb(tmp_path):
 def test_tfds_records_roundtrip_and_tf_isolation(tmp_path):
   from data_pipeline import synthetic, tfds_mp100 as tm
   files = synthetic.generate_synthetic(str(tmp_path / 'syn'), (3, 1, 2), 8, 96, seed=1)
-  r = subprocess.run([sys.executable, os.path.join(MINI, '..', 'validate_mp100.py'), str(tmp_path / 'syn')],
+  r = subprocess.run([sys.executable, str(MP100_MINI.parent / 'validate_mp100.py'), str(tmp_path / 'syn')],
                      capture_output=True, text=True)
   assert r.returncode == 0, r.stdout[-2000:]
   cfg = tm.Mp100Config.for_root_layout('t', {'train': 'annotations/synthetic_train.json',

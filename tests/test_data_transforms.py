@@ -3,13 +3,12 @@ import math
 import os
 
 import numpy as np
-import pytest
 
 from data_pipeline import episodes as ep
 from data_pipeline import transforms as tr
+from conftest import MP100_MINI
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MINI = os.path.join(REPO, '..', 'shared', 'data', 'mp100_mini')
+MINI = str(MP100_MINI)
 
 
 def ref_affine(c, s, rot, size=256):
@@ -164,8 +163,6 @@ def test_crop_window_covers_every_augmented_view():
 def test_device_heatmaps_match_host_reference():
   import jax.numpy as jnp
   from capenext_jax import image_ops
-  if not hasattr(image_ops, 'gaussian_heatmaps'):
-    pytest.skip('device heatmaps not available')
   rng = np.random.default_rng(4)
   joints = rng.uniform(-30, 290, (4, 100, 2))
   vis = (rng.random((4, 100)) < 0.8).astype(np.float32)

@@ -23,6 +23,7 @@ from flax import nnx
 
 import capenext_jax
 from capenext_jax import export, pretrained
+from capenext_jax import params as params_lib
 from capenext_jax.convert import clip as clip_convert
 from capenext_jax.convert import official
 from capenext_jax.convert import swin as swin_convert
@@ -49,7 +50,7 @@ def tiny(fixture):
 
 
 def _same_params(a, b) -> bool:
-  fa, fb = export.flatten_params(a), export.flatten_params(b)
+  fa, fb = params_lib.flatten(a), params_lib.flatten(b)
   return fa.keys() == fb.keys() and all(np.array_equal(fa[k], fb[k]) for k in fa)
 
 
@@ -62,11 +63,11 @@ def test_config_dict_round_trip():
 
 def test_flat_names(tiny):
   _, params = tiny
-  flat = export.flatten_params(params)
+  flat = params_lib.flatten(params)
   assert 'backbone/layers/0/blocks/1/attn/qkv/kernel' in flat
   assert 'clip/text/transformer/resblocks/0/attn/q_proj/kernel' in flat
-  assert _same_params(export.unflatten_params(flat), params)
-  assert 0 in export.unflatten_params(flat)['backbone']['layers']  # int keys, as NNX has
+  assert _same_params(params_lib.unflatten(flat), params)
+  assert 0 in params_lib.unflatten(flat)['backbone']['layers']  # int keys, as NNX has
 
 
 def test_formats_and_dtypes_round_trip(tmp_path, tiny):
@@ -78,7 +79,7 @@ def test_formats_and_dtypes_round_trip(tmp_path, tiny):
     assert got_config == config and _same_params(got, params), name
   export.export_params(params, config, tmp_path / 'bf16', dtype='bfloat16')
   _, got = export.read_export(tmp_path / 'bf16')
-  leaf = export.flatten_params(got)['head/text_proj/kernel']
+  leaf = params_lib.flatten(got)['head/text_proj/kernel']
   assert leaf.dtype.name == 'bfloat16'
   model = capenext_jax.load_pretrained(tmp_path / 'bf16')  # upcast to float32 on load
   kernel = model.head.text_proj.kernel[...]
@@ -150,7 +151,7 @@ def test_export_loads_in_fresh_process_without_tf(tmp_path, fixture, tiny):
 
 
 def test_init_from_pretrained(tmp_path, tiny):
-  torch = pytest.importorskip('torch')
+  import torch
   config, params = tiny
   model = export.build_model(config, jax.tree.map(np.zeros_like, params))
   # Microsoft's release layout: {'model': state dict} with buffers and a classifier head
@@ -184,7 +185,7 @@ class _Evil:
 
 
 def test_malicious_pickle_is_refused(tmp_path, tiny):
-  torch = pytest.importorskip('torch')
+  import torch
   marker = tmp_path / 'MARKER'
   raw, zipped = tmp_path / 'raw.pth', tmp_path / 'zipped.pth'
   with open(raw, 'wb') as f:
@@ -195,5 +196,5 @@ def test_malicious_pickle_is_refused(tmp_path, tiny):
     with pytest.raises(ValueError, match='refused'):
       pretrained.init_from_pretrained(model, swin_path=path)
     with pytest.raises(ValueError, match='refused'):
-      pretrained.load_official_checkpoint(path)
+      official.load_official(path)
   assert not marker.exists()

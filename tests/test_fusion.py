@@ -1,6 +1,5 @@
 """MultiModalFusion (SimpleMultiModalModule) against unit_mm_small.npz, plus ablations."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +9,7 @@ from flax import nnx
 
 from capenext_jax.convert.head import fusion_from_torch, fusion_to_torch
 from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
+from conftest import load_fixture
 
 
 

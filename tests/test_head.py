@@ -1,5 +1,4 @@
 """PoseHead against tiny_capenext.npz (head alone), adjacency, masking and init checks."""
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +8,7 @@ from flax import nnx
 
 from capenext_jax.convert.head import head_from_torch, head_to_torch
 from capenext_jax.models.head import HeadConfig, PoseHead, adjacency_from_skeleton
+from conftest import load_fixture
 
 TINY = HeadConfig(d_model=32, nhead=4, dim_feedforward=48, similarity_proj_dim=32,
                   dynamic_proj_dim=16, num_feats=16, img_in_channels=96, text_in_channels=64)

@@ -1,7 +1,6 @@
 """capenext_losses and gaussian_heatmaps against tiny_capenext.npz and mmpose's definitions;
 gradients of the whole fusion -> head -> loss chain against the fixture's parameter grads."""
 import json
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from capenext_jax.image_ops import gaussian_heatmaps
 from capenext_jax.losses import bilinear_matrix, capenext_losses, heatmap_targets
 from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
 from capenext_jax.models.head import HeadConfig, PoseHead, adjacency_from_skeleton
+from conftest import load_fixture
 
 LOSS_KEYS = ('heatmap_loss', 'proposal_loss', 'l1_loss_layer0', 'l1_loss_layer1',
              'l1_loss_layer2', 'acc_pose', 'loss')

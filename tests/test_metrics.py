@@ -1,13 +1,12 @@
 """Metrics, predictions files and reports: hand-computed cases and the tiny official fixture."""
 import json
-import pathlib
 
 import numpy as np
 import pytest
 
 from capenext_jax import metrics, predictions, report
+from conftest import load_fixture
 
-FIXTURE = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'fixtures' / 'tiny_capenext.npz'
 BIG_ID = 2**53 + 1  # not representable as float64: a float round trip would change it
 
 
@@ -111,7 +110,7 @@ def test_keypoint_pck_accuracy_pools_batch_per_slot():
 
 
 def test_acc_pose_matches_fixture():
-  z = np.load(FIXTURE)
+  z = load_fixture('tiny_capenext.npz')
   pred = z['out_kpts'][-1] * np.float32(64)  # fixture crop is 64 px
   gt = np.stack([z[f'meta_b{b}_query_joints_3d'][:, :2] for b in range(3)])
   mask = (z['in_target_weight_q'][..., 0] * z['in_target_weight_s'][..., 0]) > 0
@@ -120,7 +119,7 @@ def test_acc_pose_matches_fixture():
 
 
 def test_transform_preds_matches_fixture():
-  z = np.load(FIXTURE)
+  z = load_fixture('tiny_capenext.npz')
   for b in range(3):
     crop = z[f'test_b{b}_points'][-1][None] * np.float32(64)
     out = metrics.transform_preds(crop, z[f'meta_b{b}_query_center'][None],

@@ -4,8 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +13,7 @@ from flax import nnx
 
 from capenext_jax.convert import swin as swin_convert
 from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config
-
-FIXTURES = Path(os.environ.get('CAPENEXT_FIXTURES',
-                               Path(__file__).resolve().parents[2] / 'shared' / 'fixtures'))
-needs_fixtures = pytest.mark.skipif(not (FIXTURES / 'unit_swinv2_small.npz').is_file(),
-                                    reason=f'parity fixtures not found in {FIXTURES}')
+from conftest import load_fixture
 
 
 def _config(c: dict) -> SwinV2Config:
@@ -68,7 +62,7 @@ _forward = nnx.jit(lambda model, x: model.forward_with_intermediates(x))
 
 @pytest.fixture(scope='module')
 def unit():
-  z = np.load(FIXTURES / 'unit_swinv2_small.npz', allow_pickle=False)
+  z = load_fixture('unit_swinv2_small.npz')
   arrays = {k: z[k] for k in z.files}
   sd = {k[2:]: v for k, v in arrays.items() if k.startswith('w.')}
   return _config(json.loads(str(arrays['config']))), sd, arrays
@@ -81,7 +75,6 @@ def unit_model(unit):
 
 
 # ----------------------------------------------------------------------------- parity
-@needs_fixtures
 def test_unit_fixture_stages_and_output(unit, unit_model):
   z = unit[2]
   out = _forward(unit_model, _nhwc(z['in_x']))
@@ -92,7 +85,6 @@ def test_unit_fixture_stages_and_output(unit, unit_model):
                              rtol=0, atol=1e-5)
 
 
-@needs_fixtures
 def test_unit_fixture_input_gradient(unit, unit_model):
   z = unit[2]
   probe = _nhwc(z['probe'])
@@ -106,9 +98,8 @@ def test_unit_fixture_input_gradient(unit, unit_model):
   assert np.abs(grad - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
-@needs_fixtures
 def test_tiny_capenext_backbone():
-  z = np.load(FIXTURES / 'tiny_capenext.npz', allow_pickle=False)
+  z = load_fixture('tiny_capenext.npz')
   config = _config(json.loads(str(z['config_json']))['encoder_config'])
   sd = {k[len('backbone.'):]: z[k] for k in z['state_dict_keys'] if k.startswith('backbone.')}
   out = _forward(_model(config, sd), _nhwc(z['in_img_q']))
@@ -120,7 +111,6 @@ def test_tiny_capenext_backbone():
                              atol=1e-5, rtol=0)
 
 
-@needs_fixtures
 def test_buffers_match_official(unit):
   """Our constant tables / indices / masks equal the official buffers bit for bit."""
   config, sd, _ = unit
@@ -131,7 +121,6 @@ def test_buffers_match_official(unit):
 
 
 # ----------------------------------------------------------------------------- stochastic depth
-@needs_fixtures
 def test_drop_path_only_in_train_mode(unit):
   config, sd, z = unit
   model, x = _model(config, sd, eval_only=False), _nhwc(z['in_x'])
@@ -159,7 +148,7 @@ def _random_official_sd(config: SwinV2Config) -> dict[str, np.ndarray]:
 
 
 def test_microsoft_layout_round_trip(tmp_path):
-  torch = pytest.importorskip('torch')
+  import torch
   params_sd = _random_official_sd(SMALL)
   extras = {'head.weight': np.ones((10, 32), np.float32), 'head.bias': np.zeros(10, np.float32),
             **swin_convert.swin_buffers(SMALL)}

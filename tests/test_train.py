@@ -122,17 +122,40 @@ def two_device_main(data_root):
         st, m = step(st, experiment.device_batch(b, mesh))
         metrics.append(m)
       results[layout] = jax.device_get((st.trainable, metrics))
-  for layout in ((2, 1), (1, 2)):
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
-                 results[(1, 1)], results[layout])
+  bad = [f'{layout} {m}' for layout in ((2, 1), (1, 2))
+         for m in mismatches(results[(1, 1)], results[layout])]
+  assert not bad, '; '.join(bad)
   print('TWO_DEVICES_OK')
+
+
+def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
+  """'path: max |diff|' of every leaf of `got` that is not allclose to `want`.
+
+  Attention key biases are held to |value| < 1e-4 instead: softmax is shift invariant, so
+  their exact gradient is 0 and Adam scales the rounding noise (which depends on the
+  reduction order, i.e. the layout) up to steps of ~lr.
+  """
+  import jax
+  out = []
+
+  def check(path, a, b):
+    if 'k_proj' in jax.tree_util.keystr(path) and 'bias' in jax.tree_util.keystr(path):
+      ok = np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4
+    else:
+      ok = np.allclose(a, b, rtol=rtol, atol=atol)
+    if not ok:
+      out.append(f'{jax.tree_util.keystr(path)}: {np.max(np.abs(a - b)):.3g} '
+                 f'(max |value| {np.max(np.abs(a)):.3g})')
+
+  jax.tree_util.tree_map_with_path(check, want, got)
+  return out
 
 
 def test_two_devices_match_one(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path)], env=env,
-                        capture_output=True, text=True, timeout=300, cwd=REPO)
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
 
 
@@ -168,8 +191,50 @@ def test_two_processes_match_one_process(tmp_path):
   c = tiny_config()
   c.data.root = str(data)
   (a, _), (b, _) = restore_params(str(tmp_path / 'one'), c), restore_params(str(tmp_path / 'two'), c)
-  import jax
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6), a, b)
+  bad = mismatches(a, b)
+  assert not bad, '; '.join(bad)
+
+
+# ----------------------------------------------------------------------------- kill -9
+KILL_RUN = ('--config.total_steps=24', '--config.checkpoint_every_steps=2',
+            '--config.eval_every_steps=24', '--config.async_checkpoints=True')
+
+
+def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
+  """SIGKILL train.py mid-run (async saves in flight), restart: the params at the end equal an
+  uninterrupted run's. A half-written (uncommitted) checkpoint from the crash is ignored."""
+  import signal
+  import time
+  from capenext_jax.train_loop import train_and_evaluate
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
+  data, wd = tmp_path / 'data', tmp_path / 'killed'
+  proc = subprocess.Popen(train_cmd(wd, data, *KILL_RUN), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.DEVNULL, text=True, cwd=REPO)
+  deadline = time.monotonic() + 300
+  for line in proc.stdout:      # progress lines every 2 steps; kill after step 8
+    if line.startswith('step 8/24') or time.monotonic() > deadline:
+      proc.send_signal(signal.SIGKILL)
+      break
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, 'train.py finished before it could be killed'
+  assert not (wd / 'results.json').exists()
+  # What a crash during an async save leaves behind: orbax's temporary step directory.
+  half = wd / 'checkpoints' / '22.orbax-checkpoint-tmp-1'
+  half.mkdir(parents=True, exist_ok=True)
+  (half / 'garbage').write_text('half written')
+  resumed = subprocess.run(train_cmd(wd, data, *KILL_RUN), env=env, capture_output=True,
+                           text=True, timeout=300, cwd=REPO)
+  assert resumed.returncode == 0, resumed.stderr[-4000:]
+  start = int(resumed.stdout.split('resumed from step ')[1].split()[0])
+  assert 2 <= start <= 22 and start % 2 == 0, resumed.stdout
+  c = tiny_config(24)
+  c.data.root = str(data)
+  c.checkpoint_every_steps = 24
+  train_and_evaluate(c, str(tmp_path / 'whole'))
+  (a, pos_a), (b, pos_b) = restore_params(str(tmp_path / 'whole'), c), restore_params(str(wd), c)
+  assert pos_a == pos_b == {'step': 24}
+  bad = mismatches(a, b)
+  assert not bad, '; '.join(bad)
 
 
 if __name__ == '__main__':

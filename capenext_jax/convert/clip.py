@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from capenext_jax import params as params_lib
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.clip import CLIPConfig
 
@@ -125,29 +126,6 @@ def _take(source: Mapping[str, np.ndarray], key: str, what: str) -> np.ndarray:
   return np.asarray(source[key])
 
 
-def _unflatten(flat: Mapping[str, np.ndarray]) -> dict:
-  """'a/0/b' -> {'a': {0: {'b': ...}}} (digit segments become int keys, as in NNX)."""
-  nested: dict = {}
-  for path, value in flat.items():
-    *parents, leaf = [int(p) if p.isdigit() else p for p in path.split('/')]
-    node = nested
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return nested
-
-
-def _flatten(tree: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-  flat = {}
-  for k, v in tree.items():
-    path = f'{prefix}{k}'
-    if isinstance(v, Mapping):
-      flat.update(_flatten(v, path + '/'))
-    else:
-      flat[path] = np.asarray(v)
-  return flat
-
-
 def _to_ours(sd: Mapping[str, np.ndarray], rules: list[Rule], skipped=()) -> dict:
   flat = {}
   for tkey, okeys, to_ours, _ in rules:
@@ -156,7 +134,7 @@ def _to_ours(sd: Mapping[str, np.ndarray], rules: list[Rule], skipped=()) -> dic
   unknown = sorted(set(sd) - {r[0] for r in rules} - set(skipped))
   if unknown:
     raise ValueError(f'unexpected CLIP key {unknown[0]!r} ({len(unknown)} unknown keys)')
-  return _unflatten(flat)
+  return params_lib.unflatten(flat)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -173,7 +151,7 @@ def clip_from_openai(sd: Mapping[str, np.ndarray]) -> dict:
 
 def clip_to_openai(params: Mapping) -> dict[str, np.ndarray]:
   """Inverse of `clip_from_openai`: our pure dict (int or str block keys) -> OpenAI layout."""
-  flat = _flatten(params)
+  flat = params_lib.flatten(params)
   rules = _openai_rules(_count_layers(flat, r'text/transformer/resblocks/(\d+)/.*'),
                         _count_layers(flat, r'vision/transformer/resblocks/(\d+)/.*'))
   sd = {tkey: to_torch([_take(flat, k, 'param') for k in okeys])

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-from flax import nnx
-
 from capenext_jax.convert import clip as clip_convert
 from capenext_jax.convert import head as head_convert
 from capenext_jax.convert import swin as swin_convert
@@ -78,30 +76,6 @@ def capenext_to_official(params: Mapping) -> dict[str, np.ndarray]:
 def load_official(path: str) -> dict:
   """Read an official checkpoint safely (no pickled code runs) and convert it."""
   return capenext_from_official(load_state_dict(path))
-
-
-def load_into(model: nnx.Module, params: Mapping) -> None:
-  """Write a params pure dict into `model` (shapes must match exactly)."""
-  state = nnx.state(model, nnx.Param)
-  expected = nnx.to_pure_dict(state)
-  _check_same_tree(expected, params, '')
-  state.replace_by_pure_dict(params)
-  nnx.update(model, state)
-
-
-def _check_same_tree(expected, given, path: str) -> None:
-  if isinstance(expected, Mapping):
-    if not isinstance(given, Mapping):
-      raise ValueError(f'params{path}: expected a dict, got {type(given).__name__}')
-    exp_keys, got_keys = {str(k) for k in expected}, {str(k) for k in given}
-    if exp_keys != got_keys:
-      raise ValueError(f'params{path}: missing {sorted(exp_keys - got_keys)}, '
-                       f'unexpected {sorted(got_keys - exp_keys)}')
-    by_str = {str(k): v for k, v in given.items()}
-    for k, v in expected.items():
-      _check_same_tree(v, by_str[str(k)], f'{path}/{k}')
-  elif np.shape(expected) != np.shape(given):
-    raise ValueError(f'params{path}: shape {np.shape(given)} != model {np.shape(expected)}')
 
 
 def config_from_fixture(cfg: Mapping) -> CapeNextConfig:

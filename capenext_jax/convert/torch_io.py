@@ -81,8 +81,10 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
   except pickle.UnpicklingError as e:
     reason = next((line.strip() for line in str(e).splitlines()
                    if 'global' in line.lower() or 'can only build' in line.lower()), str(e))
-    raise ValueError(f'{path}: refused to load: the file needs pickled objects beyond tensors, '
-                     f'which could run code (weights-only loading: {reason})') from e
+    raise ValueError(f'{path}: refused: the file pickles objects other than tensors and plain '
+                     f'containers, and unpickling them could run arbitrary code. Re-save the '
+                     f'state dict alone in a trusted environment, or convert it to .safetensors '
+                     f'/ .npz (torch weights-only loader: {reason})') from e
   return _torch_to_numpy(_unwrap(obj, path), path)
 
 

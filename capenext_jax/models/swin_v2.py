@@ -221,8 +221,12 @@ class WindowAttention(nnx.Module):
                             self.v_bias.value])
     qkv = (self.qkv(x) + bias).reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
     q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]     # [B, nW, N, h, d]
-    logits = jnp.einsum('bwqhd,bwkhd->bwhqk', _l2_normalize(q), _l2_normalize(k))
-    logits = logits * jnp.exp(jnp.minimum(self.logit_scale.value, MAX_LOGIT_SCALE))
+    # The per-head scale multiplies q (N*d values per head) rather than the logits (N*N):
+    # the same product, but no pass over the large logits tensor, and its backward needs no
+    # saved copy of the unscaled logits.
+    scale = jnp.exp(jnp.minimum(self.logit_scale.value, MAX_LOGIT_SCALE))[:, 0, 0]   # [h]
+    q = _l2_normalize(q) * scale[:, None]
+    logits = jnp.einsum('bwqhd,bwkhd->bwhqk', q, _l2_normalize(k))
     logits = logits + self.position_bias()
     if mask is not None:
       logits = logits + jnp.asarray(mask)[:, None]

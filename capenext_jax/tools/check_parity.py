@@ -26,6 +26,7 @@ from flax import nnx
 
 from capenext_jax import losses as losses_lib
 from capenext_jax import metrics
+from capenext_jax import params as params_lib
 from capenext_jax.convert import official
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
@@ -93,7 +94,7 @@ def fixture_batch(z) -> dict[str, np.ndarray]:
 def build_model(z, state_dict) -> CapeNext:
   config = official.config_from_fixture(json.loads(str(z['config_json'])))
   model = CapeNext(config, rngs=nnx.Rngs(0))
-  official.load_into(model, official.capenext_from_official(state_dict))
+  params_lib.load_into(model, official.capenext_from_official(state_dict))
   model.eval()
   return model
 

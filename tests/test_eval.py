@@ -1,0 +1,134 @@
+"""eval.py: episode export and predictions scoring (no model, no images), model eval on
+mp100_mini from a train.py workdir and from the official tiny fixture, overlays."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, MP100_MINI, REPO
+
+TEST_ANN = MP100_MINI / 'annotations' / 'mini_test.json'
+TRAIN_ANN = MP100_MINI / 'annotations' / 'mini_train.json'
+IMAGES = MP100_MINI / 'images'
+ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
+
+
+def run(script, *args):
+  """Run a repo script; returns its stdout (the test fails with its stderr tail)."""
+  proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=ENV,
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc.stdout
+
+
+def categories_with(path, min_instances, out):
+  """Copy of the annotation json keeping the categories with >= min_instances instances."""
+  d = json.loads(path.read_text())
+  counts = {}
+  for a in d['annotations']:
+    counts[a['category_id']] = counts.get(a['category_id'], 0) + 1
+  keep = {c for c, n in counts.items() if n >= min_instances}
+  d['categories'] = [c for c in d['categories'] if c['id'] in keep]
+  d['annotations'] = [a for a in d['annotations'] if a['category_id'] in keep]
+  out.write_text(json.dumps(d))
+  return out
+
+
+def check_export(npz, ann, shots, episodes, queries):
+  from data_pipeline.episodes import make_eval_episodes
+  got = np.load(npz)
+  want = make_eval_episodes(str(ann), shots, episodes, queries)
+  n = len(want['query_ann_id'])
+  for key, dtype, shape in (('support_ann_ids', np.int64, (n, shots)),
+                            ('query_ann_id', np.int64, (n,)), ('bbox_thr', np.float64, (n,)),
+                            ('mask', np.bool_, (n, 100))):
+    assert got[key].dtype == dtype and got[key].shape == shape, key
+    np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_export_episodes_without_model_or_images(tmp_path):
+  # 1-shot on the test split (2 instances per category: 1 support + 1 query).
+  out = tmp_path / 'one.npz'
+  run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=5',
+      '--num_queries=1', f'--export_episodes={out}', '--image_root=/nonexistent')
+  check_export(out, TEST_ANN, 1, 5, 1)
+  # 5-shot where the data allows: train categories with >= 7 instances (5 + 2 queries).
+  ann = categories_with(TRAIN_ANN, 7, tmp_path / 'big.json')
+  from capenext_jax import evaluate
+  from PIL import Image
+  with pytest.MonkeyPatch.context() as mp:   # no image is opened
+    mp.setattr(Image, 'open', lambda *a, **k: pytest.fail('image read'))
+    evaluate.export_episodes(str(ann), str(tmp_path / 'five.npz'), 5, 4, 2)
+  check_export(tmp_path / 'five.npz', ann, 5, 4, 2)
+
+
+def test_score_predictions_ground_truth_and_shifted(tmp_path):
+  from capenext_jax import evaluate
+  from data_pipeline.annotations import load_annotations
+  arrays = evaluate.episode_arrays(load_annotations(str(TEST_ANN), '', drop_missing_images=False),
+                                   1, 3, 1)
+  assert arrays['mask'].any(axis=1).all()   # no empty pair: the hand values below hold
+  gt = arrays['gt_keypoints']
+  evaluate.write_predictions(tmp_path / 'gt.json', gt, arrays)
+  # Every keypoint moved 0.12 * bbox_thr along x: dist 0.12 for every valid keypoint, so
+  # PCK@0.05 = PCK@0.1 = 0, PCK@0.15..0.25 = 1, mPCK 0.6, AUC = 17 thresholds (0.15..0.95) / 20.
+  shift = gt.copy()
+  shift[..., 0] += 0.12 * arrays['bbox_thr'][:, None]
+  evaluate.write_predictions(tmp_path / 'shift.json', shift, arrays)
+  for name in ('gt', 'shift'):
+    run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',
+        '--num_queries=1', f'--score_predictions={tmp_path / name}.json',
+        f'--output={tmp_path / name}_scores.json')
+  gt_scores = json.loads((tmp_path / 'gt_scores.json').read_text())
+  shift_scores = json.loads((tmp_path / 'shift_scores.json').read_text())
+  a, b = gt_scores['overall'], shift_scores['overall']
+  assert a['PCK@0.2'] == 1.0 and a['mPCK'] == 1.0 and a['AUC'] == pytest.approx(0.95)
+  assert a['EPE'] == 0.0 and a['num_pairs'] == 12
+  assert (b['PCK@0.05'], b['PCK@0.1'], b['PCK@0.15'], b['PCK@0.2'], b['PCK@0.25']) == (
+      0, 0, 1, 1, 1)
+  assert b['mPCK'] == pytest.approx(0.6) and b['AUC'] == pytest.approx(0.85)
+  assert b['NME'] == pytest.approx(0.12, rel=1e-5)
+  assert b['EPE'] == pytest.approx(np.mean(0.12 * arrays['bbox_thr']), rel=1e-5)
+
+
+def mp100_mini_train_cmd(workdir):
+  """train.py on mp100_mini: configs/mp100.py runlocal (tiny model, 4 steps), no val split."""
+  return ('train.py', f'--workdir={workdir}',
+          f'--config={REPO}/configs/mp100.py:runlocal,root={MP100_MINI}',
+          f'--config.data.train_ann={TRAIN_ANN}', f'--config.data.test_ann={TEST_ANN}',
+          '--config.data.val_ann=', '--config.async_checkpoints=False')
+
+
+def test_mp100_mini_train_then_eval_with_overlays(tmp_path):
+  wd = tmp_path / 'run'
+  out = run(*mp100_mini_train_cmd(wd))
+  assert 'step 4/4' in out and 'test PCK@0.2 after training' in out, out
+  assert json.loads((wd / 'results.json').read_text())['step'] == 4
+  # 4 test categories x 3 episodes x 1 query = 12 pairs; batch 5 pads the last batch by 3.
+  report = tmp_path / 'eval' / 'report.json'
+  out = run('eval.py', f'--checkpoint={wd}', f'--annotations={TEST_ANN}', f'--image_root={IMAGES}',
+            '--shots=1', '--num_episodes=3', '--num_queries=1', '--batch_size=5',
+            f'--output={report}', '--visualize=1', f'--predictions_out={tmp_path / "p.json"}')
+  assert 'PCK@0.2' in out
+  r = json.loads(report.read_text())
+  assert r['overall']['num_pairs'] == 12 and len(r['per_category']) == 4
+  assert len(list((tmp_path / 'eval' / 'overlays').glob('*.png'))) == 4
+  # Our predictions file scores to the same numbers as the run itself.
+  run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',
+      '--num_queries=1', f'--score_predictions={tmp_path / "p.json"}',
+      f'--output={tmp_path / "rescored.json"}')
+  rescored = json.loads((tmp_path / 'rescored.json').read_text())
+  assert rescored['overall'] == pytest.approx(r['overall'], rel=1e-5, abs=1e-6)
+
+
+def test_eval_official_fixture_checkpoint(tmp_path):
+  """The official-weights path: tiny_capenext.npz through the converter (64 px, its config)."""
+  report = tmp_path / 'fixture.json'
+  out = run('eval.py', f'--checkpoint={FIXTURES / "tiny_capenext.npz"}',
+            f'--annotations={TEST_ANN}', f'--image_root={IMAGES}', '--shots=1',
+            '--num_episodes=1', '--num_queries=1', '--batch_size=3', f'--output={report}')
+  assert 'PCK@0.2' in out
+  assert report.exists()
