@@ -12,16 +12,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
-import jax
-
-from capenext_jax import evaluate, experiment
-from capenext_jax.training import partition, schedule
-from configs import mp100
-from data_pipeline.pipeline import json_source
-
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The repo root first: this folder's data_pipeline.py would shadow the data_pipeline package.
+sys.path.insert(0, _REPO)
+
+import jax  # noqa: E402
+
+from capenext_jax import evaluate, experiment  # noqa: E402
+from capenext_jax.training import partition, schedule  # noqa: E402
+from configs import mp100  # noqa: E402
+from data_pipeline.pipeline import json_source  # noqa: E402
 MODELS = {'tiny': 'runlocal', 'full': 'backbone=swinv2_t'}
 
 

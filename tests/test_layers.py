@@ -67,3 +67,15 @@ def test_drop_path_drops_whole_samples():
   assert set(np.unique(y)) == {0.0, 2.0}
   dp.eval()
   np.testing.assert_array_equal(dp(jnp.ones((2, 3))), jnp.ones((2, 3)))
+
+
+def test_hash_bits_look_uniform_and_depend_on_the_key():
+  a = np.asarray(layers.hash_bits(jax.random.key(0), (1 << 20,)), np.float64) / 2**32
+  b = np.asarray(layers.hash_bits(jax.random.key(1), (1 << 20,)), np.float64) / 2**32
+  for u in (a, b):
+    hist = np.histogram(u, bins=64, range=(0, 1))[0]
+    chi2 = ((hist - hist.mean()) ** 2 / hist.mean()).sum()
+    assert chi2 < 120                                            # 63 dof: p < 1e-5 if uniform
+    assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5e-3          # neighbours unrelated
+  assert abs(np.corrcoef(a, b)[0, 1]) < 5e-3                      # keys unrelated
+  assert (a != b).mean() > 0.999

@@ -131,19 +131,17 @@ def two_device_main(data_root):
 def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
   """'path: max |diff|' of every leaf of `got` that is not allclose to `want`.
 
-  Attention key biases are held to |value| < 1e-4 instead: softmax is shift invariant, so
-  their exact gradient is 0 and Adam scales the rounding noise (which depends on the
-  reduction order, i.e. the layout) up to steps of ~lr.
+  Attention key biases get atol 1e-3 instead: softmax is shift invariant, so their exact
+  gradient is 0 and Adam scales the rounding noise (which depends on the reduction order,
+  i.e. the layout) up to random steps of ~lr (<= 1e-3 here) each.
   """
   import jax
   out = []
 
   def check(path, a, b):
-    if 'k_proj' in jax.tree_util.keystr(path) and 'bias' in jax.tree_util.keystr(path):
-      ok = np.abs(a).max() < 1e-4 and np.abs(b).max() < 1e-4
-    else:
-      ok = np.allclose(a, b, rtol=rtol, atol=atol)
-    if not ok:
+    key = jax.tree_util.keystr(path)
+    key_bias = 'k_proj' in key and 'bias' in key
+    if not np.allclose(a, b, rtol=rtol, atol=1e-3 if key_bias else atol):
       out.append(f'{jax.tree_util.keystr(path)}: {np.max(np.abs(a - b)):.3g} '
                  f'(max |value| {np.max(np.abs(a)):.3g})')
 

@@ -136,14 +136,34 @@ class MultiHeadAttention(nnx.Module):
 
 
 # ----------------------------------------------------------------------------- dropout
+def _fmix32(x: jax.Array) -> jax.Array:
+  """MurmurHash3's 32-bit finaliser: a bijection of uint32 with full avalanche."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * jnp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """uint32 [*shape] pseudo-random bits: two hash rounds of (element index, key words)."""
+  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  size = math.prod(shape)
+  if size >= 2**32:
+    raise ValueError(f'hash_bits supports fewer than 2^32 elements, got shape {shape}')
+  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
+  x = _fmix32(index ^ _fmix32(words[0]))
+  return _fmix32(x + _fmix32(words[-1] ^ jnp.uint32(0x9E3779B9)))
+
+
 class Dropout(nnx.Module):
   """`torch.nn.Dropout`: zero each element with probability `rate`, scale the rest by
   1/(1-rate); identity in eval mode.
 
-  The keep decision compares 16 random bits with round((1-rate) * 2^16): half the random bits
-  of `jax.random.bernoulli` (a float32 uniform per element). Random-number generation is a
-  sizeable part of a CPU training step (the head's attention maps alone draw ~12M numbers),
-  and the keep probability is off by less than 2^-17.
+  The keep decisions come from `hash_bits`, a counter-based hash of the element index and a
+  fresh key per call, instead of `jax.random.bits`: XLA:CPU generates random numbers in
+  separate, slow kernels (over 10% of a CPU training step went to dropout masks), while the
+  hash fuses into the op that consumes the mask. Masks are deterministic in (key, index).
   """
 
   def __init__(self, rate: float, *, rngs: nnx.Rngs, rng_collection: str = 'dropout'):
@@ -157,25 +177,19 @@ class Dropout(nnx.Module):
     if self.deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    bits = jax.random.bits(self.rngs(), x.shape, jnp.uint16)
-    threshold = min(round(keep * 65536), 65535)
+    bits = hash_bits(self.rngs(), self.mask_shape(x))
+    threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
     return jnp.where(bits < threshold, x * (1.0 / keep), jnp.zeros_like(x))
+
+  def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+    """Shape of the keep decisions, broadcast against x."""
+    return x.shape
 
 
 # ----------------------------------------------------------------------------- stochastic depth
-class DropPath(nnx.Module):
-  """Per-sample stochastic depth (timm's `drop_path`): zero a sample's residual branch with
-  probability `rate` and scale the kept ones by 1/(1-rate). Identity in eval mode."""
+class DropPath(Dropout):
+  """Per-sample stochastic depth (timm's `drop_path`): zero a sample's whole residual branch
+  with probability `rate` and scale the kept ones by 1/(1-rate). Identity in eval mode."""
 
-  def __init__(self, rate: float, *, rngs: nnx.Rngs, rng_collection: str = 'dropout'):
-    self.rate = rate
-    self.deterministic = False
-    self.rngs = rngs[rng_collection].fork() if rate > 0 else None
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-    mask = jax.random.bernoulli(self.rngs(), keep, shape)
-    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+  def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.ndim - 1)

@@ -39,14 +39,8 @@ def reseed_all(model: nnx.Module, key: jax.Array) -> None:
   masks at every step.
   """
   tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
-  nnx.reseed(model, **{t: _rbg_key(jax.random.fold_in(key, i)) for i, t in enumerate(tags)})
+  nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
 
-
-def _rbg_key(key: jax.Array) -> jax.Array:
-  """A typed 'rbg' key drawn from a threefry key. Dropout masks are then made by XLA's
-  RngBitGenerator, about twice as fast on CPU as threefry; the stream stays a deterministic
-  function of (seed, step), so resumed runs see the same masks."""
-  return jax.random.wrap_key_data(jax.random.bits(key, (4,), jnp.uint32), impl='rbg')
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
