@@ -43,4 +43,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  from capenext_jax.runtime import prefer_jemalloc
+  prefer_jemalloc()
   app.run(main)

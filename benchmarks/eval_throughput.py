@@ -23,6 +23,7 @@ import jax  # noqa: E402
 
 from capenext_jax import evaluate, experiment  # noqa: E402
 from capenext_jax.training import partition, schedule  # noqa: E402
+from capenext_jax.runtime import prefer_jemalloc
 from configs import mp100  # noqa: E402
 from data_pipeline.pipeline import json_source  # noqa: E402
 MODELS = {'tiny': 'runlocal', 'full': 'backbone=swinv2_t'}
@@ -83,4 +84,5 @@ def main():
 
 
 if __name__ == '__main__':
+  prefer_jemalloc()
   main()

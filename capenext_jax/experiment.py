@@ -87,10 +87,16 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
 
 
 def to_host(tree):
-  """Global arrays -> numpy on every process (gathers across hosts when there are several)."""
-  if jax.process_count() > 1:
-    return multihost_utils.process_allgather(tree, tiled=True)
-  return jax.device_get(tree)
+  """Global arrays -> host values on every process (gathered across hosts when there are
+  several). Typed PRNG keys (the dropout streams) travel as their raw key data."""
+  def gather(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(gather(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    if jax.process_count() > 1:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+  return jax.tree.map(gather, tree)
 
 
 # ----------------------------------------------------------------------------- text
@@ -139,6 +145,7 @@ def device_batch(batch: dict, mesh, keys=DEVICE_KEYS) -> dict:
 
 
 def set_precision(config: ml_collections.ConfigDict) -> None:
+  """For programs (eval.py, benchmarks): the process-wide matmul precision of the config."""
   jax.config.update('jax_default_matmul_precision', config.precision)
 
 

@@ -74,7 +74,12 @@ def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimiz
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
-  experiment.set_precision(config)
+  # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
+  with jax.default_matmul_precision(config.precision):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   files = experiment.data_files(config, workdir)
   d = config.data
   train_src = json_source(files['train'], files['image_root'], drop_missing_images=True,

@@ -79,3 +79,12 @@ def test_hash_bits_look_uniform_and_depend_on_the_key():
     assert abs(np.corrcoef(u[:-1], u[1:])[0, 1]) < 5e-3          # neighbours unrelated
   assert abs(np.corrcoef(a, b)[0, 1]) < 5e-3                      # keys unrelated
   assert (a != b).mean() > 0.999
+
+
+def test_gelu_is_torchs_exact_gelu():
+  x = np.random.default_rng(0).normal(size=100_000).astype(np.float32) * 4
+  ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(jax.jit(layers.gelu)(x), ref, atol=2e-6)
+  ref_grad = torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(torch.from_numpy(x))
+  np.testing.assert_allclose(jax.grad(lambda v: layers.gelu(v).sum())(x), ref_grad.numpy(),
+                             atol=2e-6)

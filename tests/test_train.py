@@ -24,6 +24,11 @@ def tiny_config(steps=4):
   c.eval_every_steps = c.checkpoint_every_steps = steps
   c.validate = c.test_at_start = c.test_at_end = False
   c.async_checkpoints = False
+  # The synthetic run trains without noise; keep dropout and drop path on here so the exact
+  # resume and layout tests cover the per-step RNG too.
+  c.model.swin.drop_path_rate = 0.1
+  c.model.head.dropout = 0.1
+  c.model.fusion = dict(dropout=0.1)
   return c
 
 

@@ -54,8 +54,12 @@ def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 # ----------------------------------------------------------------------------- activations
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as `torch.nn.GELU()`; jax's default is the tanh approximation."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact GELU, written as `torch.nn.GELU()` computes it: x/2 * (1 + erf(x/sqrt 2)).
+
+  (jax.nn.gelu defaults to the tanh approximation, and its exact form goes through erfc,
+  which XLA:CPU evaluates with a slower exp-based branch.)
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
