@@ -35,7 +35,7 @@ from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.text.cache import category_prompt
 from capenext_jax.text.tokenizer import tokenize
 
-ACT_TOL, SIM_TOL, LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-5, 1e-4
+ACT_TOL, SIM_TOL, LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-4
 
 
 @dataclasses.dataclass
