@@ -34,6 +34,28 @@ def measure(source, warp, batch, steps, warmup=3):
   return steps * batch / (time.perf_counter() - t)
 
 
+def measure_device_warp(source, batch, steps=10):
+  """Episodes/s of the on-device half of 'device' warping: the jitted crop warp + normalise
+  (and the heatmap targets) that the train step runs, here on jax's default device."""
+  import jax
+  from capenext_jax.image_ops import gaussian_heatmaps, warp_and_normalize
+  cfg = pl.PipelineConfig(warp='device', shots=1)
+  b = next(pl.make_train_iterator(source, batch, cfg, process_index=0, process_count=1))
+  crops, affine = jax.device_put(b['query_crop']), jax.device_put(b['query_affine'])
+  joints, weight = jax.device_put(b['query_joints']), jax.device_put(b['query_weight'])
+
+  @jax.jit
+  def device_half(crops, affine, joints, weight):
+    return (warp_and_normalize(crops, affine, cfg.image_size),
+            gaussian_heatmaps(joints, weight, cfg.heatmap_size))
+
+  jax.block_until_ready(device_half(crops, affine, joints, weight))
+  t = time.perf_counter()
+  for _ in range(steps):
+    jax.block_until_ready(device_half(crops, affine, joints, weight))
+  return steps * batch / (time.perf_counter() - t), jax.devices()[0].device_kind
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument('--root')
@@ -59,6 +81,10 @@ def main(argv=None):
                         'global_batch': a.batch, 'episodes_per_s': round(eps, 1),
                         'cpu_count': os.cpu_count(), 'dataset': 'synthetic' if a.root is None else root}),
             flush=True)
+  eps, device = measure_device_warp(sources['records'], a.batch)
+  print(json.dumps({'benchmark': 'device_warp_and_heatmaps', 'global_batch': a.batch,
+                    'episodes_per_s': round(eps, 1), 'device': device,
+                    'cpu_count': os.cpu_count()}), flush=True)
 
 
 if __name__ == '__main__':
