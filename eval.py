@@ -124,6 +124,6 @@ def run_model_eval(config, annotations, image_root, shots, episodes, queries, ov
 
 
 if __name__ == '__main__':
-  from capenext_jax.runtime import prefer_jemalloc
-  prefer_jemalloc()
+  from capenext_jax.runtime import tune_allocator
+  tune_allocator()
   app.run(main)

@@ -43,6 +43,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  from capenext_jax.runtime import prefer_jemalloc
-  prefer_jemalloc()
+  from capenext_jax.runtime import tune_allocator
+  tune_allocator()
   app.run(main)

@@ -23,7 +23,7 @@ import jax  # noqa: E402
 
 from capenext_jax import evaluate, experiment  # noqa: E402
 from capenext_jax.training import partition, schedule  # noqa: E402
-from capenext_jax.runtime import prefer_jemalloc
+from capenext_jax.runtime import tune_allocator
 from configs import mp100  # noqa: E402
 from data_pipeline.pipeline import json_source  # noqa: E402
 MODELS = {'tiny': 'runlocal', 'full': 'backbone=swinv2_t'}
@@ -84,5 +84,5 @@ def main():
 
 
 if __name__ == '__main__':
-  prefer_jemalloc()
+  tune_allocator()
   main()

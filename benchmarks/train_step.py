@@ -21,7 +21,7 @@ from capenext_jax import losses
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.training import schedule, state as state_lib, step as step_lib
-from capenext_jax.runtime import prefer_jemalloc
+from capenext_jax.runtime import allocator, tune_allocator
 
 
 def random_batch(rng: np.random.Generator, b: int, e: int, size: int) -> dict:
@@ -80,9 +80,9 @@ def main():
       'build_s': round(build_s, 2), 'loss_finite': bool(metrics['finite']),
       'device': jax.devices()[0].device_kind, 'cpu_count': os.cpu_count(),
       'machine': platform.machine(), 'jax': jax.__version__,
-      'allocator': 'jemalloc' if 'jemalloc' in os.environ.get('LD_PRELOAD', '') else 'default'}))
+      'allocator': allocator()}))
 
 
 if __name__ == '__main__':
-  prefer_jemalloc()
+  tune_allocator()
   main()

@@ -4,10 +4,12 @@ itself never calls this.
 XLA:CPU allocates each step's temporaries (~2.3 GB for a full-size training step) afresh.
 glibc hands such blocks back to the kernel on free, so every step page-faults them in again:
 ~600k faults per step, about 20% of a CPU training step. jemalloc keeps freed pages when
-told not to decay them. It must be loaded before the interpreter starts, so
-`prefer_jemalloc()` re-executes the program once with it preloaded when the library is
-installed (Debian/Ubuntu: `apt-get install libjemalloc2`) and does nothing otherwise.
-Set CAPENEXT_NO_JEMALLOC=1 to opt out.
+told not to decay them. Where jemalloc is not installed, glibc's malloc is told to back its
+memory with transparent huge pages, which cuts the faults 512-fold (about 8% of a step).
+Both must be in place before the interpreter starts, so `tune_allocator()` re-executes the
+program once: with jemalloc preloaded when the library is installed (Debian/Ubuntu:
+`apt-get install libjemalloc2`), else with the glibc tunable. Set CAPENEXT_NO_JEMALLOC=1 to
+keep glibc.
 """
 from __future__ import annotations
 
@@ -19,17 +21,35 @@ JEMALLOC_PATHS = ('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2',
                   '/usr/lib64/libjemalloc.so.2', '/usr/local/lib/libjemalloc.so.2')
 # Never return freed pages to the kernel, so the next step reuses them without faulting.
 JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'
+# glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc's memory; older glibc ignores the name.
+GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
+_DONE = 'CAPENEXT_ALLOCATOR_TUNED'
 
 
-def prefer_jemalloc() -> None:
-  """Re-exec the current command with jemalloc preloaded, once; a no-op where unavailable."""
-  if os.environ.get('CAPENEXT_NO_JEMALLOC') or 'jemalloc' in os.environ.get('LD_PRELOAD', ''):
+def tune_allocator() -> None:
+  """Re-exec the current command once with jemalloc preloaded or, failing that, with glibc's
+  huge-page tunable. A no-op off Linux, on the re-executed run, and where the caller already
+  chose (LD_PRELOAD with jemalloc, or GLIBC_TUNABLES set)."""
+  if not sys.platform.startswith('linux') or os.environ.get(_DONE):
+    return
+  env = dict(os.environ, **{_DONE: '1'})
+  if 'jemalloc' in env.get('LD_PRELOAD', ''):
     return
   library = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
-  if library is None:
+  if library is not None and not env.get('CAPENEXT_NO_JEMALLOC'):
+    env['LD_PRELOAD'] = ' '.join(filter(None, [library, env.get('LD_PRELOAD')]))
+    env.setdefault('MALLOC_CONF', JEMALLOC_CONF)
+  elif 'GLIBC_TUNABLES' not in env:
+    env['GLIBC_TUNABLES'] = GLIBC_TUNABLES
+  else:
     return
-  env = dict(os.environ, LD_PRELOAD=' '.join(filter(None, [library, os.environ.get('LD_PRELOAD')])),
-             MALLOC_CONF=os.environ.get('MALLOC_CONF', JEMALLOC_CONF))
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def allocator() -> str:
+  """What `tune_allocator` left this process with, for benchmark records."""
+  if 'jemalloc' in os.environ.get('LD_PRELOAD', ''):
+    return 'jemalloc'
+  return 'glibc+hugetlb' if 'hugetlb' in os.environ.get('GLIBC_TUNABLES', '') else 'glibc'

@@ -88,3 +88,53 @@ def test_gelu_is_torchs_exact_gelu():
   ref_grad = torch.func.grad(lambda t: torch.nn.functional.gelu(t).sum())(torch.from_numpy(x))
   np.testing.assert_allclose(jax.grad(lambda v: layers.gelu(v).sum())(x), ref_grad.numpy(),
                              atol=2e-6)
+
+
+@pytest.mark.parametrize('in_dim, out_dim, use_bias', [(6, 20, True), (20, 6, True), (8, 8, False)])
+def test_dense_gradients_match_torch(in_dim, out_dim, use_bias):
+  """`dense` has a hand-written backward (either operand may be the one transposed): its
+  value and every gradient must be torch's `F.linear` autograd ones."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 5, in_dim)).astype(np.float32)
+  kernel = rng.normal(size=(in_dim, out_dim)).astype(np.float32)
+  bias = rng.normal(size=(out_dim,)).astype(np.float32) if use_bias else None
+  probe = rng.normal(size=(3, 5, out_dim)).astype(np.float32)
+
+  def loss(x, kernel, bias):
+    return jnp.sum(layers.dense(x, kernel, bias) * probe)
+
+  ours = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(x, kernel, bias)
+  tx, tk = torch.tensor(x, requires_grad=True), torch.tensor(kernel.T.copy(), requires_grad=True)
+  tb = torch.tensor(bias, requires_grad=True) if use_bias else None
+  theirs = (torch.nn.functional.linear(tx, tk, tb) * torch.tensor(probe)).sum()
+  theirs.backward()
+  np.testing.assert_allclose(ours[0], theirs.item(), rtol=1e-5)
+  d_x, d_kernel, d_bias = ours[1]
+  np.testing.assert_allclose(d_x, tx.grad.numpy(), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_kernel, tk.grad.numpy().T, rtol=1e-5, atol=1e-5)
+  if use_bias:
+    np.testing.assert_allclose(d_bias, tb.grad.numpy(), rtol=1e-5, atol=1e-5)
+  else:
+    assert d_bias is None
+
+
+def test_linear_is_nnx_linear():
+  """Same parameters and the same forward as `nnx.Linear`, so checkpoints are unchanged."""
+  ours = layers.linear(6, 4, rngs=nnx.Rngs(0))
+  theirs = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
+  theirs.kernel.value, theirs.bias.value = ours.kernel.value, ours.bias.value
+  assert isinstance(ours, nnx.Linear)
+  assert jax.tree.structure(nnx.to_pure_dict(nnx.state(ours))) == \
+      jax.tree.structure(nnx.to_pure_dict(nnx.state(theirs)))
+  x = np.random.default_rng(1).normal(size=(2, 3, 6)).astype(np.float32)
+  np.testing.assert_array_equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize('m, n', [(3, 7), (7, 3)])
+def test_contract_tokens_is_transposed_product(m, n):
+  """Both CPU arrangements (either operand the smaller) give swapaxes(a) @ b, batched too."""
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(2, 11, m)).astype(np.float32)
+  b = rng.normal(size=(2, 11, n)).astype(np.float32)
+  ours = jax.jit(layers.contract_tokens)(a, b)
+  np.testing.assert_allclose(ours, np.einsum('stm,stn->smn', a, b), rtol=1e-5, atol=1e-5)

@@ -44,7 +44,7 @@ class HeadConfig:
 
 
 # ----------------------------------------------------------------------------- small pieces
-def _xavier_linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+def _xavier_linear(in_dim: int, out_dim: int, *, rngs: nnx.Rngs) -> layers.Linear:
   return layers.linear(in_dim, out_dim, rngs=rngs, init='xavier')
 
 
