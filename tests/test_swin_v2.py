@@ -149,7 +149,6 @@ def _random_official_sd(config: SwinV2Config) -> dict[str, np.ndarray]:
 
 
 def test_microsoft_layout_round_trip(tmp_path):
-  import torch
   params_sd = _random_official_sd(SMALL)
   extras = {'head.weight': np.ones((10, 32), np.float32), 'head.bias': np.zeros(10, np.float32),
             **swin_convert.swin_buffers(SMALL)}
