@@ -301,11 +301,15 @@ def predict_image(args, predictor: Predictor) -> list[Path]:
 
 def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict]]:
   """One Query per annotation of a COCO-style json (bbox optional; descriptions by the
-  official renaming of each category), with the annotation dicts in the same order."""
-  from data_pipeline.descriptions import regular_descriptions
+  official renaming of each category), with the annotation dicts in the same order.
+
+  Categories go through the annotation reader's validation: K comes from the annotations'
+  keypoint arrays (the name list may be empty, as for ``face`` in the real MP-100 files).
+  """
+  from data_pipeline.annotations import read_categories
   coco = json.loads(Path(ann_file).read_text())
+  categories = {c['id']: c for c in read_categories(coco, ann_file, require=('images',))}
   images = {im['id']: im for im in coco['images']}
-  categories = {c['id']: c for c in coco['categories']}
   pixels: dict = {}
   queries, anns = [], []
   for ann in coco['annotations']:
@@ -314,11 +318,10 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
       pixels[im['id']] = load_image(Path(image_root) / im['file_name'],
                                     (im.get('width'), im.get('height')))
     image = pixels[im['id']]
-    k = len(cat['keypoints'])
     queries.append(Query(
         image=image, bbox=clean_bbox(ann.get('bbox'), image.shape[1], image.shape[0]),
-        category=cat['name'], descriptions=tuple(regular_descriptions(cat)[:k]),
-        skeleton=check_skeleton(cat.get('skeleton', []), k)))
+        category=cat['name'], descriptions=tuple(cat['descriptions'][:cat['k']]),
+        skeleton=tuple(cat['skeleton'])))
     anns.append(ann)
   return queries, anns
 

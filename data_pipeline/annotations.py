@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from data_pipeline.descriptions import regular_descriptions
+from data_pipeline.descriptions import matching_rule, regular_descriptions
 
 MAX_KPT = 100          # max_kpt_num of the MP-100 configs: every array is padded to this.
 PIXEL_STD = 200.0      # mmpose's bbox scale unit
@@ -135,7 +135,43 @@ def _check_id(value, where: str, field: str) -> int:
   return value
 
 
-def _parse_categories(cats: list, ann_file: str, max_kpt: int):
+def _annotation_keypoint_counts(anns: list) -> dict[int, list[tuple[int, int]]]:
+  """category id -> [(K, annotation id), ...]: the distinct keypoint counts its annotations carry,
+  each with the first annotation that has it (``keypoints`` arrays of 3K numbers).
+
+  Entries that are malformed are passed over here; the annotation loop reports them by name.
+  """
+  counts: dict[int, list[tuple[int, int]]] = {}
+  for ann in anns:
+    if not isinstance(ann, dict) or not isinstance(ann.get('keypoints'), list):
+      continue
+    k = len(ann['keypoints']) // 3
+    seen = counts.setdefault(ann.get('category_id'), [])
+    if all(k != known for known, _ in seen):
+      seen.append((k, ann.get('id')))
+  return counts
+
+
+def _num_keypoints(names: list, observed: list, where: str) -> int:
+  """K of a category as the official code has it: the length of its annotations' keypoint arrays.
+
+  The ``keypoints`` name list only decides K when no annotation carries keypoints; it may be
+  empty (both ``face`` categories of the real split-4/5 files) or longer than K (names past K are
+  never used).
+  """
+  if len(observed) > 1:
+    (k1, a1), (k2, a2) = observed[:2]
+    raise ValueError(f'{where}: annotations disagree on the keypoint count K: annotation id={a1} '
+                     f'has {k1} keypoints, annotation id={a2} has {k2}')
+  if observed:
+    return observed[0][0]
+  if names:
+    return len(names)
+  raise ValueError(f'{where}: field "keypoints" is empty and no annotation of the category has '
+                   'keypoints (K unknown)')
+
+
+def _parse_categories(cats: list, ann_file: str, max_kpt: int, observed_k: dict):
   out = []
   seen = set()
   for pos, cat in enumerate(cats):
@@ -149,11 +185,11 @@ def _parse_categories(cats: list, ann_file: str, max_kpt: int):
     seen.add(cid)
     if not isinstance(cat['keypoints'], list):
       raise ValueError(f'{where}: field "keypoints" must be a list of names')
-    k = len(cat['keypoints'])
+    k = _num_keypoints(cat["keypoints"], observed_k.get(cid, []), where)
     if k == 0:
-      raise ValueError(f'{where}: field "keypoints" is empty (K unknown)')
+      raise ValueError(f'{where}: its annotations have 0 keypoints')
     if k > max_kpt:
-      raise ValueError(f'{where}: field "keypoints" has {k} keypoints, more than max_kpt_num={max_kpt}')
+      raise ValueError(f'{where}: {k} keypoints, more than max_kpt_num={max_kpt}')
     skel = cat['skeleton']
     if not isinstance(skel, list):
       raise ValueError(f'{where}: field "skeleton" must be a list of [i, j] pairs')
@@ -169,10 +205,29 @@ def _parse_categories(cats: list, ann_file: str, max_kpt: int):
       warnings.warn(f'{where}: empty skeleton (the official code would crash; adjacency is all 0)')
     desc = regular_descriptions(cat)
     if len(desc) < k:
-      raise ValueError(f'{where}: field "keypoints": only {len(desc)} description names for {k} keypoints')
+      rule = matching_rule(cat)
+      source = (f'the description table ({rule}) has' if rule else
+                f'field "keypoints" has')
+      raise ValueError(f'{where}: {source} only {len(desc)} names for K={k} keypoints')
     out.append(dict(id=cid, name=str(cat['name']), supercategory=str(cat['supercategory']), k=k,
                     skeleton=edges, descriptions=[str(d) for d in desc]))
   return out
+
+
+def read_categories(data, ann_file: str, max_kpt: int = MAX_KPT, *, require=()) -> list[dict]:
+  """The validated category table of a parsed COCO-style json, in JSON order.
+
+  Each entry: ``id``, ``name``, ``supercategory``, ``k`` (K, from the annotations' keypoint
+  arrays; see :func:`_num_keypoints`), ``skeleton`` (0-based edges), ``descriptions`` (>= K).
+  require: top-level lists needed besides ``annotations`` and ``categories``.
+  """
+  if not isinstance(data, dict):
+    raise ValueError(f'{ann_file}: top level must be an object')
+  for key in (*require, 'annotations', 'categories'):
+    if not isinstance(data.get(key), list):
+      raise ValueError(f'{ann_file}: missing field "{key}" (a list)')
+  return _parse_categories(data['categories'], ann_file, max_kpt,
+                           _annotation_keypoint_counts(data['annotations']))
 
 
 def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images: bool = False,
@@ -196,13 +251,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
         data = json.load(f)   # json keeps integers as Python ints (no float64 round trip)
       except json.JSONDecodeError as e:
         raise ValueError(f'{ann_file}: cannot parse json: {e}') from e
-  if not isinstance(data, dict):
-    raise ValueError(f'{ann_file}: top level must be an object')
-  for key in ('images', 'annotations', 'categories'):
-    if not isinstance(data.get(key), list):
-      raise ValueError(f'{ann_file}: missing field "{key}" (a list)')
-
-  cats = _parse_categories(data['categories'], ann_file, max_kpt)
+  cats = read_categories(data, ann_file, max_kpt, require=('images',))
   cat_row = {c['id']: i for i, c in enumerate(cats)}
 
   # Images: dict keyed by id in first-seen order (as COCO's index); duplicates are an error.

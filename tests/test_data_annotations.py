@@ -97,6 +97,35 @@ def _load(data):
   return an.load_annotations('bad.json', '', data=data)
 
 
+def _set_k(data, k, **category):
+  """The category gets k names (and `category` fields), its annotation k keypoints."""
+  data['categories'][0].update(keypoints=[f'k{i}' for i in range(k)], **category)
+  data['annotations'][0]['keypoints'] = [12, 12, 2] * k
+
+
+@pytest.mark.parametrize('cid, name, k, names', [
+    (18, 'face', 19, []),       # split-4 val / split-5 test: empty list, K from the annotations
+    (40, 'face', 68, []),       # split-4 test
+    (66, 'fly', 32, ['n'] * 33),  # more names than keypoints: the extra one is never used
+    (5, 'thing', 2, ['a', 'b', 'c']),
+])
+def test_keypoint_count_comes_from_the_annotations(cid, name, k, names):
+  data = _base()
+  data['categories'][0].update(id=cid, name=name, supercategory='x', keypoints=names,
+                               skeleton=[[0, k - 1]])
+  data['annotations'][0].update(category_id=cid, keypoints=[12, 12, 2] * k)
+  d = _load(data)
+  assert d.category_num_keypoints.tolist() == [k] and d.num_keypoints.tolist() == [k]
+  assert int(d.visible[0].sum()) == k
+  want = regular_descriptions(data['categories'][0])   # the table's list, or the own names
+  assert d.descriptions[0] == want and len(want) >= k
+  assert d.category_table()['descriptions'][0, :k].tolist() == want[:k]
+  if name == 'thing':   # no table entry: its own names, of which the first K are used
+    assert want == names
+  else:                 # the table's lists (19 and 68 names for the faces, 33 for the fly)
+    assert len(want) == {19: 19, 68: 68, 32: 33}[k] and want != names
+
+
 def test_good_hand_built_file():
   d = _load(_base())
   assert int(d.ann_id[0]) == 2 ** 60 + 7 and d.descriptions[0] == ['a b', 'c', 'd']
@@ -109,8 +138,15 @@ def test_good_hand_built_file():
     (lambda d: d.pop('annotations'), r'missing field "annotations"'),
     (lambda d: d['annotations'][0]['keypoints'].append(1), r'id=1152921504606846983.*field "keypoints" has 10 numbers.*K=3'),
     (lambda d: d['categories'][0]['skeleton'].append([1, 3]), r'category #0 \(id=5.*field "skeleton" edge \[1, 3\] out of range'),
-    (lambda d: d['categories'][0].update(keypoints=['k'] * 101), r'category #0.*101 keypoints, more than max_kpt_num=100'),
-    (lambda d: d['categories'][0].update(name='fly', keypoints=['k'] * 34), r'category #0 \(id=5, name=\'fly\'\).*only 33 description names for 34 keypoints'),
+    (lambda d: _set_k(d, 101), r'category #0.*101 keypoints, more than max_kpt_num=100'),
+    (lambda d: _set_k(d, 34, name='fly'), r'category #0 \(id=5, name=\'fly\'\).*description table \(name==fly\) has only 33 names for K=34'),
+    # K comes from the annotations; the names must still cover it when no table entry does.
+    (lambda d: d['categories'][0].update(keypoints=[]), r'category #0 \(id=5, name=\'thing\'\): field "keypoints" has only 0 names for K=3'),
+    (lambda d: d['categories'][0].update(keypoints=['a', 'b']), r'category #0 \(id=5.*field "keypoints" has only 2 names for K=3'),
+    (lambda d: d['annotations'].append(dict(d['annotations'][0], id=8, keypoints=[1, 1, 1] * 4)),
+     r'category #0 \(id=5.*annotations disagree on the keypoint count K: annotation id=1152921504606846983 has 3 keypoints, annotation id=8 has 4'),
+    (lambda d: (d['categories'][0].update(keypoints=[]), d['annotations'][0].pop('keypoints')),
+     r'category #0 \(id=5.*field "keypoints" is empty and no annotation of the category has keypoints \(K unknown\)'),
     (lambda d: d['annotations'][0].update(category_id=9), r'annotation #0 .*field "category_id"=9 is not a category'),
     (lambda d: d['annotations'][0].update(id=1.5), r'field "id" must be an integer'),
 ])
