@@ -52,7 +52,7 @@ def protocol(config):
 
 def report(scores, annotations, output, info):
   from capenext_jax import report as report_lib
-  from data_pipeline.annotations import load_annotations
+  from capenext_jax.mp100.annotations import load_annotations
   ds = load_annotations(annotations, '', drop_missing_images=False)
   names = {int(c): n for c, n in zip(ds.category_ids, ds.raw_category_names)}
   report_lib.print_report(scores, names)

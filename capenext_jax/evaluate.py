@@ -23,8 +23,8 @@ from flax import nnx
 from capenext_jax import experiment, metrics, predictions
 from capenext_jax.training import partition, step as step_lib
 from capenext_jax.training.state import TrainState
-from data_pipeline import episodes as ep
-from data_pipeline.annotations import MP100Dataset, load_annotations
+from capenext_jax.mp100 import episodes as ep
+from capenext_jax.mp100.annotations import MP100Dataset, load_annotations
 
 EPISODE_KEYS_DOC = """Episodes .npz (one row per evaluation pair, official order):
   support_ann_ids int64 [N, k]   support annotation ids (k = shots)
@@ -143,7 +143,7 @@ def write_overlays(pred: np.ndarray, arrays: dict[str, np.ndarray], dataset: MP1
   pred: [N, 100, 2] original-image px, aligned with `arrays` (see `predict_pairs`).
   """
   from capenext_jax.visualize import draw_overlay
-  from data_pipeline.pipeline import load_rgb
+  from capenext_jax.mp100.images import load_rgb
   os.makedirs(out_dir, exist_ok=True)
   q = arrays['pairs'][:, -1]
   paths = []

@@ -30,8 +30,8 @@ from capenext_jax import export, metrics
 from capenext_jax.image_ops import imagenet_normalize, warp_affine
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext, CapeNextConfig
 from capenext_jax.models.head import adjacency_from_skeleton
-from data_pipeline.annotations import bbox_to_center_scale
-from data_pipeline.transforms import affine_matrix
+from capenext_jax.mp100 import geometry
+from capenext_jax.mp100.images import load_rgb
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -103,38 +103,21 @@ def read_config(path: str | Path) -> CapeNextConfig:
 
 
 # ----------------------------------------------------------------------------- inputs
-def load_image(path: str | Path, expected_wh: tuple[int, int] | None = None) -> np.ndarray:
-  """RGB uint8 [H, W, 3]. EXIF orientation is applied as cv2.imread does, unless an
-  annotation's (width, height) says the pixels were annotated as stored."""
-  from PIL import Image, ImageOps
-  with Image.open(path) as raw:
-    raw.load()
-    upright = ImageOps.exif_transpose(raw)
-    if expected_wh is not None and tuple(upright.size) != tuple(expected_wh):
-      upright = raw
-    return np.asarray(upright.convert('RGB'))
-
-
 def clean_bbox(bbox: Sequence[float] | None, width: int, height: int) -> np.ndarray:
-  """[x, y, w, h] clipped as the annotation reader does (spec 5.1); None -> whole image.
-
-  Raises ValueError for a box with no area inside the image.
-  """
-  x, y, w, h = (0.0, 0.0, float(width), float(height)) if bbox is None else map(float, bbox)
-  x1, y1 = max(0.0, x), max(0.0, y)
-  x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
-  y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
-  if not (x2 > x1 and y2 > y1):
+  """The annotation reader's box cleaning; None -> the whole image. Raises ValueError for a
+  box with no area inside the image."""
+  box = geometry.clean_bbox((0, 0, width, height) if bbox is None else bbox, width, height)
+  if box is None:
     raise ValueError(f'bbox {bbox} has no area inside the {width}x{height} image')
-  return np.array([x1, y1, x2 - x1, y2 - y1])
+  return box
 
 
 def model_input(image: np.ndarray, bbox: np.ndarray, size: int
                 ) -> tuple[jax.Array, np.ndarray, np.ndarray]:
   """The official test crop: image uint8 [H, W, 3], clean bbox [4] ->
   (ImageNet-normalised float32 [size, size, 3], center [2], scale [2])."""
-  center, scale = bbox_to_center_scale(bbox)
-  matrix = affine_matrix(center, scale, 0.0, (size, size)).astype(np.float32)
+  center, scale = geometry.bbox_to_center_scale(bbox)
+  matrix = geometry.affine_matrix(center, scale, 0.0, (size, size)).astype(np.float32)
   warped = warp_affine(jnp.asarray(image)[None], jnp.asarray(matrix)[None], size)
   # cv2.warpAffine writes uint8 for uint8 input: round and saturate as it does.
   return imagenet_normalize(jnp.clip(jnp.round(warped), 0, 255))[0], center, scale
@@ -279,7 +262,7 @@ def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None):
 
 def predict_image(args, predictor: Predictor) -> list[Path]:
   """Single-image mode: writes the JSON and (unless --no_overlay) the PNG; returns their paths."""
-  image = load_image(args.image)
+  image = load_rgb(args.image)
   descriptions = parse_descriptions(args.keypoints, args.keypoints_file)
   query = Query(image=image, bbox=clean_bbox(parse_bbox(args.bbox), image.shape[1],
                                              image.shape[0]),
@@ -306,7 +289,7 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
   Categories go through the annotation reader's validation: K comes from the annotations'
   keypoint arrays (the name list may be empty, as for ``face`` in the real MP-100 files).
   """
-  from data_pipeline.annotations import read_categories
+  from capenext_jax.mp100.annotations import read_categories
   coco = json.loads(Path(ann_file).read_text())
   categories = {c['id']: c for c in read_categories(coco, ann_file, require=('images',))}
   images = {im['id']: im for im in coco['images']}
@@ -315,7 +298,7 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
   for ann in coco['annotations']:
     im, cat = images[ann['image_id']], categories[ann['category_id']]
     if im['id'] not in pixels:
-      pixels[im['id']] = load_image(Path(image_root) / im['file_name'],
+      pixels[im['id']] = load_rgb(Path(image_root) / im['file_name'],
                                     (im.get('width'), im.get('height')))
     image = pixels[im['id']]
     queries.append(Query(

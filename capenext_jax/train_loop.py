@@ -24,7 +24,7 @@ from clu import metric_writers
 from capenext_jax import evaluate, experiment, losses
 from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
-from data_pipeline import episodes as ep
+from capenext_jax.mp100 import episodes as ep
 from data_pipeline.pipeline import json_source, make_train_iterator
 
 

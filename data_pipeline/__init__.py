@@ -1,6 +1,7 @@
-"""MP-100 data pipeline (the only place TensorFlow is imported, lazily).
+"""MP-100 input pipeline (the only place TensorFlow is imported, lazily).
 
-Modules: annotations (reader/validator), descriptions (keypoint text), episodes (sampling),
-transforms (float64 geometry), pipeline (tf.data), tfds_mp100 (TFDS builder), synthetic (data
-generator). Importing this package does not import TensorFlow.
+Modules: pipeline (tf.data episode batches), tfds_mp100 (TFDS builder), synthetic (data
+generator). The annotation reader, descriptions, episodes and geometry are numpy and live in
+the library (`capenext_jax.mp100`), which never imports this package. Importing this package
+does not import TensorFlow.
 """

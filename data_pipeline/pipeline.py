@@ -19,7 +19,6 @@ Batch dict (per host; B = global_batch_size // process_count):
   support_mask   float32 [B, 100]      same for support shot 0 (augmented in training)
   adjacency      float32 [B, 100, 100] 0/1 symmetrised skeleton (include_adjacency=True)
   category_index int32   [B]           row of ``source.dataset.category_table()``
-  query_heatmap  float32 [B, 100, 64, 64]  only with heatmaps='host'
   eval extras (make_eval_iterator): query_center f32 [B,2], query_scale f32 [B,2],
   query_joints_orig f32 [B,100,2], eval_mask bool [B,100], bbox_thr f32 [B], pair_index int32 [B],
   valid bool [B], query_ann_id int64 [B], support_ann_ids int64 [B, k].
@@ -33,9 +32,10 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline import episodes as ep
-from data_pipeline import transforms as tr
-from data_pipeline.annotations import MP100Dataset, load_annotations
+from capenext_jax.mp100 import episodes as ep
+from capenext_jax.mp100 import geometry
+from capenext_jax.mp100.annotations import MP100Dataset, load_annotations
+from capenext_jax.mp100.images import load_rgb
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -53,7 +53,6 @@ class PipelineConfig:
   heatmap_size: int = 64
   sigma: float = 1.0
   warp: str = 'host'            # 'host': tf.data warps; 'device': ship crops + matrices
-  heatmaps: str = 'device'      # 'host': add query_heatmap to the batch
   crop_size: int = 384          # device mode: crops are (down-scaled and) zero-padded to this
   augment: bool = True          # random scale / rotation in training
   include_adjacency: bool = True
@@ -91,28 +90,6 @@ def select_instances(dataset: MP100Dataset, keep: np.ndarray) -> MP100Dataset:
         'category_ids', 'category_num_keypoints'):
       rows[f.name] = v[idx]
   return dataclasses.replace(dataset, **rows)
-
-
-def load_rgb(path_or_bytes, expected_wh=None) -> np.ndarray:
-  """Decodes an image to RGB uint8 [H, W, 3] with PIL (grey, palette, alpha, CMYK handled).
-
-  EXIF orientation is applied only when that makes the size match ``expected_wh`` (cv2, used by
-  the official loader, honours EXIF orientation).
-  """
-  import io
-
-  from PIL import Image, ImageOps
-  src = io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray)) else path_or_bytes
-  with Image.open(src) as im:
-    im.load()
-    if expected_wh is not None and tuple(im.size) != tuple(expected_wh):
-      t = ImageOps.exif_transpose(im)
-      if tuple(t.size) == tuple(expected_wh):
-        im = t
-    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-      arr = np.asarray(im, np.float64)
-      im = Image.fromarray(np.clip(arr / 256.0, 0, 255).astype(np.uint8))
-    return np.asarray(im.convert('RGB'))
 
 
 def scan_images(dataset: MP100Dataset, num_threads: int = 4) -> np.ndarray:
@@ -164,7 +141,7 @@ def _crop_params(source: Source, config: PipelineConfig):
   if source.kind == 'records':
     return source.crop_origin, source.crop_size, source.crop_stored
   d = source.dataset
-  return tr.crop_window(d.center, d.scale, d.image_size, max_crop=config.crop_size,
+  return geometry.crop_window(d.center, d.scale, d.image_size, max_crop=config.crop_size,
                         output_size=config.image_size)
 
 
@@ -172,13 +149,13 @@ def episode_arrays(source: Source, episodes: np.ndarray, config: PipelineConfig,
                    s_factor=None, rotation=None) -> dict:
   """Host-side metadata of a list of episodes (numpy, one row per episode)."""
   d = source.dataset
-  g = tr.episode_geometry(d, episodes, s_factor, rotation, config.image_size,
+  g = geometry.episode_geometry(d, episodes, s_factor, rotation, config.image_size,
                           config.heatmap_size, config.sigma)
   q = episodes[:, -1]
   m = g['query_matrix']                                   # source image px -> S px
   if source.kind == 'records' or config.warp == 'device':
     origin, size, stored = _crop_params(source, config)
-    m = tr.compose_affine(m, _invert(tr.crop_matrix(origin[q], size[q], stored[q])))
+    m = geometry.compose_affine(m, _invert(geometry.crop_matrix(origin[q], size[q], stored[q])))
   out = dict(
       query_db=q.astype(np.int64),
       query_affine=m.astype(np.float32),
@@ -255,23 +232,10 @@ def _decode_fn(source: Source, config: PipelineConfig):
 def _batch_fn(source: Source, config: PipelineConfig):
   tf = _tf()
   adj = tf.constant(source.dataset.category_table()['adjacency']) if config.include_adjacency else None
-  hs = config.heatmap_size
-  stride = config.image_size / hs
-  tmp = config.sigma * 3
 
   def fn(b):
     if adj is not None:
       b['adjacency'] = tf.gather(adj, b['category_index'])
-    if config.heatmaps == 'host':
-      j = tf.cast(b['query_joints'], tf.float64)
-      mu = tf.math.floor(tf.abs(j / stride + 0.5)) * tf.sign(j / stride + 0.5)   # int(): trunc
-      grid = tf.range(hs, dtype=tf.float64)
-      dx = grid[None, None, :] - mu[..., 0:1]
-      dy = grid[None, None, :] - mu[..., 1:2]
-      gx = tf.where(tf.abs(dx) <= tmp, tf.exp(-dx ** 2 / (2 * config.sigma ** 2)), 0.0)
-      gy = tf.where(tf.abs(dy) <= tmp, tf.exp(-dy ** 2 / (2 * config.sigma ** 2)), 0.0)
-      on = tf.cast(b['query_weight'] > 0.5, tf.float64)[..., None, None]
-      b['query_heatmap'] = tf.cast(gy[..., :, None] * gx[..., None, :] * on, tf.float32)
     return b
   return fn
 

@@ -23,8 +23,8 @@ import warnings
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipeline import transforms as tr
-from data_pipeline.annotations import load_annotations
+from capenext_jax.mp100 import geometry
+from capenext_jax.mp100.annotations import load_annotations
 from data_pipeline.pipeline import Source, load_rgb
 
 MANUAL_INSTRUCTIONS = """\
@@ -102,7 +102,7 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
         for c in data['categories']]
     anns = {a['id']: a for a in data['annotations']}
     imgs = {im['id']: im for im in data['images']}
-    origin, size, stored = tr.crop_window(ds.center, ds.scale, ds.image_size, max_crop=cfg.max_crop)
+    origin, size, stored = geometry.crop_window(ds.center, ds.scale, ds.image_size, max_crop=cfg.max_crop)
     from PIL import Image
     cache_path, cache_img = None, None
     skipped = 0
@@ -174,7 +174,7 @@ def load_records(builder: Mp100, split: str) -> Source:
   encoded[:] = [r['crop'] for r in rows]
   origin = np.stack([r['crop_origin'] for r in rows]).astype(np.int64)
   size = np.stack([r['crop_size'] for r in rows]).astype(np.int64)
-  _, _, stored = tr.crop_window(dataset.center, dataset.scale, dataset.image_size,
+  _, _, stored = geometry.crop_window(dataset.center, dataset.scale, dataset.image_size,
                                 max_crop=builder.builder_config.max_crop)
   return Source(dataset=dataset, kind='records', encoded=encoded, crop_origin=origin,
                 crop_size=size, crop_stored=stored)

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from data_pipeline import annotations as an
-from data_pipeline.descriptions import regular_descriptions
+from capenext_jax.mp100 import annotations as an
+from capenext_jax.mp100.descriptions import regular_descriptions
 from conftest import MP100_MINI, REPO
 
 MINI = str(MP100_MINI)
@@ -59,7 +59,7 @@ def test_center_scale_and_bbox_cleaning_float64():
 def test_descriptions_and_category_table():
   d = an.load_annotations(TRAIN, '')
   face40 = d.category_ids.tolist().index(40)
-  table = json.load(open(os.path.join(REPO, 'data_pipeline', 'regular_descriptions.json')))
+  table = json.load(open(os.path.join(REPO, 'capenext_jax', 'mp100', 'regular_descriptions.json')))
   assert d.descriptions[face40] == table['lists']['id==40']
   hand = d.raw_category_names.index('hand')
   assert d.descriptions[hand] == table['lists']['name==hand']
@@ -173,7 +173,7 @@ def test_record_filters():
 
 
 def test_too_few_instances_and_missing_images(tmp_path):
-  from data_pipeline import episodes as ep
+  from capenext_jax.mp100 import episodes as ep
   d = _load(_base())
   with pytest.raises(ValueError, match=r'category id=5 \(thing\) has 1 instances'):
     ep.official_pairs(d, 1, 1, 1)

@@ -4,8 +4,8 @@ import random
 import numpy as np
 import pytest
 
-from data_pipeline import annotations as an
-from data_pipeline import episodes as ep
+from capenext_jax.mp100 import annotations as an
+from capenext_jax.mp100 import episodes as ep
 
 
 def _hand_built(n_per_cat=(20, 18, 25), k=(3, 4, 5), seed=0):

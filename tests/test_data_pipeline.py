@@ -8,9 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipeline import episodes as ep
+from capenext_jax.mp100 import episodes as ep
+from capenext_jax.mp100.images import load_rgb
 from data_pipeline import pipeline as pl
-from data_pipeline import transforms as tr
+from capenext_jax.mp100 import geometry as tr
 from tests.test_data_transforms import ref_warp, ref_weight_and_heatmap
 from conftest import MP100_MINI, REPO
 
@@ -33,23 +34,21 @@ def test_eval_images_host_device_and_reference(split):
   from capenext_jax import image_ops
   src = pl.json_source(ANN[split], os.path.join(MINI, 'images'), drop_missing_images=False)
   d = src.dataset
-  host = _eval_batches(src, pl.PipelineConfig(warp='host', heatmaps='host'))
+  host = _eval_batches(src, pl.PipelineConfig(warp='host'))
   dev = _eval_batches(src, pl.PipelineConfig(warp='device', crop_size=2048))
   pairs = ep.official_pairs(d, 1, 1, 1)
   for hb, db in zip(host, dev):
     for i in range(len(hb['valid'])):
       p = pairs[hb['pair_index'][i]]
       q = p[-1]
-      img = pl.load_rgb(d.image_path[q])
+      img = load_rgb(d.image_path[q])
       m = tr.affine_matrix(d.center[q], d.scale[q], 0.0)
       ref = (np.clip(np.round(ref_warp(img, m)), 0, 255) / 255 - MEAN) / STD
       assert np.abs(hb['query_image'][i] - ref).max() <= ONE_LEVEL
       assert np.mean(np.abs(hb['query_image'][i] - ref) > 1e-4) < 0.01
       joints = tr.transform_joints(m, d.joints[q], d.visible[q])
       np.testing.assert_allclose(hb['query_joints'][i], joints, atol=1e-4)
-      w, hm = ref_weight_and_heatmap(joints, d.visible[q])
-      np.testing.assert_array_equal(hb['query_weight'][i], w)
-      np.testing.assert_allclose(hb['query_heatmap'][i], hm, atol=1e-6)
+      np.testing.assert_array_equal(hb['query_weight'][i], ref_weight_and_heatmap(joints, d.visible[q])[0])
       np.testing.assert_array_equal(hb['eval_mask'][i], (d.visible[p] > 0).all(0))
       assert hb['query_ann_id'][i] == d.ann_id[q]
     devimg = np.asarray(image_ops.warp_and_normalize(jnp.asarray(db['query_crop']),
@@ -131,9 +130,9 @@ def test_cmyk_alpha_images_decode_to_rgb(tmp_path):
   src = pl.json_source(str(tmp_path / 'a.json'), str(tmp_path / 'im'))
   b = _eval_batches(src, pl.PipelineConfig(), batch=2)[0]
   for i in range(2):
-    ref_img = pl.load_rgb(str(tmp_path / 'im' / images[b['pair_index'][i] and 0 or 0]['file_name']))
+    ref_img = load_rgb(str(tmp_path / 'im' / images[b['pair_index'][i] and 0 or 0]['file_name']))
     q = ep.official_pairs(src.dataset, 1, 1, 1)[b['pair_index'][i]][-1]
-    ref_img = pl.load_rgb(src.dataset.image_path[q])
+    ref_img = load_rgb(src.dataset.image_path[q])
     ref = (np.round(ref_warp(ref_img, tr.affine_matrix(src.dataset.center[q], src.dataset.scale[q], 0.0))) / 255 - MEAN) / STD
     assert np.abs(b['query_image'][i] - ref).mean() < 3 / 255 / 0.224   # CMYK conversions differ slightly
 
@@ -161,7 +160,8 @@ def test_tfds_records_roundtrip_and_tf_isolation(tmp_path):
   for k in ('query_joints', 'query_weight', 'support_mask', 'category_index'):
     np.testing.assert_array_equal(a[k], b[k])
   assert np.abs(a['query_image'] - b['query_image']).mean() < 0.05     # JPEG re-encode only
-  code = ('import sys, capenext_jax.image_ops, data_pipeline, data_pipeline.annotations, '
-          'data_pipeline.episodes, data_pipeline.transforms, data_pipeline.synthetic; '
+  code = ('import sys, capenext_jax.image_ops, capenext_jax.mp100.annotations, '
+          'capenext_jax.mp100.episodes, capenext_jax.mp100.geometry, capenext_jax.mp100.images, '
+          'data_pipeline, data_pipeline.pipeline, data_pipeline.synthetic; '
           'assert "tensorflow" not in sys.modules')
   assert subprocess.run([sys.executable, '-c', code], cwd=REPO).returncode == 0

@@ -38,7 +38,7 @@ def categories_with(path, min_instances, out):
 
 
 def check_export(npz, ann, shots, episodes, queries):
-  from data_pipeline.episodes import make_eval_episodes
+  from capenext_jax.mp100.episodes import make_eval_episodes
   got = np.load(npz)
   want = make_eval_episodes(str(ann), shots, episodes, queries)
   n = len(want['query_ann_id'])
@@ -67,7 +67,7 @@ def test_export_episodes_without_model_or_images(tmp_path):
 
 def test_score_predictions_ground_truth_and_shifted(tmp_path):
   from capenext_jax import evaluate
-  from data_pipeline.annotations import load_annotations
+  from capenext_jax.mp100.annotations import load_annotations
   arrays = evaluate.episode_arrays(load_annotations(str(TEST_ANN), '', drop_missing_images=False),
                                    1, 3, 1)
   assert arrays['mask'].any(axis=1).all()   # no empty pair: the hand values below hold

@@ -15,8 +15,8 @@ from capenext_jax import export, predict
 from capenext_jax.metrics import transform_preds
 from capenext_jax.visualize import draw_overlay
 from conftest import FIXTURES, MP100_MINI
-from data_pipeline.annotations import bbox_to_center_scale
-from data_pipeline.transforms import affine_matrix, apply_affine
+from capenext_jax.mp100.annotations import bbox_to_center_scale
+from capenext_jax.mp100.geometry import affine_matrix, apply_affine
 
 TIGER = 'tiger_body'
 DESCRIPTIONS = 'left ear,right ear,nose,right shoulder,right front paw,tail'

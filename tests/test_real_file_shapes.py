@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from conftest import FIXTURES, MP100_MINI, REPO
-from data_pipeline.descriptions import regular_descriptions
+from capenext_jax.mp100.descriptions import regular_descriptions
 
 IMAGES = MP100_MINI / 'images'
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
@@ -51,7 +51,7 @@ def run(script, *args):
 
 
 def test_reader_takes_k_from_the_annotations(tmp_path):
-  from data_pipeline.annotations import load_annotations
+  from capenext_jax.mp100.annotations import load_annotations
   blank, filled = real_shapes(tmp_path)
   a = load_annotations(str(blank), str(IMAGES))
   b = load_annotations(str(filled), str(IMAGES))

@@ -19,11 +19,10 @@ import warnings
 
 import numpy as np
 
-from data_pipeline.descriptions import matching_rule, regular_descriptions
+from capenext_jax.mp100.descriptions import matching_rule, regular_descriptions
+from capenext_jax.mp100.geometry import bbox_to_center_scale, clean_bbox
 
 MAX_KPT = 100          # max_kpt_num of the MP-100 configs: every array is padded to this.
-PIXEL_STD = 200.0      # mmpose's bbox scale unit
-PADDING = 1.25         # context padding of the top-down bbox
 _INT64_MAX = np.iinfo(np.int64).max
 
 
@@ -317,12 +316,8 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
     for ann in anns:
       if 'bbox' not in ann:
         continue
-      x, y, w, h = ann['bbox']
-      x1 = max(0, x)
-      y1 = max(0, y)
-      x2 = min(width - 1, x1 + max(0, w - 1))
-      y2 = min(height - 1, y1 + max(0, h - 1))
-      if not (('area' not in ann or ann['area'] > 0) and x2 > x1 and y2 > y1):
+      box = clean_bbox(ann['bbox'], width, height)
+      if box is None or ('area' in ann and not ann['area'] > 0):
         continue
       if 'keypoints' not in ann or max(ann['keypoints']) == 0:
         continue
@@ -340,7 +335,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       rows['image_path'].append(path)
       rows['image_size'].append((width, height))
       rows['cat'].append(cat_row[ann['category_id']])
-      rows['bbox'].append((x1, y1, x2 - x1, y2 - y1))
+      rows['bbox'].append(box)
       rows['kpts'].append(ann['keypoints'])
   if dropped:
     warnings.warn(f'{ann_file}: dropped {dropped} records whose image file is missing under '
@@ -373,20 +368,6 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       category_num_keypoints=cat_k,
       skeletons=[c['skeleton'] for c in cats],
       num_dropped_missing_images=dropped)
-
-
-def bbox_to_center_scale(bbox: np.ndarray, aspect_ratio: float = 1.0, padding: float = PADDING):
-  """Clean ``[x, y, w, h]`` -> (center, scale) in float64, as mmpose's ``_xywh2cs``.
-
-  The shorter side is expanded to the aspect ratio, the scale is in units of 200 px and padded.
-  """
-  bbox = np.asarray(bbox, np.float64)
-  x, y, w, h = bbox[..., 0], bbox[..., 1], bbox[..., 2], bbox[..., 3]
-  center = np.stack([x + w * 0.5, y + h * 0.5], axis=-1)
-  w2 = np.where(w > aspect_ratio * h, w, h * aspect_ratio)
-  h2 = np.where(w > aspect_ratio * h, w / aspect_ratio, h)
-  scale = np.stack([w2 / PIXEL_STD, h2 / PIXEL_STD], axis=-1) * padding
-  return center, scale
 
 
 def check_episode_size(dataset: MP100Dataset, needed: int, what: str = 'episode'):

@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 
-from data_pipeline.annotations import MAX_KPT, MP100Dataset, check_episode_size, load_annotations
+from capenext_jax.mp100.annotations import MAX_KPT, MP100Dataset, check_episode_size, load_annotations
 
 ROT_FACTOR = 15.0
 SCALE_FACTOR = 0.15

@@ -5,7 +5,7 @@
   ``cv2.getAffineTransform``.
 * :func:`transform_joints`: visible joints through the matrix, invisible ones keep raw values.
 * :func:`heatmap_weight`: the MSRA target weight (visibility AND the official in-bounds rule).
-* :func:`gaussian_heatmaps`: the 64x64 sigma=1 targets (reference implementation).
+* :func:`clean_bbox`, :func:`bbox_to_center_scale`: the top-down box of an instance.
 * :func:`crop_window`: the region of the source image any augmented view can read (for crops).
 * :func:`episode_geometry`: everything per episode except pixels.
 """
@@ -15,7 +15,34 @@ import math
 
 import numpy as np
 
-from data_pipeline.annotations import PIXEL_STD
+PIXEL_STD = 200.0      # mmpose's bbox scale unit
+PADDING = 1.25         # context padding of the top-down bbox
+
+
+def clean_bbox(bbox, width, height) -> np.ndarray | None:
+  """mmpose's box cleaning: ``[x, y, w, h]`` clipped to the image -> float64 ``[x1, y1, w', h']``,
+  or None when no area of it lies inside the ``width`` x ``height`` image."""
+  x, y, w, h = (float(v) for v in bbox)
+  x1, y1 = max(0.0, x), max(0.0, y)
+  x2 = min(width - 1.0, x1 + max(0.0, w - 1.0))
+  y2 = min(height - 1.0, y1 + max(0.0, h - 1.0))
+  if not (x2 > x1 and y2 > y1):
+    return None
+  return np.array([x1, y1, x2 - x1, y2 - y1])
+
+
+def bbox_to_center_scale(bbox: np.ndarray, aspect_ratio: float = 1.0, padding: float = PADDING):
+  """Clean ``[..., 4]`` boxes -> (center, scale) in float64, as mmpose's ``_xywh2cs``.
+
+  The shorter side is expanded to the aspect ratio, the scale is in units of 200 px and padded.
+  """
+  bbox = np.asarray(bbox, np.float64)
+  x, y, w, h = bbox[..., 0], bbox[..., 1], bbox[..., 2], bbox[..., 3]
+  center = np.stack([x + w * 0.5, y + h * 0.5], axis=-1)
+  w2 = np.where(w > aspect_ratio * h, w, h * aspect_ratio)
+  h2 = np.where(w > aspect_ratio * h, w / aspect_ratio, h)
+  scale = np.stack([w2 / PIXEL_STD, h2 / PIXEL_STD], axis=-1) * padding
+  return center, scale
 
 
 def _third_point(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -80,21 +107,6 @@ def heatmap_weight(joints, visible, image_size=256, heatmap_size=64, sigma=1.0) 
   br = np.trunc(mu + tmp + 1)
   out = (ul[..., 0] >= heatmap_size) | (ul[..., 1] >= heatmap_size) | (br[..., 0] < 0) | (br[..., 1] < 0)
   return np.where(out, 0.0, np.asarray(visible, np.float64)).astype(np.float32)
-
-
-def gaussian_heatmaps(joints, weight, image_size=256, heatmap_size=64, sigma=1.0) -> np.ndarray:
-  """float32 [..., P, H, W] unnormalised Gaussians centred on the rounded joint (peak 1)."""
-  joints = np.asarray(joints, np.float64)
-  stride = image_size / heatmap_size
-  tmp = sigma * 3
-  mu = np.trunc(joints / stride + 0.5)
-  grid = np.arange(heatmap_size, dtype=np.float64)
-  dx = grid - mu[..., 0:1]                       # [..., P, W]
-  dy = grid - mu[..., 1:2]                       # [..., P, H]
-  gx = np.where(np.abs(dx) <= tmp, np.exp(-dx ** 2 / (2 * sigma ** 2)), 0.0)
-  gy = np.where(np.abs(dy) <= tmp, np.exp(-dy ** 2 / (2 * sigma ** 2)), 0.0)
-  hm = gy[..., :, None] * gx[..., None, :]
-  return (hm * (np.asarray(weight) > 0.5)[..., None, None]).astype(np.float32)
 
 
 def crop_window(center, scale, image_wh, *, max_scale_factor=1.15, max_rotation=30.0,
