@@ -201,13 +201,8 @@ def load_for_eval(path: str, config: ml_collections.ConfigDict, mesh, *, step: i
   model = load_model(p)
   graphdef, trainable, frozen = partition.split_model(model)
   config = ml_collections.ConfigDict(config.to_dict())
-  config.model = model_dict(model.config)
+  config.model = ml_collections.ConfigDict(model.config.to_dict())
   state = TrainState(trainable=trainable, frozen=frozen, opt_state=(), step=np.int32(0),
                      rng=np.zeros(2, np.uint32))
   shardings = partition.param_shardings(state, mesh, experiment.sharding_rules(config))
   return graphdef, jax.device_put(state, shardings), config
-
-
-def model_dict(mcfg) -> ml_collections.ConfigDict:
-  """`config.model` of a CapeNextConfig (the inverse of `experiment.model_config`)."""
-  return ml_collections.ConfigDict(mcfg.to_dict())

@@ -18,10 +18,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capenext_jax.image_ops import warp_and_normalize
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
-from capenext_jax.models.clip import CLIPConfig
-from capenext_jax.models.fusion import FusionConfig
-from capenext_jax.models.head import HeadConfig
-from capenext_jax.models.swin_v2 import SwinV2Config
 from capenext_jax.text.cache import CategoryText, TextCache, build_text_cache
 from capenext_jax.training import partition, state as state_lib
 
@@ -31,26 +27,6 @@ DEVICE_KEYS = ('query_image', 'query_crop', 'query_affine', 'query_joints', 'que
 
 
 # ----------------------------------------------------------------------------- model
-def _plain(d) -> dict:
-  """ConfigDict / JSON dict -> kwargs, lists back to the tuples the dataclasses use."""
-  d = d.to_dict() if isinstance(d, ml_collections.ConfigDict) else dict(d)
-  return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def model_config(config: ml_collections.ConfigDict) -> CapeNextConfig:
-  """CapeNextConfig from `config.model`; the head's input widths follow the backbone / CLIP."""
-  m = config.model
-  swin = SwinV2Config(**_plain(m.swin))
-  clip = CLIPConfig(**_plain(m.clip))
-  fusion = None if m.fusion is None else FusionConfig(**{'embed_dim': clip.embed_dim,
-                                                        **_plain(m.fusion)})
-  head = _plain(m.head)
-  head = HeadConfig(**{'img_in_channels': swin.embed_dim * 2 ** (len(swin.depths) - 1),
-                       'text_in_channels': clip.embed_dim,
-                       'num_feats': head.get('d_model', HeadConfig.d_model) // 2, **head})
-  return CapeNextConfig(swin=swin, clip=clip, fusion=fusion, head=head)
-
-
 def sharding_rules(config: ml_collections.ConfigDict) -> list[tuple[str, Any]]:
   """`config.sharding_rules` with tuple specs turned into PartitionSpecs ('fsdp' kept)."""
   return [(rx, spec if spec == 'fsdp' else P(*spec)) for rx, spec in config.sharding_rules]
@@ -64,7 +40,7 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
   (eval_shape -> shardings -> jit(init)). Pretrained Swin / CLIP weights, when configured, are
   then read on the host and placed with the same shardings.
   """
-  mcfg = model_config(config)
+  mcfg = CapeNextConfig.from_dict(config.model.to_dict())
 
   def init(rng):
     model = CapeNext(mcfg, rngs=nnx.Rngs(config.seed))

@@ -8,17 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.training.schedule import default_optim_config
-
-# Swin V2 sizes by name (Microsoft's releases; 'tiny' is a CPU-sized test model). The head's
-# image channels are derived from them (embed_dim * 2 ** (stages - 1)) by the experiment code.
-BACKBONES = {
-    'swinv2_t': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    'swinv2_s': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    'swinv2_b': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    'tiny': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4),
-}
-
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   """'a=1,b=x,flag' -> ConfigDict over `defaults`, values cast to the default's type.
@@ -40,17 +31,10 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 def model_config(backbone: str = 'swinv2_t', image_size: int = 256,
                  fusion: bool = True) -> ml_collections.ConfigDict:
-  """The headline sizes (Swin V2-T at 256 px, CLIP ViT-B/32, d_model 256) or a variant."""
-  if backbone not in BACKBONES:
-    raise ValueError(f'backbone {backbone!r}: expected one of {sorted(BACKBONES)}')
-  swin = dict(img_size=image_size, window_size=16, drop_path_rate=0.2)
-  swin.update(BACKBONES[backbone])
-  return ml_collections.ConfigDict(dict(
-      swin=swin,
-      clip=dict(),                 # CLIPConfig defaults: ViT-B/32
-      fusion=dict() if fusion else None,
-      head=dict(),                 # HeadConfig defaults
-  ))
+  """`config.model`: `CapeNextConfig.variant(...).to_dict()` (the model reads it back with
+  `CapeNextConfig.from_dict`; the widths where the parts meet are derived there)."""
+  return ml_collections.ConfigDict(
+      CapeNextConfig.variant(backbone, image_size=image_size, fusion=fusion).to_dict())
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -26,7 +26,7 @@ def get_config(arg: str | None = None):
   c.model = common.model_config('tiny' if a.runlocal else a.backbone,
                                 image_size=64 if a.runlocal else 256, fusion=not a.capex)
   if a.runlocal:
-    _tiny_sizes(c)
+    c.precision = 'default'
     c.total_steps = 4
     c.batch_size = c.eval_batch_size = 4
     c.log_every_steps = 2
@@ -35,13 +35,3 @@ def get_config(arg: str | None = None):
     c.data.num_queries = 1
     c.test_at_end = True
   return c
-
-
-def _tiny_sizes(c):
-  """CPU-sized CLIP and head (random CLIP: no weights can be downloaded in tests)."""
-  c.model.clip = dict(embed_dim=64, image_resolution=64, vision_layers=1, vision_width=64,
-                      vision_patch_size=16, transformer_width=64, transformer_heads=2,
-                      transformer_layers=1)
-  c.model.head = dict(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2,
-                      dim_feedforward=64, similarity_proj_dim=32, dynamic_proj_dim=16)
-  c.precision = 'default'

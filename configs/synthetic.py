@@ -20,7 +20,7 @@ lr (2e-3).
 """
 from __future__ import annotations
 
-from configs import common, mp100
+from configs import common
 
 
 def get_config(arg: str | None = None):
@@ -28,7 +28,7 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.data.synthetic.enabled = True        # root '' -> <workdir>/data
   c.model = common.model_config('tiny', image_size=a.image_size)
-  mp100._tiny_sizes(c)
+  c.precision = 'default'
   n = a.stages
   c.model.swin.depths = (1,) * n
   c.model.swin.num_heads = (1, 2, 2, 4)[:n]
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None):
   # A few hundred steps from scratch: no regularisation (it only slows the fit down).
   c.model.swin.drop_path_rate = 0.0
   c.model.head.dropout = 0.0
-  c.model.fusion = dict(dropout=0.0)
+  c.model.fusion.dropout = 0.0
   c.batch_size = a.batch
   c.eval_batch_size = 64
   c.total_steps = a.steps

@@ -33,11 +33,18 @@ def tiny_config(steps=4):
 
 
 def test_configs_build_models():
-  from capenext_jax import experiment
+  from capenext_jax.models.capenext import CapeNextConfig
   for arg in ('split=3,shots=5', 'backbone=swinv2_b', 'capex', 'runlocal'):
-    m = experiment.model_config(mp100.get_config(arg))
+    m = CapeNextConfig.from_dict(mp100.get_config(arg).model.to_dict())
     assert m.head.img_in_channels == m.swin.embed_dim * 8
-  assert experiment.model_config(mp100.get_config('capex')).fusion is None
+    assert m.head.text_in_channels == m.clip.embed_dim and m.head.num_feats == m.head.d_model // 2
+  assert CapeNextConfig.from_dict(mp100.get_config('capex').model.to_dict()).fusion is None
+  # Derived widths follow an override of the parts they derive from.
+  c = mp100.get_config('')
+  c.model.swin.embed_dim, c.model.clip.embed_dim, c.model.head.d_model = 48, 128, 64
+  m = CapeNextConfig.from_dict(c.model.to_dict())
+  assert (m.head.img_in_channels, m.head.text_in_channels, m.head.num_feats,
+          m.fusion.embed_dim) == (384, 128, 32, 128)
   with pytest.raises(ValueError, match='split'):
     mp100.get_config('split=6')
   assert synthetic.get_config().data.synthetic.enabled

@@ -85,22 +85,26 @@ def config_from_fixture(cfg: Mapping) -> CapeNextConfig:
   swin = SwinV2Config(img_size=enc['img_size'], embed_dim=enc['embed_dim'],
                       depths=tuple(enc['depths']), num_heads=tuple(enc['num_heads']),
                       window_size=enc['window_size'], drop_path_rate=enc['drop_path_rate'])
-  fusion = None
-  if cfg.get('additional_module'):
-    fusion = FusionConfig(embed_dim=cfg['additional_module']['model_params']['embed_dim'])
-  return CapeNextConfig(
+  config = CapeNextConfig(
       swin=swin,
       clip=CLIPConfig(**{k: clip[k] for k in (
           'embed_dim', 'image_resolution', 'vision_layers', 'vision_width', 'vision_patch_size',
           'context_length', 'vocab_size', 'transformer_width', 'transformer_heads',
           'transformer_layers')}),
-      fusion=fusion,
+      fusion=FusionConfig() if cfg.get('additional_module') else None,
       head=HeadConfig(d_model=tr['d_model'], nhead=tr['nhead'],
                       num_encoder_layers=tr['num_encoder_layers'],
                       num_decoder_layers=tr['num_decoder_layers'],
                       dim_feedforward=tr['dim_feedforward'], dropout=tr['dropout'],
                       similarity_proj_dim=tr['similarity_proj_dim'],
-                      dynamic_proj_dim=tr['dynamic_proj_dim'],
-                      num_feats=head['positional_encoding']['num_feats'],
-                      img_in_channels=head['img_in_channels'],
-                      text_in_channels=head['text_in_channels']))
+                      dynamic_proj_dim=tr['dynamic_proj_dim']))
+  # The widths where the parts meet are derived in CapeNextConfig; the fixture must agree.
+  derived = (config.head.num_feats, config.head.img_in_channels, config.head.text_in_channels,
+             config.fusion and config.fusion.embed_dim)
+  given = (head['positional_encoding']['num_feats'], head['img_in_channels'],
+           head['text_in_channels'],
+           cfg.get('additional_module') and cfg['additional_module']['model_params']['embed_dim'])
+  if derived != given:
+    raise ValueError(f'fixture widths {given} (num_feats, img_in_channels, text_in_channels, '
+                     f'fusion embed_dim) differ from the ones its sizes imply: {derived}')
+  return config

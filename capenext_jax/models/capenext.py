@@ -20,16 +20,57 @@ NUM_SLOTS = 100          # keypoint slots of MP-100 (max_kpt_num)
 CONTEXT_LENGTH = 77      # CLIP text context
 
 
+# Swin V2 sizes by name: Microsoft's releases, and a CPU-sized test model.
+SWIN_VARIANTS = {
+    'swinv2_t': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
+    'swinv2_s': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
+    'swinv2_b': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
+    'tiny': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4),
+}
+# The 'tiny' variant's text tower and head: random CLIP weights at CPU test sizes.
+TINY_CLIP = CLIPConfig(embed_dim=64, image_resolution=64, vision_layers=1, vision_width=64,
+                       vision_patch_size=16, transformer_width=64, transformer_heads=2,
+                       transformer_layers=1)
+TINY_HEAD = HeadConfig(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_layers=2,
+                       dim_feedforward=64, similarity_proj_dim=32, dynamic_proj_dim=16)
+
+
 @dataclasses.dataclass(frozen=True)
 class CapeNextConfig:
   """Sizes of the whole model. The defaults are the headline CapeNext (Swin V2-T, CLIP B/32).
 
-  fusion=None gives plain CapeX (keypoint text goes straight to the head).
+  fusion=None gives plain CapeX (keypoint text goes straight to the head). The widths where
+  the parts meet are derived, not free: the head reads the backbone's last-stage channels and
+  the CLIP embedding, the fusion module works at the CLIP width, and the head's sine encoding
+  has d_model / 2 features per axis (whatever `head` / `fusion` say, these are overwritten).
   """
   swin: SwinV2Config = SwinV2Config()
   clip: CLIPConfig = CLIPConfig()
   fusion: FusionConfig | None = FusionConfig()
   head: HeadConfig = HeadConfig()
+
+  def __post_init__(self):
+    head = dataclasses.replace(
+        self.head, img_in_channels=self.swin.embed_dim * 2 ** (len(self.swin.depths) - 1),
+        text_in_channels=self.clip.embed_dim, num_feats=self.head.d_model // 2)
+    object.__setattr__(self, 'head', head)
+    if self.fusion is not None:
+      object.__setattr__(self, 'fusion',
+                         dataclasses.replace(self.fusion, embed_dim=self.clip.embed_dim))
+
+  @classmethod
+  def variant(cls, backbone: str = 'swinv2_t', *, image_size: int = 256,
+              fusion: bool = True) -> CapeNextConfig:
+    """A named size: 'swinv2_t' (the headline), 'swinv2_s', 'swinv2_b' (Swin V2 window 16,
+    drop path 0.2, CLIP ViT-B/32, the official head), or 'tiny' (a CPU test model: tiny Swin,
+    CLIP and head). fusion=False gives plain CapeX."""
+    if backbone not in SWIN_VARIANTS:
+      raise ValueError(f'backbone {backbone!r}: expected one of {sorted(SWIN_VARIANTS)}')
+    swin = SwinV2Config(**{'img_size': image_size, 'window_size': 16, 'drop_path_rate': 0.2,
+                           **SWIN_VARIANTS[backbone]})
+    tiny = backbone == 'tiny'
+    return cls(swin=swin, clip=TINY_CLIP if tiny else CLIPConfig(),
+               fusion=FusionConfig() if fusion else None, head=TINY_HEAD if tiny else HeadConfig())
 
   @property
   def image_size(self) -> int:
