@@ -9,10 +9,9 @@
 Without --annotations the config's test split is used (for a workdir: the one it trained
 with). Prints a per-category table and writes JSON (--output, default <checkpoint or .>/
 eval_<split>.json). The episodes .npz and predictions formats are described in
-capenext_jax/evaluate.py (EPISODE_KEYS_DOC) and capenext_jax/predictions.py.
+capenext_jax/evaluation/pairs.py (EPISODE_KEYS_DOC) and capenext_jax/evaluation/predictions.py.
 """
 import os
-import pathlib
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -38,25 +37,31 @@ flags.DEFINE_integer('visualize', 0, 'write this many overlay PNGs per category 
 FLAGS = flags.FLAGS
 
 
-def protocol(config):
-  """(annotations, image_root, shots, episodes, queries) from the flags over the config."""
-  from capenext_jax import experiment
-  d = config.data
-  shots = FLAGS.shots or d.shots
-  episodes = FLAGS.num_episodes or (d.val_episodes if FLAGS.split == 'val' else d.test_episodes)
+def _flag(name: str, default):
+  """A flag's value, or `default` when it was not given (0 is a value, not "not given")."""
+  value = FLAGS[name].value
+  return default if value is None else value
+
+
+def protocol_and_files(config):
+  """(EvalProtocol, annotations, image_root): the flags over the config's data section."""
+  from capenext_jax.evaluation.pairs import EvalProtocol
+  default = EvalProtocol.from_config(config, FLAGS.split)
+  protocol = EvalProtocol(
+      shots=_flag('shots', default.shots), num_episodes=_flag('num_episodes', default.num_episodes),
+      num_queries=_flag('num_queries', default.num_queries),
+      batch_size=_flag('batch_size', default.batch_size))
   if FLAGS.annotations:
-    return FLAGS.annotations, FLAGS.image_root or '', shots, episodes, FLAGS.num_queries or d.num_queries
-  files = experiment.data_files(config, FLAGS.checkpoint or '.')
-  return files[FLAGS.split], files['image_root'], shots, episodes, FLAGS.num_queries or d.num_queries
+    return protocol, FLAGS.annotations, FLAGS.image_root or ''
+  from data_pipeline.splits import data_files
+  files = data_files(config, FLAGS.checkpoint or '.')
+  return protocol, files[FLAGS.split], files['image_root']
 
 
-def report(scores, annotations, output, info):
-  from capenext_jax import report as report_lib
-  from capenext_jax.mp100.annotations import load_annotations
-  ds = load_annotations(annotations, '', drop_missing_images=False)
-  names = {int(c): n for c, n in zip(ds.category_ids, ds.raw_category_names)}
-  report_lib.print_report(scores, names)
-  report_lib.write_report(output, scores, names, info)
+def report(scores, category_names, output, info):
+  from capenext_jax.evaluation import report as report_lib
+  report_lib.print_report(scores, category_names)
+  report_lib.write_report(output, scores, category_names, info)
   print(f'wrote {output}')
 
 
@@ -64,23 +69,23 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   import ml_collections
-  from capenext_jax import evaluate
+  from capenext_jax import loading
+  from capenext_jax.evaluation import pairs as pairs_lib
   config = ml_collections.ConfigDict(FLAGS.config.to_dict())
-  if FLAGS.checkpoint and evaluate.is_train_workdir(pathlib.Path(FLAGS.checkpoint)):
-    saved = evaluate.load_train_config(FLAGS.checkpoint)
-    config.data = saved.data
-  annotations, image_root, shots, episodes, queries = protocol(config)
-  info = dict(annotations=annotations, shots=shots, num_episodes=episodes,
-              num_queries=queries, checkpoint=FLAGS.checkpoint)
+  if FLAGS.checkpoint and loading.is_train_workdir(FLAGS.checkpoint):
+    config.data = loading.read_run_config(FLAGS.checkpoint).data
+  protocol, annotations, image_root = protocol_and_files(config)
+  info = dict(annotations=annotations, shots=protocol.shots, num_episodes=protocol.num_episodes,
+              num_queries=protocol.num_queries, checkpoint=FLAGS.checkpoint)
 
   if FLAGS.export_episodes:
-    n = evaluate.export_episodes(annotations, FLAGS.export_episodes, shots, episodes, queries)
+    n = pairs_lib.export_episodes(annotations, FLAGS.export_episodes, protocol)
     print(f'wrote {n} pairs to {FLAGS.export_episodes}')
     return
   if FLAGS.score_predictions:
-    scores = evaluate.score_predictions_file(FLAGS.score_predictions, annotations, shots,
-                                             episodes, queries)
-    report(scores, annotations, FLAGS.output or FLAGS.score_predictions + '.scores.json',
+    pairs = pairs_lib.pairs_of_file(annotations, protocol)
+    report(pairs.score_file(FLAGS.score_predictions), pairs.category_names,
+           FLAGS.output or FLAGS.score_predictions + '.scores.json',
            dict(info, predictions=FLAGS.score_predictions))
     return
   if not FLAGS.checkpoint:
@@ -89,38 +94,36 @@ def main(argv):
                          f'eval_{os.path.splitext(os.path.basename(annotations))[0]}.json')
   output = FLAGS.output or default
   overlays = os.path.join(os.path.dirname(os.path.abspath(output)), 'overlays')
-  scores = run_model_eval(config, annotations, image_root, shots, episodes, queries, overlays)
-  report(scores, annotations, output, info)
+  scores, category_names = run_model_eval(config, protocol, annotations, image_root, overlays)
+  report(scores, category_names, output, info)
 
 
-def run_model_eval(config, annotations, image_root, shots, episodes, queries, overlays):
-  """Scores of the --checkpoint model on the official pairs; writes --predictions_out and
-  --visualize overlays (into `overlays`) when asked."""
+def run_model_eval(config, protocol, annotations, image_root, overlays):
+  """(scores, category names) of the --checkpoint model on the official pairs; writes
+  --predictions_out and --visualize overlays (into `overlays`) when asked."""
   import jax
-  from capenext_jax import evaluate, experiment
+  import ml_collections
+  from capenext_jax import loading
+  from capenext_jax.evaluation.evaluator import Evaluator
+  from capenext_jax.evaluation.visualize import write_overlays
   from capenext_jax.training import partition
-  from data_pipeline.pipeline import json_source
-  config.data.shots, config.data.num_queries = shots, queries
-  config.data.val_episodes = config.data.test_episodes = episodes
-  if FLAGS.batch_size:
-    config.eval_batch_size = FLAGS.batch_size
-  experiment.set_precision(config)
+  from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
-  with jax.set_mesh(mesh):
-    graphdef, state, config = evaluate.load_for_eval(FLAGS.checkpoint, config, mesh,
-                                                     step=FLAGS.step)
-    source = json_source(annotations, image_root, drop_missing_images=False,
-                         on_bad_image=config.data.on_bad_image)
-    cache = experiment.text_cache(graphdef, state, source.dataset, mesh)
-    step = evaluate.make_eval_step(
-        graphdef, experiment.make_forward(cache, config.model.swin.img_size))
-    pred, arrays = evaluate.predict_pairs(step, state, source, config, mesh, 'test')
+  with jax.set_mesh(mesh), jax.default_matmul_precision(config.precision):
+    ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step)
+    config.model = ml_collections.ConfigDict(ckpt.config.to_dict())   # the pipeline's sizes
+    graphdef, state = loading.eval_state(ckpt, mesh,
+                                         partition.rules_from_config(config.sharding_rules))
+    data = eval_split(config, annotations, image_root)
+    evaluator = Evaluator(graphdef, data, protocol, mesh, image_size=ckpt.config.image_size)
+    pred = evaluator.predict(state)
+  pairs = evaluator.pairs
   if FLAGS.predictions_out:
-    evaluate.write_predictions(FLAGS.predictions_out, pred, arrays)
+    pairs.write_predictions(FLAGS.predictions_out, pred)
   if FLAGS.visualize and jax.process_index() == 0:
-    paths = evaluate.write_overlays(pred, arrays, source.dataset, overlays, FLAGS.visualize)
+    paths = write_overlays(pred, pairs, data.dataset, overlays, FLAGS.visualize)
     print(f'wrote {len(paths)} overlays to {overlays}')
-  return evaluate.score(pred, arrays)
+  return pairs.score(pred), pairs.category_names
 
 
 if __name__ == '__main__':

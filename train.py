@@ -37,9 +37,10 @@ def main(argv):
   # Our progress lines go to stdout; orbax's per-save INFO lines would drown them.
   logging.set_verbosity(logging.WARNING)
   initialize_distributed()
-  from capenext_jax.train_loop import train_and_evaluate
+  from capenext_jax.training.loop import train_and_evaluate
+  from data_pipeline.splits import run_splits
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  train_and_evaluate(FLAGS.config, FLAGS.workdir, run_splits(FLAGS.config, FLAGS.workdir))
 
 
 if __name__ == '__main__':

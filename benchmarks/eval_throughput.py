@@ -1,6 +1,6 @@
 """Evaluation throughput (pairs/s) of the real eval path on mp100_mini, random weights.
 
-Times `evaluate.predict_pairs`: the host pipeline (episode arrays, image decode + warp in
+Times `Evaluator.predict`: the host pipeline (episode arrays, image decode + warp in
 tf.data), sharded batches, the jitted eval step and the mapping back to image px, exactly as
 eval.py runs it. The first pass compiles and is reported apart; the timed passes re-run the
 same pairs. Prints one JSON line per measurement.
@@ -21,11 +21,12 @@ sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 
-from capenext_jax import evaluate, experiment  # noqa: E402
-from capenext_jax.training import partition, schedule  # noqa: E402
-from capenext_jax.runtime import tune_allocator
+from capenext_jax.evaluation.evaluator import Evaluator  # noqa: E402
+from capenext_jax.evaluation.pairs import EvalProtocol  # noqa: E402
+from capenext_jax.runtime import tune_allocator  # noqa: E402
+from capenext_jax.training import init, partition, schedule  # noqa: E402
 from configs import mp100  # noqa: E402
-from data_pipeline.pipeline import json_source  # noqa: E402
+from data_pipeline.splits import eval_split  # noqa: E402
 MODELS = {'tiny': 'runlocal', 'full': 'backbone=swinv2_t'}
 
 
@@ -38,23 +39,24 @@ def eval_config(model: str, batch: int, episodes: int):
   return c
 
 
-def measure(model: str, source, batch: int, episodes: int, repeats: int) -> list[dict]:
-  """[compile pass, timed pass...] records of `predict_pairs` on `source`."""
+def measure(model: str, annotations: str, image_root: str, batch: int, episodes: int,
+            repeats: int) -> list[dict]:
+  """[compile pass, timed pass...] records of `Evaluator.predict` on the annotation file."""
   c = eval_config(model, batch, episodes)
-  experiment.set_precision(c)
   mesh = partition.make_mesh(c.mesh_shape)
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), jax.default_matmul_precision(c.precision):
     t0 = time.perf_counter()
     tx = schedule.make_optimizer(c.optim, 1)
-    graphdef, state, _ = experiment.init_state(c, tx, mesh)
+    graphdef, state, _ = init.init_state(c, tx, mesh)
     state = state.replace(opt_state=())   # eval needs no optimizer state
-    cache = experiment.text_cache(graphdef, state, source.dataset, mesh)
-    step = evaluate.make_eval_step(graphdef, experiment.make_forward(cache, c.model.swin.img_size))
+    evaluator = Evaluator(graphdef, eval_split(c, annotations, image_root),
+                          EvalProtocol.from_config(c, 'test'), mesh,
+                          image_size=c.model.swin.img_size)
     setup_s = time.perf_counter() - t0
     out = []
     for i in range(repeats + 1):
       t0 = time.perf_counter()
-      pred, _ = evaluate.predict_pairs(step, state, source, c, mesh, 'test')
+      pred = evaluator.predict(state)
       seconds = time.perf_counter() - t0
       out.append(dict(benchmark='eval_throughput', model=model,
                       image_size=c.model.swin.img_size, run='compile' if i == 0 else 'timed',
@@ -75,11 +77,11 @@ def main():
   p.add_argument('--data', default=os.path.join(os.path.dirname(_REPO), 'shared', 'data',
                                                 'mp100_mini'))
   args = p.parse_args()
-  source = json_source(os.path.join(args.data, 'annotations', 'mini_test.json'),
-                       os.path.join(args.data, 'images'), drop_missing_images=False)
+  annotations = os.path.join(args.data, 'annotations', 'mini_test.json')
   for model in (('tiny', 'full') if args.model == 'both' else (args.model,)):
     episodes = args.full_episodes if model == 'full' else args.episodes
-    for record in measure(model, source, args.batch, episodes, args.repeats):
+    for record in measure(model, annotations, os.path.join(args.data, 'images'), args.batch,
+                          episodes, args.repeats):
       print(json.dumps(record), flush=True)
 
 

@@ -52,11 +52,7 @@ def main():
   del model
   build_s = time.perf_counter() - t0
 
-  def loss_fn(out, batch):
-    return losses.capenext_losses(out, batch['query_joints'], batch['query_weight'],
-                                  batch['support_mask'], image_size=config.image_size)
-
-  train_step = step_lib.make_train_step(graphdef, loss_fn, tx)
+  train_step = step_lib.make_train_step(graphdef, losses.batch_loss_fn(config.image_size), tx)
   batch = {k: jnp.asarray(v) for k, v in
            random_batch(np.random.default_rng(0), args.batch, config.clip.embed_dim,
                         config.image_size).items()}

@@ -10,6 +10,6 @@ __all__ = ['load_pretrained']
 
 def __getattr__(name: str):
   if name == 'load_pretrained':
-    from capenext_jax.export import load_pretrained
+    from capenext_jax.loading import load_pretrained
     return load_pretrained
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,4 +1,5 @@
-"""Params-only export of a CapeNext, and `load_pretrained` to rebuild it elsewhere.
+"""Params-only export of a CapeNext, and reading it back (`read_export`, `build_model`; the
+entry point users call is `capenext_jax.load_pretrained`, in `loading.py`).
 
 An export directory holds (docs/EXPORT.md describes the names for other projects):
   config.json          {"format": "capenext-jax", "version": 1, "dtype": ..., "config": {...}}
@@ -214,12 +215,3 @@ def _concrete(abstract: jax.ShapeDtypeStruct, key: jax.Array) -> jax.Array:
   if jax.dtypes.issubdtype(abstract.dtype, jax.dtypes.prng_key):
     return key
   return jnp.zeros(abstract.shape, abstract.dtype)
-
-
-def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:
-  """Rebuild an exported CapeNext (eval mode) from `path` (see `read_export`)."""
-  config, params = read_export(path)
-  try:
-    return build_model(config, params, dtype=dtype)
-  except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e

@@ -1,7 +1,7 @@
 """Image-space operations in jax (device side of the data pipeline).
 
 `gaussian_heatmaps`: the MSRA heatmap targets of mmpose's `TopDownGenerateTargetFewShot`
-(non-UDP, spec 5.5 step 5).
+(non-UDP, docs/MODEL.md §5.5 step 5).
 """
 from __future__ import annotations
 

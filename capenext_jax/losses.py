@@ -1,4 +1,4 @@
-"""CapeNext training losses (official `PoseHead.get_loss` / `heatmap_loss`, spec section 3).
+"""CapeNext training losses (official `PoseHead.get_loss` / `heatmap_loss`, docs/MODEL.md §3).
 
 A keypoint counts when it is valid in the query and in the support: w = query_weight * mask_s.
 Each sample is normalised by its number of counted keypoints (at least 1).
@@ -113,3 +113,15 @@ def capenext_losses(outputs: dict, query_joints: jax.Array, query_weight: jax.Ar
   losses['loss'] = sum(losses.values())
   losses['acc_pose'] = pck_accuracy(keypoints[-1], query_joints, w, image_size)
   return losses
+
+
+def batch_loss_fn(image_size: int):
+  """The train step's `loss_fn(outputs, batch)`: `capenext_losses` of a pipeline batch
+  (`query_joints`, `query_weight`, `support_mask`), targets at a quarter of the crop side."""
+
+  def loss_fn(outputs: dict, batch) -> dict[str, jax.Array]:
+    return capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
+                           batch['support_mask'], image_size=image_size,
+                           heatmap_size=image_size // 4)
+
+  return loss_fn

@@ -1,6 +1,6 @@
 """Evaluation metrics with the official per-instance definitions (mmpose 0.29 `top_down_eval`).
 
-Numpy only. The official test (`_report_metric` of the MP-100 test dataset, spec section 6)
+Numpy only. The official test (`_report_metric` of the MP-100 test dataset, docs/MODEL.md §6)
 calls mmpose once per query instance and averages the per-instance numbers over all pairs:
 
 * `dist_k = ||pred_k - gt_k|| / bbox_thr` over the valid keypoints k of the instance (`mask`);
@@ -162,7 +162,7 @@ def keypoint_pck_accuracy(pred, gt, mask, thr: float, normalize):
 
 
 def transform_preds(coords_crop, center, scale, image_size: int = 256) -> np.ndarray:
-  """Map crop-pixel predictions back to the original image (spec section 2, non-UDP).
+  """Map crop-pixel predictions back to the original image (docs/MODEL.md §2, non-UDP).
 
   coords_crop: [N, K, 2] pixels in the `image_size` crop (model output x image_size);
   center: [N, 2] bbox centre in image pixels; scale: [N, 2] bbox (w, h) / 200.

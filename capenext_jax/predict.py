@@ -5,195 +5,25 @@
   capenext-predict --coco annotations.json --image_root images/ --checkpoint ckpt.pth \\
       --output predictions.json --overlay_dir overlays/
 
-The image goes through the official test transform (spec 5.1, 5.5, 2): bbox (default: the
-whole image) cleaned as the annotation reader does -> center / scale (aspect 1, padding 1.25)
--> affine warp to the model's input size -> ImageNet normalisation -> model -> last decoder
-layer's points -> back to image pixels. Writes a JSON of keypoints in image coordinates and an
-overlay PNG (numbered points, skeleton, legend). CLIP text embeddings are computed once per
-(category, descriptions) set.
+`--checkpoint` is anything `capenext_jax.loading` reads (an export, a train.py workdir, an
+official .pth / .npz, a parity fixture). Writes a JSON of keypoints in image coordinates and an
+overlay PNG (numbered points, skeleton, legend); the model side is `predictor.Predictor`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from capenext_jax import export, metrics
-from capenext_jax.image_ops import imagenet_normalize, warp_affine
-from capenext_jax.models.capenext import NUM_SLOTS, CapeNext, CapeNextConfig
-from capenext_jax.models.head import adjacency_from_skeleton
-from capenext_jax.mp100 import geometry
+from capenext_jax import loading
+from capenext_jax.models.capenext import NUM_SLOTS
+from capenext_jax.mp100.annotations import read_categories
 from capenext_jax.mp100.images import load_rgb
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def _is_fixture(path: Path) -> bool:
-  """A parity-fixture npz (official weights listed in `state_dict_keys`, config inside)."""
-  if path.suffix != '.npz' or not path.is_file():
-    return False
-  with np.load(path, allow_pickle=False) as z:
-    return {'state_dict_keys', 'config_json'} <= set(z.files)
-
-
-def _load_fixture(path: Path, config: CapeNextConfig | None) -> CapeNext:
-  from capenext_jax.convert import official
-  with np.load(path, allow_pickle=False) as z:
-    state_dict = {str(k): z[str(k)] for k in z['state_dict_keys']}
-    config = config or official.config_from_fixture(json.loads(str(z['config_json'])))
-  return export.build_model(config, official.capenext_from_official(state_dict))
-
-
-def _is_official(path: Path) -> bool:
-  return path.is_file() and path.suffix in ('.pth', '.pt', '.ckpt', '.bin', '.npz',
-                                             '.safetensors')
-
-
-def _load_official(path: Path, config: CapeNextConfig | None) -> CapeNext:
-  """Official CapeNext (or CapeX: no `additional_module.*`) weights; headline sizes unless a
-  config is given, since shapes alone cannot tell e.g. head counts or the input size."""
-  from capenext_jax.convert.official import load_official
-  params = load_official(path)
-  if config is None:
-    config = CapeNextConfig() if 'fusion' in params else CapeNextConfig(fusion=None)
-  return export.build_model(config, params)
-
-
-def _load_export(path: Path, config: CapeNextConfig | None) -> CapeNext:
-  if config is not None:
-    raise ValueError(f'{path}: an export carries its own config; drop --config')
-  return export.load_pretrained(path)
-
-
-# (name, detect(path), load(path, config or None) -> CapeNext), tried in order.
-# Hook: train.py's orbax checkpoint directories are added here by the training code, e.g.
-#   CHECKPOINT_LOADERS.insert(0, ('train', is_train_checkpoint, load_train_checkpoint))
-CHECKPOINT_LOADERS: list[tuple[str, Callable[[Path], bool], Callable]] = [
-    ('export', export.is_export, _load_export),
-    ('fixture', _is_fixture, _load_fixture),
-    ('official', _is_official, _load_official),
-]
-
-
-def load_model(path: str | Path, config: CapeNextConfig | None = None) -> CapeNext:
-  """A CapeNext in eval mode from any checkpoint kind in `CHECKPOINT_LOADERS`."""
-  path = Path(path)
-  if not path.exists():
-    raise ValueError(f'{path}: no such checkpoint')
-  for _, detect, load in CHECKPOINT_LOADERS:
-    if detect(path):
-      model = load(path, config)
-      model.eval()
-      return model
-  raise ValueError(f'{path}: not a checkpoint this tool reads (kinds: '
-                   f'{", ".join(name for name, _, _ in CHECKPOINT_LOADERS)})')
-
-
-def read_config(path: str | Path) -> CapeNextConfig:
-  """Our config JSON: `CapeNextConfig.to_dict()`, or an export's config.json."""
-  d = json.loads(Path(path).read_text())
-  return CapeNextConfig.from_dict(d['config'] if 'config' in d else d)
-
-
-# ----------------------------------------------------------------------------- inputs
-def clean_bbox(bbox: Sequence[float] | None, width: int, height: int) -> np.ndarray:
-  """The annotation reader's box cleaning; None -> the whole image. Raises ValueError for a
-  box with no area inside the image."""
-  box = geometry.clean_bbox((0, 0, width, height) if bbox is None else bbox, width, height)
-  if box is None:
-    raise ValueError(f'bbox {bbox} has no area inside the {width}x{height} image')
-  return box
-
-
-def model_input(image: np.ndarray, bbox: np.ndarray, size: int
-                ) -> tuple[jax.Array, np.ndarray, np.ndarray]:
-  """The official test crop: image uint8 [H, W, 3], clean bbox [4] ->
-  (ImageNet-normalised float32 [size, size, 3], center [2], scale [2])."""
-  center, scale = geometry.bbox_to_center_scale(bbox)
-  matrix = geometry.affine_matrix(center, scale, 0.0, (size, size)).astype(np.float32)
-  warped = warp_affine(jnp.asarray(image)[None], jnp.asarray(matrix)[None], size)
-  # cv2.warpAffine writes uint8 for uint8 input: round and saturate as it does.
-  return imagenet_normalize(jnp.clip(jnp.round(warped), 0, 255))[0], center, scale
-
-
-# ----------------------------------------------------------------------------- model
-@dataclasses.dataclass(frozen=True)
-class Query:
-  """One instance to predict: pixels, clean bbox and what its category looks like."""
-  image: np.ndarray
-  bbox: np.ndarray
-  category: str
-  descriptions: tuple[str, ...]
-  skeleton: tuple[tuple[int, int], ...]
-
-
-class Predictor:
-  """Batched inference with a per-(category, descriptions) text-embedding cache."""
-
-  def __init__(self, model: CapeNext, batch_size: int = 8):
-    self.model, self.batch_size = model, batch_size
-    self.size = model.config.image_size
-    self._text: dict[tuple[str, tuple[str, ...]], tuple[jax.Array, jax.Array]] = {}
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, images, mask, adjacency, keypoint_text, category_text):
-      out = nnx.merge(graphdef, state)(images, mask, adjacency, keypoint_text=keypoint_text,
-                                       category_text=category_text)
-      return out['keypoints'][-1]
-
-    self._forward = lambda *args: forward(state, *args)
-
-  def encode_texts(self, sets: Sequence[tuple[str, tuple[str, ...]]]) -> None:
-    """Encode every not yet cached (category, descriptions) set in one text-tower pass."""
-    from capenext_jax.text.cache import CategoryText, build_text_cache
-    todo = [s for s in dict.fromkeys(sets) if s not in self._text]
-    if not todo:
-      return
-    cache = build_text_cache(self.model, [CategoryText(n, d) for n, d in todo])
-    for i, key in enumerate(todo):
-      self._text[key] = cache.keypoint[i], cache.category[i]
-
-  def __call__(self, queries: Sequence[Query]) -> list[np.ndarray]:
-    """Keypoints [K_i, 2] in image pixels for each query, in order."""
-    self.encode_texts([(q.category, q.descriptions) for q in queries])
-    out = []
-    for start in range(0, len(queries), self.batch_size):
-      out.extend(self._batch(queries[start:start + self.batch_size]))
-    return out
-
-  def _batch(self, queries: Sequence[Query]) -> list[np.ndarray]:
-    n = len(queries)
-    pad = list(queries) + [queries[-1]] * (self.batch_size - n)  # one compiled batch shape
-    crops = [model_input(q.image, q.bbox, self.size) for q in pad]
-    images = jnp.stack([c[0] for c in crops])
-    mask = np.zeros((len(pad), NUM_SLOTS), np.float32)
-    for b, q in enumerate(pad):
-      mask[b, :len(q.descriptions)] = 1.0  # every described keypoint is asked for
-    adjacency = np.stack([_adjacency(q.skeleton) for q in pad])
-    texts = [self._text[(q.category, q.descriptions)] for q in pad]
-    points = self._forward(images, jnp.asarray(mask), jnp.asarray(adjacency, jnp.float32),
-                           jnp.stack([t[0] for t in texts]), jnp.stack([t[1] for t in texts]))
-    points = np.asarray(points[:n]) * self.size
-    center = np.stack([c[1] for c in crops[:n]])
-    scale = np.stack([c[2] for c in crops[:n]])
-    image_points = metrics.transform_preds(points, center, scale, self.size)
-    return [image_points[b, :len(q.descriptions)] for b, q in enumerate(queries)]
-
-
-def _adjacency(skeleton: tuple[tuple[int, int], ...]) -> np.ndarray:
-  """[100, 100] 0/1. Without a skeleton the graph layers get no neighbours (rows of zeros),
-  which our head handles; the official model would need at least one edge."""
-  if not skeleton:
-    return np.zeros((NUM_SLOTS, NUM_SLOTS), np.float32)
-  return adjacency_from_skeleton(np.asarray(skeleton, np.int64), NUM_SLOTS)
+from capenext_jax.predictor import Predictor, Query, clean_bbox
 
 
 # ----------------------------------------------------------------------------- CLI parsing
@@ -255,7 +85,7 @@ def keypoints_record(points: np.ndarray, query: Query) -> list[dict]:
 
 
 def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None):
-  from capenext_jax.visualize import draw_overlay
+  from capenext_jax.evaluation.visualize import draw_overlay
   return draw_overlay(query.image, points, query.skeleton, query.descriptions, gt=gt,
                       gt_visible=gt_visible)
 
@@ -289,7 +119,6 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
   Categories go through the annotation reader's validation: K comes from the annotations'
   keypoint arrays (the name list may be empty, as for ``face`` in the real MP-100 files).
   """
-  from capenext_jax.mp100.annotations import read_categories
   coco = json.loads(Path(ann_file).read_text())
   categories = {c['id']: c for c in read_categories(coco, ann_file, require=('images',))}
   images = {im['id']: im for im in coco['images']}
@@ -361,8 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.image is not None and not args.category:
     parser.error('--category is required with an image')
   try:
-    config = read_config(args.config) if args.config else None
-    predictor = Predictor(load_model(args.checkpoint, config),
+    config = loading.read_config(args.config) if args.config else None
+    predictor = Predictor(loading.load_model(args.checkpoint, config),
                           batch_size=1 if args.image else args.batch_size)
     written = (predict_image if args.image else predict_coco)(args, predictor)
     print('wrote ' + ', '.join(str(p) for p in written))

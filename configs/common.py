@@ -38,7 +38,7 @@ def model_config(backbone: str = 'swinv2_t', image_size: int = 256,
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Run settings with the official recipe (spec section 4) and single-host defaults."""
+  """Run settings with the official recipe (docs/MODEL.md §4) and single-host defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 1
   c.init = dict(swin_path='', clip_path='')  # pretrained weights ('' = random init)

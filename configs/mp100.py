@@ -4,7 +4,7 @@
 Args: split=1..5, shots=1|5, backbone=swinv2_t|swinv2_s|swinv2_b|tiny, capex (no fusion
 module: plain CapeX), runlocal (a few steps of a tiny model on CPU, to check the wiring),
 root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
-Pretrained weights (spec section 4): set init.swin_path / init.clip_path, e.g.
+Pretrained weights (docs/MODEL.md §4): set init.swin_path / init.clip_path, e.g.
   --config.init.swin_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=clip-vit-base-patch32/model.safetensors
 """
 from __future__ import annotations

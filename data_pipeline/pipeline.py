@@ -8,7 +8,7 @@ Two image sources share one pipeline:
 All geometry (episodes, augmentation draws, affine matrices, transformed joints, target weights,
 support and evaluation masks) is computed per epoch in float64 numpy (``transforms.py``); tf.data
 only reads and decodes the query pixels and, in ``warp='host'`` mode, warps and normalises them.
-Support pixels are never decoded: the model needs only the support mask (spec 5.6).
+Support pixels are never decoded: the model needs only the support mask (docs/MODEL.md §5.6).
 
 Batch dict (per host; B = global_batch_size // process_count):
   query_image    float32 [B, S, S, 3]  ImageNet-normalised (warp='host')
@@ -19,9 +19,9 @@ Batch dict (per host; B = global_batch_size // process_count):
   support_mask   float32 [B, 100]      same for support shot 0 (augmented in training)
   adjacency      float32 [B, 100, 100] 0/1 symmetrised skeleton (include_adjacency=True)
   category_index int32   [B]           row of ``source.dataset.category_table()``
-  eval extras (make_eval_iterator): query_center f32 [B,2], query_scale f32 [B,2],
-  query_joints_orig f32 [B,100,2], eval_mask bool [B,100], bbox_thr f32 [B], pair_index int32 [B],
-  valid bool [B], query_ann_id int64 [B], support_ann_ids int64 [B, k].
+  eval extras (make_eval_iterator): pair_index int32 [B] (row of the pairs given), valid bool
+  [B] (False on the padding of the last batch), eval_mask bool [B,100], query_ann_id int64 [B],
+  support_ann_ids int64 [B, k].
 """
 from __future__ import annotations
 
@@ -300,7 +300,7 @@ def _explain_failure(source: Source, db_rows: np.ndarray, err) -> Exception:
     for i in dict.fromkeys(int(r) for r in db_rows):
       p = d.image_path[i]
       try:
-        arr = load_rgb(p)
+        arr = load_rgb(p, tuple(int(v) for v in d.image_size[i]))
         if arr.shape[:2] != (int(d.image_size[i, 1]), int(d.image_size[i, 0])):
           return ValueError(f'{p}: image size {arr.shape[1]}x{arr.shape[0]} differs from the '
                             f'json width/height {int(d.image_size[i, 0])}x{int(d.image_size[i, 1])} '
@@ -374,14 +374,14 @@ def make_train_iterator(source: Source, global_batch_size: int, config: Pipeline
 
 
 def make_eval_iterator(source: Source, global_batch_size: int, config: PipelineConfig = PipelineConfig(),
-                       *, num_episodes: int = 200, num_queries: int = 15,
-                       process_index: int | None = None, process_count: int | None = None
-                       ) -> Iterator[dict]:
-  """The official evaluation pairs in order, no augmentation; the last batch is padded
-  (``valid`` False) so every host gets the same number of batches."""
+                       *, pairs: np.ndarray, process_index: int | None = None,
+                       process_count: int | None = None) -> Iterator[dict]:
+  """Evaluation batches of ``pairs`` (int64 [N, shots + 1] db rows, e.g. the official ones
+  of ``capenext_jax.evaluation.EvalPairs``) in order, no augmentation; the last batch is
+  padded (``valid`` False) so every host gets the same number of batches."""
   host_batch, pidx, _ = _host_batch(global_batch_size, process_index, process_count)
   d = source.dataset
-  pairs = ep.official_pairs(d, config.shots, num_episodes, num_queries)
+  pairs = np.asarray(pairs, np.int64)
   n = len(pairs)
   total = -(-n // global_batch_size) * global_batch_size
   pair_index = np.minimum(np.arange(total), n - 1)
@@ -391,11 +391,7 @@ def make_eval_iterator(source: Source, global_batch_size: int, config: PipelineC
   arrays = episode_arrays(source, ep_rows, config)
   q = ep_rows[:, -1]
   arrays.update(
-      query_center=d.center[q].astype(np.float32),
-      query_scale=d.scale[q].astype(np.float32),
-      query_joints_orig=d.joints[q].astype(np.float32),
       eval_mask=ep.eval_mask(d, ep_rows),
-      bbox_thr=d.bbox_thr[q].astype(np.float32),
       pair_index=pidx_rows.astype(np.int32),
       valid=rows < n,
       query_ann_id=d.ann_id[q],

@@ -61,7 +61,7 @@ def test_pure_dict_matches_model_state(fixture, openai_sd):
 
 def test_vit_b32_parameter_count():
   model = nnx.eval_shape(lambda: CLIP(CLIPConfig(), rngs=nnx.Rngs(0)))
-  assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 151_277_313  # spec 7
+  assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 151_277_313  # docs/MODEL.md §7
 
 
 def test_config_from_openai(fixture, openai_sd):

@@ -1,9 +1,10 @@
-"""Episode sampling: the official fixed pairs (spec 5.4) and resumable training episodes."""
+"""Episode sampling: the official fixed pairs (docs/MODEL.md §5.4) and resumable training episodes."""
 import random
 
 import numpy as np
 import pytest
 
+from capenext_jax.evaluation.pairs import EvalPairs, EvalProtocol, pairs_of_file
 from capenext_jax.mp100 import annotations as an
 from capenext_jax.mp100 import episodes as ep
 
@@ -72,7 +73,7 @@ def test_official_pairs_and_eval_arrays(shots):
   assert [a['id'] for a in db] == d.ann_id.tolist()
   got = ep.official_pairs(d, shots, 7, 4)
   np.testing.assert_array_equal(got, np.array(pairs))
-  out = ep.make_eval_episodes(d, shots, 7, 4)
+  out = EvalPairs.build(d, EvalProtocol(shots=shots, num_episodes=7, num_queries=4)).arrays
   n = len(pairs)
   assert out['support_ann_ids'].shape == (n, shots) and out['support_ann_ids'].dtype == np.int64
   assert out['query_ann_id'].dtype == np.int64 and out['query_ann_id'].shape == (n,)
@@ -89,14 +90,14 @@ def test_official_pairs_and_eval_arrays(shots):
     assert out['bbox_thr'][i] == 49.0   # max(w - 1, h - 1) of the clean box
 
 
-def test_make_eval_episodes_from_path_without_images(tmp_path):
+def test_eval_pairs_from_path_without_images(tmp_path):
   import json
   data = _hand_built()
   p = tmp_path / 'x.json'
   p.write_text(json.dumps(data))
-  out = ep.make_eval_episodes(str(p), 1, 3, 2)
+  out = pairs_of_file(str(p), EvalProtocol(shots=1, num_episodes=3, num_queries=2))
   _, pairs = _spec_pairs(data, 1, 3, 2)
-  assert len(out['query_ann_id']) == len(pairs)
+  np.testing.assert_array_equal(out.pairs, np.array(pairs))
 
 
 def test_training_episodes_balanced_and_resumable():

@@ -23,7 +23,7 @@ ONE_LEVEL = 1.01 / 255 / 0.224
 
 
 def _eval_batches(src, cfg, batch=4, **kw):
-  return list(pl.make_eval_iterator(src, batch, cfg, num_episodes=1, num_queries=1,
+  return list(pl.make_eval_iterator(src, batch, cfg, pairs=ep.official_pairs(src.dataset, 1, 1, 1),
                                     process_index=0, process_count=1, **kw))
 
 
@@ -165,3 +165,16 @@ def test_tfds_records_roundtrip_and_tf_isolation(tmp_path):
           'data_pipeline, data_pipeline.pipeline, data_pipeline.synthetic; '
           'assert "tensorflow" not in sys.modules')
   assert subprocess.run([sys.executable, '-c', code], cwd=REPO).returncode == 0
+
+
+def test_library_never_imports_data_pipeline():
+  """Every module of capenext_jax imports without data_pipeline (which owns TensorFlow)."""
+  code = ('import importlib, pkgutil, sys, capenext_jax\n'
+          'for m in pkgutil.walk_packages(capenext_jax.__path__, "capenext_jax."):\n'
+          '  importlib.import_module(m.name)\n'
+          'bad = sorted(k for k in sys.modules if k.split(".")[0] == "data_pipeline")\n'
+          'assert not bad, bad\n'
+          'print(len([k for k in sys.modules if k.startswith("capenext_jax.")]))')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert int(proc.stdout.split()[-1]) >= 40   # the walk reached the whole package

@@ -38,9 +38,10 @@ def categories_with(path, min_instances, out):
 
 
 def check_export(npz, ann, shots, episodes, queries):
-  from capenext_jax.mp100.episodes import make_eval_episodes
+  from capenext_jax.evaluation.pairs import EvalProtocol, pairs_of_file
   got = np.load(npz)
-  want = make_eval_episodes(str(ann), shots, episodes, queries)
+  want = pairs_of_file(str(ann), EvalProtocol(shots=shots, num_episodes=episodes,
+                                              num_queries=queries)).arrays
   n = len(want['query_ann_id'])
   for key, dtype, shape in (('support_ann_ids', np.int64, (n, shots)),
                             ('query_ann_id', np.int64, (n,)), ('bbox_thr', np.float64, (n,)),
@@ -57,27 +58,27 @@ def test_export_episodes_without_model_or_images(tmp_path):
   check_export(out, TEST_ANN, 1, 5, 1)
   # 5-shot where the data allows: train categories with >= 7 instances (5 + 2 queries).
   ann = categories_with(TRAIN_ANN, 7, tmp_path / 'big.json')
-  from capenext_jax import evaluate
+  from capenext_jax.evaluation.pairs import EvalProtocol, export_episodes
   from PIL import Image
   with pytest.MonkeyPatch.context() as mp:   # no image is opened
     mp.setattr(Image, 'open', lambda *a, **k: pytest.fail('image read'))
-    evaluate.export_episodes(str(ann), str(tmp_path / 'five.npz'), 5, 4, 2)
+    export_episodes(str(ann), str(tmp_path / 'five.npz'),
+                    EvalProtocol(shots=5, num_episodes=4, num_queries=2))
   check_export(tmp_path / 'five.npz', ann, 5, 4, 2)
 
 
 def test_score_predictions_ground_truth_and_shifted(tmp_path):
-  from capenext_jax import evaluate
-  from capenext_jax.mp100.annotations import load_annotations
-  arrays = evaluate.episode_arrays(load_annotations(str(TEST_ANN), '', drop_missing_images=False),
-                                   1, 3, 1)
+  from capenext_jax.evaluation.pairs import EvalProtocol, pairs_of_file
+  pairs = pairs_of_file(str(TEST_ANN), EvalProtocol(shots=1, num_episodes=3, num_queries=1))
+  arrays = pairs.arrays
   assert arrays['mask'].any(axis=1).all()   # no empty pair: the hand values below hold
   gt = arrays['gt_keypoints']
-  evaluate.write_predictions(tmp_path / 'gt.json', gt, arrays)
+  pairs.write_predictions(tmp_path / 'gt.json', gt)
   # Every keypoint moved 0.12 * bbox_thr along x: dist 0.12 for every valid keypoint, so
   # PCK@0.05 = PCK@0.1 = 0, PCK@0.15..0.25 = 1, mPCK 0.6, AUC = 17 thresholds (0.15..0.95) / 20.
   shift = gt.copy()
   shift[..., 0] += 0.12 * arrays['bbox_thr'][:, None]
-  evaluate.write_predictions(tmp_path / 'shift.json', shift, arrays)
+  pairs.write_predictions(tmp_path / 'shift.json', shift)
   for name in ('gt', 'shift'):
     run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',
         '--num_queries=1', f'--score_predictions={tmp_path / name}.json',

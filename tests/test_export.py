@@ -22,7 +22,7 @@ import pytest
 from flax import nnx
 
 import capenext_jax
-from capenext_jax import export, pretrained
+from capenext_jax import export, loading
 from capenext_jax import params as params_lib
 from capenext_jax.convert import clip as clip_convert
 from capenext_jax.convert import official
@@ -162,7 +162,7 @@ def test_init_from_pretrained(tmp_path, tiny):
   torch.save({'model': {k: torch.from_numpy(np.asarray(v)) for k, v in swin_sd.items()}},
              tmp_path / 'swinv2.pth')
   np.savez(tmp_path / 'clip.npz', **clip_convert.clip_to_openai(params['clip']))
-  pretrained.init_from_pretrained(model, swin_path=tmp_path / 'swinv2.pth',
+  loading.init_from_pretrained(model, swin_path=tmp_path / 'swinv2.pth',
                                   clip_path=tmp_path / 'clip.npz')
   got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert _same_params(got['backbone'], params['backbone'])
@@ -171,7 +171,7 @@ def test_init_from_pretrained(tmp_path, tiny):
   del swin_sd['norm.weight']
   np.savez(tmp_path / 'broken.npz', **swin_sd)
   with pytest.raises(ValueError, match=r'broken\.npz.*norm\.weight'):
-    pretrained.init_from_pretrained(model, swin_path=tmp_path / 'broken.npz')
+    loading.init_from_pretrained(model, swin_path=tmp_path / 'broken.npz')
 
 
 class _Evil:
@@ -194,7 +194,7 @@ def test_malicious_pickle_is_refused(tmp_path, tiny):
   model = export.build_model(*tiny)
   for path in (raw, zipped):
     with pytest.raises(ValueError, match='refused'):
-      pretrained.init_from_pretrained(model, swin_path=path)
+      loading.init_from_pretrained(model, swin_path=path)
     with pytest.raises(ValueError, match='refused'):
       official.load_official(path)
   assert not marker.exists()

@@ -4,7 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from capenext_jax import metrics, predictions, report
+from capenext_jax import metrics
+from capenext_jax.evaluation import predictions, report
 from conftest import load_fixture
 
 BIG_ID = 2**53 + 1  # not representable as float64: a float round trip would change it

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from capenext_jax import export, predict
+from capenext_jax import export, loading, predict, predictor
 from capenext_jax.metrics import transform_preds
-from capenext_jax.visualize import draw_overlay
+from capenext_jax.evaluation.visualize import draw_overlay
 from conftest import FIXTURES, MP100_MINI
-from capenext_jax.mp100.annotations import bbox_to_center_scale
+from capenext_jax.mp100.geometry import bbox_to_center_scale
 from capenext_jax.mp100.geometry import affine_matrix, apply_affine
 
 TIGER = 'tiger_body'
@@ -49,7 +49,7 @@ def test_single_image_cli(tmp_path):
 
 
 def test_batch_mode_with_export(tmp_path):
-  model = predict.load_model(FIXTURES / 'tiny_capenext.npz')
+  model = loading.load_model(FIXTURES / 'tiny_capenext.npz')
   export.export_model(model, tmp_path / 'export')
   ann = MP100_MINI / 'annotations' / 'mini_test.json'
   rc = predict.main(['--coco', str(ann), '--image_root', str(MP100_MINI / 'images'),
@@ -83,11 +83,11 @@ def test_parsing(tmp_path):
   assert predict.parse_skeleton('[[0, 2]]', 3) == ((0, 2),)
   with pytest.raises(ValueError, match='index past'):
     predict.parse_skeleton('0-3', 3)
-  np.testing.assert_array_equal(predict.clean_bbox(None, 640, 480), [0, 0, 639, 479])
-  np.testing.assert_array_equal(predict.clean_bbox([-5, 10, 100, 1000], 640, 480),
+  np.testing.assert_array_equal(predictor.clean_bbox(None, 640, 480), [0, 0, 639, 479])
+  np.testing.assert_array_equal(predictor.clean_bbox([-5, 10, 100, 1000], 640, 480),
                                 [0, 10, 99, 469])
   with pytest.raises(ValueError, match='no area'):
-    predict.clean_bbox([700, 0, 10, 10], 640, 480)
+    predictor.clean_bbox([700, 0, 10, 10], 640, 480)
 
 
 def test_crop_and_back_transform_agree():
@@ -95,8 +95,8 @@ def test_crop_and_back_transform_agree():
   from, and a point mapped by the affine matrix decodes back to itself."""
   ys, xs = np.mgrid[0:120, 0:200]
   image = np.stack([xs, ys, (xs + ys) // 2], -1).astype(np.uint8)  # linear: bilinear is exact
-  bbox = predict.clean_bbox([30, 20, 90, 70], 200, 120)
-  crop, center, scale = predict.model_input(image, bbox, 64)
+  bbox = predictor.clean_bbox([30, 20, 90, 70], 200, 120)
+  crop, center, scale = predictor.model_input(image, bbox, 64)
   assert crop.shape == (64, 64, 3)
   mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
   pixels = (np.asarray(crop) * std + mean) * 255

@@ -65,11 +65,11 @@ def test_reader_takes_k_from_the_annotations(tmp_path):
 
 
 def test_export_and_score_episodes(tmp_path):
-  from capenext_jax import evaluate
+  from capenext_jax.evaluation.pairs import EvalProtocol, export_episodes, pairs_of_file
   blank, filled = real_shapes(tmp_path)
-  protocol = dict(shots=1, num_episodes=3, num_queries=1)
-  n = evaluate.export_episodes(str(blank), str(tmp_path / 'blank.npz'), **protocol)
-  evaluate.export_episodes(str(filled), str(tmp_path / 'filled.npz'), **protocol)
+  protocol = EvalProtocol(shots=1, num_episodes=3, num_queries=1)
+  n = export_episodes(str(blank), str(tmp_path / 'blank.npz'), protocol)
+  export_episodes(str(filled), str(tmp_path / 'filled.npz'), protocol)
   assert n == 5 * 3
   got, want = np.load(tmp_path / 'blank.npz'), np.load(tmp_path / 'filled.npz')
   assert set(got.files) == set(want.files)
@@ -77,9 +77,9 @@ def test_export_and_score_episodes(tmp_path):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
   assert sorted(set(got['num_keypoints'].tolist())) == [8, 15, 19, 32, 68]
   # Ground truth as predictions scores PCK 1 on every category, the faces included.
-  arrays = {key: got[key] for key in got.files}
-  evaluate.write_predictions(str(tmp_path / 'gt.json'), arrays['gt_keypoints'], arrays)
-  scores = evaluate.score_predictions_file(str(tmp_path / 'gt.json'), str(blank), **protocol)
+  pairs = pairs_of_file(str(blank), protocol)
+  pairs.write_predictions(str(tmp_path / 'gt.json'), got['gt_keypoints'])
+  scores = pairs.score_file(str(tmp_path / 'gt.json'))
   assert scores['PCK@0.2'] == 1.0 and scores['num_pairs'] == n
   assert {int(c) for c in scores['per_category']} == {66, 18, 102, 103, 40}
   assert all(s['PCK@0.2'] == 1.0 for s in scores['per_category'].values())

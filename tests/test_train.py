@@ -1,6 +1,5 @@
 """train.py's loop on a tiny model: configs, resume == uninterrupted, 2 devices == 1 device,
 2 processes == 1 process. Subprocesses set device counts / distributed init before jax loads."""
-import json
 import os
 import subprocess
 import sys
@@ -50,15 +49,21 @@ def test_configs_build_models():
   assert synthetic.get_config().data.synthetic.enabled
 
 
+def train(config, workdir):
+  """train.py's work without its flags: the loop over the config's data splits."""
+  from capenext_jax.training.loop import train_and_evaluate
+  from data_pipeline.splits import run_splits
+  return train_and_evaluate(config, workdir, run_splits(config, workdir))
+
+
 def restore_params(workdir, config):
   """Trainable params and data position of the latest checkpoint in `workdir` (host numpy)."""
   import jax
-  from capenext_jax import experiment
-  from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
+  from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
   tx = schedule.make_optimizer(config.optim, 1)
   mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
-    _, st, sh = experiment.init_state(config, tx, mesh)
+    _, st, sh = init.init_state(config, tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
     st, pos = ckpt.restore(state_lib.abstract_state(st, sh).replace(frozen=st.frozen))
     ckpt.close()
@@ -66,24 +71,23 @@ def restore_params(workdir, config):
 
 
 def test_resume_continues_exactly(tmp_path):
-  from capenext_jax.train_loop import train_and_evaluate
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   data = str(tmp_path / 'data')
   for cfg_steps, wd in ((4, full), (2, part), (4, part)):
     c = tiny_config(cfg_steps)
     c.data.root = data
-    train_and_evaluate(c, wd)
+    train(c, wd)
   c = tiny_config(4)
   (a, pos_a), (b, pos_b) = restore_params(full, c), restore_params(part, c)
   assert pos_a == pos_b == {'step': 4}
   import jax
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
   # The next batch a resumed run reads is the uninterrupted run's batch at that step.
-  from capenext_jax import experiment
   from data_pipeline.pipeline import json_source, make_train_iterator
-  files = experiment.data_files(c, full)
+  from data_pipeline.splits import data_files, pipeline_config
+  files = data_files(c, full)
   src = json_source(files['train'], files['image_root'])
-  pc = experiment.pipeline_config(c, train=True)
+  pc = pipeline_config(c, train=True)
   it = make_train_iterator(src, 4, pc, process_index=0, process_count=1)
   uninterrupted = [next(it) for _ in range(5)][4]
   resumed = next(make_train_iterator(src, 4, pc, start_step=4, process_index=0,
@@ -93,30 +97,31 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_non_finite_loss_is_named(tmp_path):
-  from capenext_jax.train_loop import train_and_evaluate
   c = tiny_config(2)
   c.optim.lr = 1e30   # the first update blows the params up; step 1's loss is not finite
   c.data.root = str(tmp_path / 'data')
   with pytest.raises(FloatingPointError, match=r'at step 1'):
-    train_and_evaluate(c, str(tmp_path / 'run'))
+    train(c, str(tmp_path / 'run'))
 
 
 # ----------------------------------------------------------------------------- 2 devices
 def two_device_main(data_root):
-  """Subprocess: the real train step (train_loop.build_train_step) on 1 device vs
+  """Subprocess: the real train step (training.loop.build_train_step) on 1 device vs
   ('data', 'fsdp') = (2, 1) and (1, 2)."""
   import jax
-  from capenext_jax import experiment
-  from capenext_jax.train_loop import build_train_step
-  from capenext_jax.training import partition, schedule
+  from capenext_jax.forward import device_batch
+  from capenext_jax.text.cache import replicated_text_cache
+  from capenext_jax.training import init, partition, schedule
+  from capenext_jax.training.loop import build_train_step
   from data_pipeline.pipeline import json_source, make_train_iterator
+  from data_pipeline.splits import data_files, pipeline_config
   assert jax.device_count() == 2
   c = tiny_config()
   c.data.root = data_root
   c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split
-  files = experiment.data_files(c, data_root)
+  files = data_files(c, data_root)
   src = json_source(files['train'], files['image_root'])
-  it = make_train_iterator(src, 4, experiment.pipeline_config(c, train=True),
+  it = make_train_iterator(src, 4, pipeline_config(c, train=True),
                            process_index=0, process_count=1)
   batches = [next(it) for _ in range(2)]
   tx = schedule.make_optimizer(c.optim, 10)
@@ -124,14 +129,14 @@ def two_device_main(data_root):
   for layout, devices in (((1, 1), jax.devices()[:1]), ((2, 1), None), ((1, 2), None)):
     mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
     with jax.set_mesh(mesh):
-      graphdef, st, sh = experiment.init_state(c, tx, mesh)
+      graphdef, st, sh = init.init_state(c, tx, mesh)
       if layout == (1, 2):
         assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
-      cache = experiment.text_cache(graphdef, st, src.dataset, mesh)
+      cache = replicated_text_cache(graphdef, st, src.dataset, mesh)
       step = build_train_step(c, graphdef, cache, tx, sh)
       metrics = []
       for b in batches:
-        st, m = step(st, experiment.device_batch(b, mesh))
+        st, m = step(st, device_batch(b, mesh))
         metrics.append(m)
       results[layout] = jax.device_get((st.trainable, metrics))
   bad = [f'{layout} {m}' for layout in ((2, 1), (1, 2))
@@ -215,7 +220,6 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   uninterrupted run's. A half-written (uncommitted) checkpoint from the crash is ignored."""
   import signal
   import time
-  from capenext_jax.train_loop import train_and_evaluate
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
   data, wd = tmp_path / 'data', tmp_path / 'killed'
   proc = subprocess.Popen(train_cmd(wd, data, *KILL_RUN), env=env, stdout=subprocess.PIPE,
@@ -240,7 +244,7 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   c = tiny_config(24)
   c.data.root = str(data)
   c.checkpoint_every_steps = 24
-  train_and_evaluate(c, str(tmp_path / 'whole'))
+  train(c, str(tmp_path / 'whole'))
   (a, pos_a), (b, pos_b) = restore_params(str(tmp_path / 'whole'), c), restore_params(str(wd), c)
   assert pos_a == pos_b == {'step': 24}
   bad = mismatches(a, b)

@@ -1,4 +1,4 @@
-"""The official LR schedule and Adam settings (spec section 4)."""
+"""The official LR schedule and Adam settings (docs/MODEL.md §4)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

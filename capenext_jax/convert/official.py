@@ -1,6 +1,6 @@
 """Official CapeNext checkpoints (mmcv `.pth`, or `.npz` of the same keys) <-> our params.
 
-The official state dict has four groups (spec 7): `backbone.` (Swin V2), `text_backbone.` (CLIP,
+The official state dict has four groups (docs/MODEL.md §7): `backbone.` (Swin V2), `text_backbone.` (CLIP,
 OpenAI layout), `keypoint_head.` and `additional_module.` (the fusion module). Each group is
 converted by its own pure-dict function; this module only routes keys by prefix. Every key must
 be consumed: the group converters skip the known-unused ones (Swin `head`, fusion `non_linear`,

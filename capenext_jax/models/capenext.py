@@ -1,6 +1,6 @@
 """CapeNext: CapeX (Swin V2 + text-described keypoints + graph decoder) with CLIP fusion.
 
-Spec section 0 and Appendix A. The support images are never used: the support enters only
+docs/MODEL.md §0. The support images are never used: the support enters only
 through the category's keypoint descriptions and the support-visibility mask.
 """
 from __future__ import annotations
@@ -131,7 +131,7 @@ class CapeNext(nnx.Module):
     """CLIP image embedding of the (ImageNet-normalised) query, no gradient.
 
     The official code feeds the Swin input, bilinearly resized to CLIP's resolution without
-    antialiasing, and never applies CLIP's own normalisation (spec 1.3).
+    antialiasing, and never applies CLIP's own normalisation (docs/MODEL.md §1.3).
     query_image [B, S, S, 3] -> [B, E].
     """
     b, _, _, c = query_image.shape

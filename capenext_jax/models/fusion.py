@@ -1,4 +1,4 @@
-"""CapeNext's multi-modal fusion (official `SimpleMultiModalModule`, spec section 1.5).
+"""CapeNext's multi-modal fusion (official `SimpleMultiModalModule`, docs/MODEL.md §1.5).
 
 The per-keypoint CLIP text embeddings are enriched with two per-sample vectors, the CLIP
 category-prompt embedding and the CLIP query-image embedding:
@@ -59,7 +59,7 @@ class AttentionLayer(nnx.Module):
   """Official `AttentionLayer`: attention, norm1, FFN, norm2.
 
   The FFN residual adds to the layer's *input* `query`, not to the attention-updated tensor,
-  so the attention result reaches the output only through the FFN (spec 8.1 item 6).
+  so the attention result reaches the output only through the FFN (docs/MODEL.md §8.1 item 6).
   """
 
   def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):

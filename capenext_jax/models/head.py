@@ -1,4 +1,4 @@
-"""CapeX pose head as used by CapeNext (official `PoseHead` + `EncoderDecoder`, spec 1.7-1.11).
+"""CapeX pose head as used by CapeNext (official `PoseHead` + `EncoderDecoder`, docs/MODEL.md §1.7-1.11).
 
 Batch-first throughout. Pipeline for a query feature map and the fused keypoint texts:
 

@@ -1,4 +1,4 @@
-"""Swin Transformer V2 image backbone (CapeNext's `backbone`, spec section 1.6).
+"""Swin Transformer V2 image backbone (CapeNext's `backbone`, docs/MODEL.md §1.6).
 
 Images are NHWC. Inside a stage tokens are kept as a `[B, H, W, C]` grid (row-major, so a
 flattened grid is exactly the official `[B, L, C]` token order). Window attention works on all

@@ -1,7 +1,7 @@
 """MP-100 / COCO-style keypoint annotations: reader, validator and the instance table.
 
 ``load_annotations(ann_file, image_root)`` reproduces the record list ("db") the official
-datasets build (spec section 5.1): images in JSON order (``coco.getImgIds()``), their
+datasets build (docs/MODEL.md §5.1): images in JSON order (``coco.getImgIds()``), their
 non-crowd annotations in JSON order, bbox cleaning, the record filters, center/scale with
 aspect ratio 1 and padding 1.25. Ids stay Python ints / int64 end to end (MP-100 ids exceed
 2**53, where float64 collides).
@@ -205,8 +205,7 @@ def _parse_categories(cats: list, ann_file: str, max_kpt: int, observed_k: dict)
     desc = regular_descriptions(cat)
     if len(desc) < k:
       rule = matching_rule(cat)
-      source = (f'the description table ({rule}) has' if rule else
-                f'field "keypoints" has')
+      source = f'the description table ({rule}) has' if rule else 'field "keypoints" has'
       raise ValueError(f'{where}: {source} only {len(desc)} names for K={k} keypoints')
     out.append(dict(id=cid, name=str(cat['name']), supercategory=str(cat['supercategory']), k=k,
                     skeleton=edges, descriptions=[str(d) for d in desc]))

@@ -1,4 +1,4 @@
-"""Keypoint text descriptions: the official "regular_test" renaming table (spec section 5.2).
+"""Keypoint text descriptions: the official "regular_test" renaming table (docs/MODEL.md §5.2).
 
 The table ships as package data (``regular_descriptions.json``): ``branch_order`` lists the
 rules in the order the official code tests them (``supercategory==X``, ``name==X``, ``id==N``),

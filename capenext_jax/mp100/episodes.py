@@ -2,11 +2,11 @@
 
 An episode is a row of db indices ``[support_0, ..., support_{k-1}, query]``.
 
-* Training (spec section 5.3): every category contributes ``M = max_c |cat2obj[c]|`` episodes
+* Training (docs/MODEL.md §5.3): every category contributes ``M = max_c |cat2obj[c]|`` episodes
   per epoch, each ``k+1`` distinct instances of the category, then the epoch is shuffled. The
   draws are a pure function of ``(seed, epoch)`` so a run resumes at any step with the same
   episodes (and the same augmentation draws, see :func:`augmentation_params`).
-* Evaluation (spec section 5.4): CPython ``random`` seeded with 1, for each category in table
+* Evaluation (docs/MODEL.md §5.4): CPython ``random`` seeded with 1, for each category in table
   order and each of ``num_episodes`` episodes ``random.sample(cat2obj[c], k + num_queries)``;
   each query forms a pair with the shared supports. Identical to the official pairs for the
   same db order.
@@ -17,7 +17,7 @@ import random
 
 import numpy as np
 
-from capenext_jax.mp100.annotations import MAX_KPT, MP100Dataset, check_episode_size, load_annotations
+from capenext_jax.mp100.annotations import MP100Dataset, check_episode_size
 
 ROT_FACTOR = 15.0
 SCALE_FACTOR = 0.15
@@ -86,28 +86,3 @@ def eval_mask(dataset: MP100Dataset, pairs: np.ndarray) -> np.ndarray:
   """bool [P, 100]: query visible AND every support visible (raw annotation, v > 0)."""
   vis = dataset.visible > 0
   return np.logical_and.reduce(vis[pairs], axis=1)
-
-
-def make_eval_episodes(dataset, shots: int = 1, num_episodes: int = 200, num_queries: int = 15) -> dict:
-  """The official evaluation pairs with everything the scorer needs; no image is read.
-
-  Args:
-    dataset: an :class:`MP100Dataset` or a path to an annotation json (loaded without checking
-      images, as the official test dataset).
-  Returns a dict: ``support_ann_ids`` int64 [N, shots], ``query_ann_id`` int64 [N],
-  ``bbox_thr`` float64 [N] (max side of the query's clean bbox), ``mask`` bool [N, 100],
-  ``pairs`` int64 [N, shots + 1] (db indices), ``category_index`` int32 [N].
-  """
-  if isinstance(dataset, str):
-    dataset = load_annotations(dataset, '', drop_missing_images=False)
-  pairs = official_pairs(dataset, shots, num_episodes, num_queries)
-  mask = eval_mask(dataset, pairs)
-  assert mask.shape[1] == MAX_KPT or dataset.visible.shape[1] == mask.shape[1]
-  return dict(
-      support_ann_ids=dataset.ann_id[pairs[:, :shots]].astype(np.int64),
-      query_ann_id=dataset.ann_id[pairs[:, shots]].astype(np.int64),
-      bbox_thr=dataset.bbox_thr[pairs[:, shots]].astype(np.float64),
-      mask=mask,
-      pairs=pairs,
-      category_index=dataset.category_index[pairs[:, shots]].astype(np.int32),
-  )

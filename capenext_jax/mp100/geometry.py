@@ -1,4 +1,4 @@
-"""Top-down geometry in float64 numpy (spec section 5.5), vectorised over any leading axes.
+"""Top-down geometry in float64 numpy (docs/MODEL.md §5.5), vectorised over any leading axes.
 
 * :func:`affine_matrix`: the 2x3 matrix image px -> output px from center / scale / rotation,
   solved from the same three point pairs as mmpose's ``get_affine_transform`` builds for

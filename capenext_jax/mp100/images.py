@@ -1,4 +1,4 @@
-"""Image decoding as the official loader sees pixels (cv2 ``imread``, ``IMREAD_COLOR``)."""
+"""Image decoding to RGB uint8 for the library (overlays, predict, image checks)."""
 from __future__ import annotations
 
 import io
@@ -11,19 +11,20 @@ def load_rgb(path_or_bytes: str | os.PathLike | bytes, expected_wh: tuple[int, i
              ) -> np.ndarray:
   """Decodes an image to RGB uint8 [H, W, 3] with PIL (grey, palette, alpha, CMYK, 16-bit).
 
-  EXIF orientation is applied, as cv2 does, unless ``expected_wh`` (an annotation's width and
-  height) says the pixels were annotated as stored: then it is applied only when that makes
-  the size match.
+  EXIF orientation: without ``expected_wh`` it is applied (as cv2 does, for one's own photos);
+  with an annotation's (width, height) it is applied only when that makes the size match, so
+  the pixels are the ones the tf.data decoder (which ignores EXIF) gives for the same file.
   """
   from PIL import Image, ImageOps
   src = (io.BytesIO(path_or_bytes) if isinstance(path_or_bytes, (bytes, bytearray))
          else path_or_bytes)
   with Image.open(src) as im:
     im.load()
-    upright = ImageOps.exif_transpose(im)
-    if expected_wh is not None and tuple(upright.size) != tuple(expected_wh):
-      upright = im
-    if upright.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-      arr = np.asarray(upright, np.float64)
-      upright = Image.fromarray(np.clip(arr / 256.0, 0, 255).astype(np.uint8))
-    return np.asarray(upright.convert('RGB'))
+    if expected_wh is None or tuple(im.size) != tuple(expected_wh):
+      upright = ImageOps.exif_transpose(im)
+      if expected_wh is None or tuple(upright.size) == tuple(expected_wh):
+        im = upright
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+      arr = np.asarray(im, np.float64)
+      im = Image.fromarray(np.clip(arr / 256.0, 0, 255).astype(np.uint8))
+    return np.asarray(im.convert('RGB'))

@@ -5,7 +5,7 @@ CLIP's text tower is frozen and its inputs (a category's keypoint descriptions a
 We encode each category once and gather rows by `category_index` inside the jitted step.
 
 Each description is its own CLIP sequence, so encoding all of a category's descriptions and
-masking afterwards equals the official per-episode encoding of the visible ones (spec 1.2).
+masking afterwards equals the official per-episode encoding of the visible ones (docs/MODEL.md §1.2).
 """
 from __future__ import annotations
 
@@ -16,14 +16,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capenext_jax.text.tokenizer import tokenize
+from capenext_jax.training.partition import to_host
 
 NUM_SLOTS = 100
 
 
 def category_prompt(name: str) -> str:
-  """The official prompt: category name with '_' as spaces (spec 1.4)."""
+  """The official prompt: category name with '_' as spaces (docs/MODEL.md §1.4)."""
   return 'a photo of ' + name.replace('_', ' ')
 
 
@@ -85,3 +87,26 @@ def build_text_cache(model: nnx.Module, categories: Sequence[CategoryText],
   kpt = kpt.at[np.flatnonzero(used)].set(encode_all(flat[used]))
   return TextCache(keypoint=kpt.reshape(len(categories), NUM_SLOTS, -1),
                    category=encode_all(prompt_tokens))
+
+
+def category_texts(dataset) -> list[CategoryText]:
+  """The text-tower inputs of every category of an `MP100Dataset`, in category-table order."""
+  return [CategoryText(name, list(desc[:int(k)])) for name, desc, k in zip(
+      dataset.raw_category_names, dataset.descriptions, dataset.category_num_keypoints)]
+
+
+def replicated_text_cache(graphdef: nnx.GraphDef, state, dataset, mesh) -> TextCache:
+  """The text cache of `dataset`'s categories from a train state, replicated over `mesh`.
+
+  Encoded from a host copy of the model so the same code serves one or several processes;
+  this runs once per dataset, not per step.
+  """
+  model = nnx.merge(graphdef, *to_host((state.trainable, state.frozen)))
+  cache = build_text_cache(model, category_texts(dataset))
+  replicated = NamedSharding(mesh, P())
+
+  def place(a):
+    a = np.asarray(a)
+    return jax.make_array_from_callback(a.shape, replicated, lambda index: a[index])
+
+  return TextCache(place(cache.keypoint), place(cache.category))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 import jax
@@ -27,9 +26,8 @@ from flax import nnx
 
 from capenext_jax import losses as losses_lib
 from capenext_jax import metrics
-from capenext_jax import params as params_lib
+from capenext_jax import loading
 from capenext_jax.convert import official
-from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.text.cache import category_prompt
@@ -89,14 +87,6 @@ def fixture_batch(z) -> dict[str, np.ndarray]:
   }
 
 
-def build_model(z, state_dict) -> CapeNext:
-  config = official.config_from_fixture(json.loads(str(z['config_json'])))
-  model = CapeNext(config, rngs=nnx.Rngs(0))
-  params_lib.load_into(model, official.capenext_from_official(state_dict))
-  model.eval()
-  return model
-
-
 def loss_fn(model: CapeNext, batch) -> tuple[jax.Array, tuple[dict, dict]]:
   out = model(batch['query_image'], batch['support_mask'], batch['adjacency'],
               keypoint_tokens=batch['keypoint_tokens'], category_tokens=batch['category_tokens'])
@@ -108,8 +98,8 @@ def loss_fn(model: CapeNext, batch) -> tuple[jax.Array, tuple[dict, dict]]:
 
 
 # ----------------------------------------------------------------------------- checks
-def run_checks(z, state_dict) -> list[Row]:
-  model = build_model(z, state_dict)
+def run_checks(z, model: CapeNext) -> list[Row]:
+  """Every recorded tensor of fixture `z` against `model` (eval mode) on the fixture's batch."""
   batch = {k: jnp.asarray(v) for k, v in fixture_batch(z).items()}
   rows = [compare('in_text_tokens_category', batch['category_tokens'],
                   z['in_text_tokens_category'], 'abs', 0.0)]
@@ -217,12 +207,12 @@ def main(argv=None) -> int:
   parser.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
   args = parser.parse_args(argv)
   z = np.load(args.fixture, allow_pickle=False)
-  if args.state_dict:
-    state_dict = load_state_dict(args.state_dict)
+  if args.state_dict:   # other official weights at the fixture's sizes
+    model = loading.load_model(args.state_dict, loading.load(args.fixture).config)
   else:
-    state_dict = {k: z[k] for k in z['state_dict_keys']}
+    model = loading.load_model(args.fixture)
   with jax.default_matmul_precision('highest'):  # GPUs would otherwise use TF32
-    rows = run_checks(z, state_dict)
+    rows = run_checks(z, model)
   width = max(len(r.name) for r in rows)
   for r in rows:
     print(f'{"ok " if r.ok else "BAD"} {r.name:<{width}}  max|abs| {r.abs_err:9.2e}  '

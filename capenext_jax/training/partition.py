@@ -1,7 +1,7 @@
 """Which parameters train, and where every array lives on the device mesh.
 
 * Trainable = every `nnx.Param` whose path has no frozen key ('clip' by default: the whole
-  CLIP model is frozen, spec section 4). Everything else (frozen params, buffers, RNG
+  CLIP model is frozen, docs/MODEL.md §4). Everything else (frozen params, buffers, RNG
   streams) is "frozen": never differentiated and given no optimizer state.
 * The mesh has axes ('data', 'fsdp'). The batch is split over both axes together; params
   follow big_vision-style rules `(regex over the '/'-joined path, spec)`, first match wins.
@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
@@ -110,3 +111,22 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   """Host-local numpy batch (this process's rows) -> global jax arrays split over the mesh."""
   sharding = batch_sharding(mesh)
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def rules_from_config(config_rules: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+  """A config's `sharding_rules` (regex, 'fsdp' or a tuple of axis names / None per dim) with
+  the tuples turned into PartitionSpecs."""
+  return [(rx, spec if spec == 'fsdp' else P(*spec)) for rx, spec in config_rules]
+
+
+def to_host(tree: PyTree) -> PyTree:
+  """Global arrays -> host values on every process (gathered across hosts when there are
+  several). Typed PRNG keys (the dropout streams) travel as their raw key data."""
+  def gather(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(gather(jax.random.key_data(x)),
+                                      impl=jax.random.key_impl(x))
+    if jax.process_count() > 1:
+      return multihost_utils.process_allgather(x, tiled=True)
+    return jax.device_get(x)
+  return jax.tree.map(gather, tree)

@@ -1,4 +1,4 @@
-"""The official CapeNext learning-rate schedule and optimizer (spec section 4).
+"""The official CapeNext learning-rate schedule and optimizer (docs/MODEL.md §4).
 
 mmcv's `step` policy by epoch with a linear warmup by global iteration `i` (0-based, the
 number of updates already applied, which is optax's `count`):

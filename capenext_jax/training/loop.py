@@ -1,4 +1,5 @@
-"""The training loop: `train_and_evaluate(config, workdir)` (train.py is a thin flag wrapper).
+"""The training loop: `train_and_evaluate(config, workdir, data)` (train.py builds `data` with
+`data_pipeline.splits.run_splits` and is otherwise a thin flag wrapper).
 
 One readable loop (big_vision style). Per step: the host pipeline yields a batch for global
 step i, the jitted step (state donated) applies one Adam update and returns metrics as device
@@ -16,16 +17,21 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
+from typing import Protocol
 
 import jax
 import ml_collections
 from clu import metric_writers
 
-from capenext_jax import evaluate, experiment, losses
-from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax import forward as forward_lib
+from capenext_jax import losses
+from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
+from capenext_jax.evaluation.pairs import EvalProtocol
 from capenext_jax.mp100 import episodes as ep
-from data_pipeline.pipeline import json_source, make_train_iterator
+from capenext_jax.text.cache import replicated_text_cache
+from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
+from capenext_jax.training import step as step_lib
 
 
 def log(msg: str) -> None:
@@ -43,48 +49,37 @@ def _format_eta(seconds: float) -> str:
   return f'{h}:{m:02d}:{s:02d}'
 
 
-class Evaluator:
-  """PCK@0.2 (and the full official scores) of the current state on one split."""
+class TrainData(EvalData, Protocol):
+  """What the loop reads of the training split (`data_pipeline.splits.Split` is one)."""
 
-  def __init__(self, config, graphdef, state, source, mesh, split: str):
-    size = config.model.swin.img_size
-    cache = experiment.text_cache(graphdef, state, source.dataset, mesh)
-    self.step = evaluate.make_eval_step(graphdef, experiment.make_forward(cache, size))
-    self.config, self.source, self.mesh, self.split = config, source, mesh, split
+  def train_batches(self, global_batch_size: int, *, start_step: int = 0) -> Iterator[dict]:
+    """Endless batches from global step `start_step` (this host's rows of each)."""
 
-  def __call__(self, state) -> dict:
-    pred, arrays = evaluate.predict_pairs(self.step, state, self.source, self.config,
-                                          self.mesh, self.split)
-    return evaluate.score(pred, arrays)
+
+class RunData(Protocol):
+  """The splits of a run (`data_pipeline.splits.RunData`); val / test None when not used."""
+  train: TrainData
+  val: EvalData | None
+  test: EvalData | None
 
 
 def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
   """The jitted, state-donating train step of `config`: cached text, official losses."""
   size = config.model.swin.img_size
-
-  def loss_fn(outputs, batch):
-    return losses.capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
-                                  batch['support_mask'], image_size=size,
-                                  heatmap_size=size // 4)
-
-  return step_lib.make_train_step(graphdef, loss_fn, optimizer,
-                                  forward=experiment.make_forward(cache, size),
+  return step_lib.make_train_step(graphdef, losses.batch_loss_fn(size), optimizer,
+                                  forward=forward_lib.make_forward(cache, size),
                                   shardings=shardings)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with jax.default_matmul_precision(config.precision):
-    return _train_and_evaluate(config, workdir)
+    return _train_and_evaluate(config, workdir, data)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  files = experiment.data_files(config, workdir)
-  d = config.data
-  train_src = json_source(files['train'], files['image_root'], drop_missing_images=True,
-                          on_bad_image=d.on_bad_image)
-  steps_per_epoch = ep.epoch_length(train_src.dataset) // config.batch_size
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
+  steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
   total = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
   ckpt_every = _every(config.checkpoint_every_steps, config.checkpoint_every_epochs,
@@ -95,7 +90,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   results: dict = {}
 
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = experiment.init_state(config, tx, mesh)
+    graphdef, state, shardings = init.init_state(config, tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                    keep_last=config.keep_checkpoints, best_metric='pck',
                                    async_save=config.async_checkpoints)
@@ -111,25 +106,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
 
-    cache = experiment.text_cache(graphdef, state, train_src.dataset, mesh)
+    cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
     train_step = build_train_step(config, graphdef, cache, tx, shardings)
-    val = (Evaluator(config, graphdef, state, json_source(
-        files['val'], files['image_root'], drop_missing_images=True,
-        on_bad_image=d.on_bad_image), mesh, 'val') if files['val'] and config.validate
-           else None)
-    test = (Evaluator(config, graphdef, state, json_source(
-        files['test'], files['image_root'], on_bad_image=d.on_bad_image), mesh, 'test')
-            if files['test'] and (config.test_at_start or config.test_at_end) else None)
+    size = config.model.swin.img_size
+    val, test = (None if split is None else Evaluator(
+        graphdef, split, EvalProtocol.from_config(config, name), mesh, image_size=size)
+        for name, split in (('val', data.val), ('test', data.test)))
 
     if test is not None and config.test_at_start and start == 0:
-      results['test_start'] = test(state)
-      results['test_pck_start'] = evaluate.pck_at(results['test_start'])
+      results['test_start'] = test.run(state)
+      results['test_pck_start'] = pck_at(results['test_start'])
       log(f'test PCK@0.2 before training (step 0): {100 * results["test_pck_start"]:.2f}')
       writer.write_scalars(0, {'test/pck': results['test_pck_start']})
 
-    batches = make_train_iterator(train_src, config.batch_size,
-                                  experiment.pipeline_config(config, train=True),
-                                  start_step=start)
+    batches = data.train.train_batches(config.batch_size, start_step=start)
     stop = checkpoint.StopSignal()
     history, t_log = [], time.perf_counter()
     step = start
@@ -141,7 +131,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           log(f'stopped by SIGTERM at step {step}; checkpoint saved')
           results.update(step=step, preempted=True)
           return results
-        state, metrics = train_step(state, experiment.device_batch(next(batches), mesh))
+        state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh))
         history.append((step, metrics))
         done = step + 1
         if done % config.log_every_steps == 0 or done == total:
@@ -158,7 +148,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           log(f'step {done}/{total} loss {means["loss"]:.4f} acc_pose {means["acc_pose"]:.3f} '
               f'lr {means["lr"]:.2e} | {rate:.2f} steps/s ETA {_format_eta((total - done) / rate)}')
         if val is not None and (done % eval_every == 0 or done == total):
-          pck = evaluate.pck_at(val(state))
+          pck = pck_at(val.run(state))
           results['val_pck'] = pck
           writer.write_scalars(done, {'val/pck': pck})
           log(f'step {done}: val PCK@0.2 {100 * pck:.2f}')
@@ -168,8 +158,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
           ckpt.save(done, state, {'step': done})
       step = total
       if test is not None and config.test_at_end:
-        results['test_end'] = test(state)
-        results['test_pck_end'] = evaluate.pck_at(results['test_end'])
+        results['test_end'] = test.run(state)
+        results['test_pck_end'] = pck_at(results['test_end'])
         log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
         writer.write_scalars(total, {'test/pck': results['test_pck_end']})
       if 'test_pck_start' in results and 'test_pck_end' in results:

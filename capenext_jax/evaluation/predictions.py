@@ -52,7 +52,7 @@ class PredictionRecord:
 
 @dataclasses.dataclass(frozen=True)
 class EvalPair:
-  """One official evaluation pair with what scoring needs (spec section 6.1).
+  """One official evaluation pair with what scoring needs (docs/MODEL.md §6.1).
 
   gt_keypoints: [K, 2] query keypoints in original-image pixels (K = the category's count);
   mask: bool [K], query and every support visible (v > 0); bbox_thr: max(w, h) of the query's

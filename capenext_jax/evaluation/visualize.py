@@ -7,6 +7,7 @@ the right lists "i  description" in each keypoint's colour, so it never hides a 
 from __future__ import annotations
 
 import colorsys
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -163,3 +164,29 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
   canvas.paste(photo, (0, 0))
   canvas.paste(panel, (photo.width, 0))
   return canvas
+
+
+def write_overlays(pred: np.ndarray, pairs, dataset, out_dir: str, per_category: int
+                   ) -> list[str]:
+  """PNG overlays (prediction dots, ground-truth rings) of the first `per_category` pairs of
+  every category, named `<category>_<pair>.png` in `out_dir`. Returns the paths written.
+
+  pred: [N, 100, 2] original-image px, aligned with `pairs` (an `EvalPairs` of `dataset`).
+  """
+  from capenext_jax.mp100.images import load_rgb
+  os.makedirs(out_dir, exist_ok=True)
+  a = pairs.arrays
+  q = a['pairs'][:, -1]
+  paths = []
+  for c in np.unique(a['category_id']):
+    for i in np.flatnonzero(a['category_id'] == c)[:per_category]:
+      row = dataset.category_index[q[i]]
+      k = int(a['num_keypoints'][i])
+      photo = load_rgb(dataset.image_path[q[i]], tuple(dataset.image_size[q[i]]))
+      image = draw_overlay(photo, pred[i, :k], dataset.skeletons[row],
+                           dataset.descriptions[row][:k], gt=a['gt_keypoints'][i, :k],
+                           gt_visible=a['mask'][i, :k])
+      name = dataset.raw_category_names[row].replace('/', '_').replace(' ', '_')
+      paths.append(os.path.join(out_dir, f'{name}_{i}.png'))
+      image.save(paths[-1])
+  return paths

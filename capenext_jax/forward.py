@@ -1,0 +1,35 @@
+"""The device-side forward of a pipeline batch, shared by the train step and the Evaluator.
+
+Text comes from the frozen-text cache by `category_index`; when the host shipped uint8 crops
+and their 2x3 matrices (`warp='device'`) the warp and ImageNet normalisation run here, inside
+the jitted step.
+"""
+from __future__ import annotations
+
+from capenext_jax.image_ops import warp_and_normalize
+from capenext_jax.text.cache import TextCache
+from capenext_jax.training import partition
+
+# Batch entries the jitted steps read; the rest of a host batch stays on the host.
+DEVICE_KEYS = ('query_image', 'query_crop', 'query_affine', 'query_joints', 'query_weight',
+               'support_mask', 'adjacency', 'category_index')
+
+
+def make_forward(cache: TextCache, image_size: int):
+  """`forward(model, batch) -> outputs`: cached text by category; device warp if crops given."""
+
+  def forward(model, batch):
+    if 'query_crop' in batch:
+      image = warp_and_normalize(batch['query_crop'], batch['query_affine'], image_size)
+    else:
+      image = batch['query_image']
+    keypoint_text, category_text = cache.lookup(batch['category_index'])
+    return model(image, batch['support_mask'], batch['adjacency'],
+                 keypoint_text=keypoint_text, category_text=category_text)
+
+  return forward
+
+
+def device_batch(batch: dict, mesh, keys=DEVICE_KEYS) -> dict:
+  """The entries of a host batch the step reads, as global arrays split over the mesh."""
+  return partition.shard_batch({k: batch[k] for k in keys if k in batch}, mesh)
