@@ -72,8 +72,10 @@ def main(argv):
   from capenext_jax import loading
   from capenext_jax.evaluation import pairs as pairs_lib
   config = ml_collections.ConfigDict(FLAGS.config.to_dict())
+  run_config = None   # a workdir's config.json: its data section gives the defaults
   if FLAGS.checkpoint and loading.is_train_workdir(FLAGS.checkpoint):
-    config.data = loading.read_run_config(FLAGS.checkpoint).data
+    run_config = loading.read_run_config(FLAGS.checkpoint)
+    config.data = run_config.data
   protocol, annotations, image_root = protocol_and_files(config)
   info = dict(annotations=annotations, shots=protocol.shots, num_episodes=protocol.num_episodes,
               num_queries=protocol.num_queries, checkpoint=FLAGS.checkpoint)
@@ -94,11 +96,12 @@ def main(argv):
                          f'eval_{os.path.splitext(os.path.basename(annotations))[0]}.json')
   output = FLAGS.output or default
   overlays = os.path.join(os.path.dirname(os.path.abspath(output)), 'overlays')
-  scores, category_names = run_model_eval(config, protocol, annotations, image_root, overlays)
+  scores, category_names = run_model_eval(config, run_config, protocol, annotations, image_root,
+                                          overlays)
   report(scores, category_names, output, info)
 
 
-def run_model_eval(config, protocol, annotations, image_root, overlays):
+def run_model_eval(config, run_config, protocol, annotations, image_root, overlays):
   """(scores, category names) of the --checkpoint model on the official pairs; writes
   --predictions_out and --visualize overlays (into `overlays`) when asked."""
   import jax
@@ -110,7 +113,7 @@ def run_model_eval(config, protocol, annotations, image_root, overlays):
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
   with jax.set_mesh(mesh), jax.default_matmul_precision(config.precision):
-    ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step)
+    ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step, run_config=run_config)
     config.model = ml_collections.ConfigDict(ckpt.config.to_dict())   # the pipeline's sizes
     graphdef, state = loading.eval_state(ckpt, mesh,
                                          partition.rules_from_config(config.sharding_rules))

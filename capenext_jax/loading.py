@@ -99,20 +99,22 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
 
 # ----------------------------------------------------------------------------- loading
 def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=None,
-         step: int | None = None) -> Checkpoint:
+         step: int | None = None, run_config: ml_collections.ConfigDict | None = None
+         ) -> Checkpoint:
   """The weights and sizes at `path` (see the module docstring for the kinds).
 
   config: the sizes of an official checkpoint (default: the headline model, or CapeX when it
     has no fusion weights); refused for the kinds that carry their own.
   mesh, step: a workdir's checkpoint `step` (default: the latest) is restored sharded on
     `mesh` (default: the first device).
+  run_config: a workdir's `config.json` when the caller has already read it.
   """
   path = Path(path)
   kind = kind_of(path)
   if config is not None and kind != 'official':
-    raise ValueError(f'{path}: a {kind} carries its own model config; drop the config')
+    raise ValueError(f'{path}: this {kind} carries its own model config; drop the config')
   if kind == 'workdir':
-    return _load_workdir(path, mesh, step)
+    return _load_workdir(path, mesh, step, run_config or read_run_config(path))
   if kind == 'export':
     model_config, params = export.read_export(path)
     return Checkpoint(kind, model_config, params=params)
@@ -128,11 +130,11 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
   return Checkpoint(kind, config, params=params)
 
 
-def _load_workdir(path: Path, mesh, step: int | None) -> Checkpoint:
+def _load_workdir(path: Path, mesh, step: int | None,
+                  run_config: ml_collections.ConfigDict) -> Checkpoint:
   """Rebuilds the run's state (frozen CLIP from its seed / init paths) and restores it."""
   from capenext_jax.training import checkpoint, init, partition, schedule
   from capenext_jax.training.state import abstract_state
-  run_config = read_run_config(path)
   if mesh is None:
     mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):

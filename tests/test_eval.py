@@ -123,6 +123,12 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path):
       f'--output={tmp_path / "rescored.json"}')
   rescored = json.loads((tmp_path / 'rescored.json').read_text())
   assert rescored['overall'] == pytest.approx(r['overall'], rel=1e-5, abs=1e-6)
+  # The same workdir through capenext-predict (the loader's workdir -> model path).
+  from capenext_jax import predict
+  assert predict.main(['--coco', str(TEST_ANN), '--image_root', str(IMAGES), '--checkpoint',
+                       str(wd), '--output', str(tmp_path / 'coco.json'), '--batch_size', '3']) == 0
+  coco = json.loads((tmp_path / 'coco.json').read_text())
+  assert len(coco) == len(json.loads(TEST_ANN.read_text())['annotations'])
 
 
 def test_eval_official_fixture_checkpoint(tmp_path):

@@ -103,6 +103,30 @@ def test_load_errors(tmp_path, tiny):
     export.read_export(tmp_path / 'ok')
 
 
+def test_loader_kinds_and_refusals(tmp_path, tiny):
+  """`loading.kind_of` names every weights source; a config is refused where one is stored."""
+  from conftest import FIXTURES
+  config, params = tiny
+  export.export_params(params, config, tmp_path / 'export')
+  (tmp_path / 'workdir' / 'checkpoints').mkdir(parents=True)
+  (tmp_path / 'workdir' / 'config.json').write_text('{}')      # a workdir has both
+  np.savez(tmp_path / 'official.npz', **official.capenext_to_official(params))
+  (tmp_path / 'notes.txt').write_text('not weights')
+  kinds = {name: loading.kind_of(tmp_path / name)
+           for name in ('export', 'workdir', 'official.npz')}
+  assert kinds == {'export': 'export', 'workdir': 'workdir', 'official.npz': 'official'}
+  assert loading.kind_of(FIXTURES / 'tiny_capenext.npz') == 'fixture'
+  with pytest.raises(ValueError, match=r'notes.txt: not a checkpoint'):
+    loading.kind_of(tmp_path / 'notes.txt')
+  with pytest.raises(ValueError, match=r'missing.pth: no such checkpoint'):
+    loading.kind_of(tmp_path / 'missing.pth')
+  with pytest.raises(ValueError, match=r'export: this export carries its own model config'):
+    loading.load(tmp_path / 'export', config=config)
+  # Official weights at the fixture's sizes: the same params as the export of them.
+  got = loading.load(tmp_path / 'official.npz', config=config)
+  assert got.kind == 'official' and got.config == config and _same_params(got.params, params)
+
+
 _CHILD = textwrap.dedent('''
     import importlib.abc, sys
     FORBIDDEN, (export_dir, batch_file, out_file) = {forbidden!r}, sys.argv[1:]
