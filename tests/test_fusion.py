@@ -110,7 +110,7 @@ def test_ablations(use_category, use_image):
                                                                          category)
   np.testing.assert_allclose(np.asarray(changed), np.asarray(out), atol=1e-6)
   assert np.abs(np.asarray(other) - np.asarray(out)).max() > 1e-4
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='at least one of use_category / use_image'):
     MultiModalFusion(FusionConfig(use_category=False, use_image=False), rngs=nnx.Rngs(0))
 
 

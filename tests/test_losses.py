@@ -40,13 +40,14 @@ def _fixture_outputs(z):
 @pytest.mark.parametrize('given_targets', [True, False])
 def test_losses_match_official(z, given_targets):
   joints, weight_q, mask_s = _targets(z)
-  np.testing.assert_allclose(joints / 64, z['target_keypoints_norm'], atol=1e-7)
+  np.testing.assert_array_equal(joints / 64, z['target_keypoints_norm'])  # / 2**6 is exact
   targets = jnp.asarray(z['in_target_q']) if given_targets else None
   losses = capenext_losses(_fixture_outputs(z), joints, weight_q, mask_s, image_size=64,
                            heatmap_size=16, target_heatmaps=targets)
   for key in LOSS_KEYS:
     ref = float(z[f'loss_{key}'])
-    assert abs(float(losses[key]) - ref) <= 1e-5 * abs(ref), key
+    # worst relative error measured 7.2e-8 (float32 sums); 1e-6 leaves ~14x headroom
+    assert abs(float(losses[key]) - ref) <= 1e-6 * abs(ref), key
 
 
 def test_generated_heatmaps_equal_fixture_targets(z):
@@ -160,9 +161,12 @@ def test_chain_gradients_match_official(z):
                            target_heatmaps=jnp.asarray(z['in_target_q']))['loss']
 
   loss, (gf, gh) = jax.value_and_grad(total, argnums=(0, 1))(pf, ph)
-  assert abs(float(loss) - float(z['loss_loss'])) <= 1e-5 * float(z['loss_loss'])
-  for prefix, grads in (('additional_module.', fusion_to_torch(nnx.to_pure_dict(gf))),
-                        ('keypoint_head.', head_to_torch(nnx.to_pure_dict(gh)))):
+  assert abs(float(loss) - float(z['loss_loss'])) <= 1e-6 * float(z['loss_loss'])  # measured 0
+  # Worst |g - ref| / max|ref| per tensor measured: fusion 4.2e-5 (its gate biases, sums that
+  # mostly cancel: max|ref| 1e-3 against 4e-8 of float32 noise), head 2.3e-6; ~10-20x headroom.
+  for prefix, grads, rtol in (
+      ('additional_module.', fusion_to_torch(nnx.to_pure_dict(gf)), 5e-4),
+      ('keypoint_head.', head_to_torch(nnx.to_pure_dict(gh)), 5e-5)):
     for name, g in grads.items():
       ref = z[f'grad/{prefix}{name}']
-      assert np.abs(g - ref).max() <= 1e-3 * np.abs(ref).max() + 1e-9, prefix + name
+      assert np.abs(g - ref).max() <= rtol * np.abs(ref).max() + 1e-9, prefix + name

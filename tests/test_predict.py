@@ -77,7 +77,7 @@ def test_parsing(tmp_path):
   assert predict.parse_descriptions(None, str(tmp_path / 'kp.txt')) == (
       'left eye', 'right eye', 'nose, tip')
   assert predict.parse_descriptions(' a , b ', None) == ('a', 'b')
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match='101 keypoint descriptions: between 1 and 100'):
     predict.parse_descriptions(','.join(['x'] * 101), None)
   assert predict.parse_skeleton('0-1, 1-2', 3) == ((0, 1), (1, 2))
   assert predict.parse_skeleton('[[0, 2]]', 3) == ((0, 2),)

@@ -96,7 +96,8 @@ def test_unit_fixture_input_gradient(unit, unit_model):
 
   grad = np.asarray(input_grad(unit_model, _nhwc(z['in_x']))).transpose(0, 3, 1, 2)
   ref = z['gin_x']
-  assert np.abs(grad - ref).max() <= 1e-4 * np.abs(ref).max()
+  # measured 5.7e-7 of max|ref| (float32 noise through 8 blocks); 5e-6 leaves ~9x headroom
+  assert np.abs(grad - ref).max() <= 5e-6 * np.abs(ref).max()
 
 
 def test_tiny_capenext_backbone():
@@ -221,7 +222,9 @@ def test_official_initialisation():
     assert not np.any(norm.scale.value) and not np.any(norm.bias.value)
   np.testing.assert_allclose(block.attn.logit_scale.value, math.log(10.0))
   assert not np.any(block.attn.q_bias.value) and not np.any(block.mlp.fc1.bias.value)
-  assert abs(float(jnp.std(model.layers[3].blocks[0].mlp.fc1.kernel.value)) - 0.02) < 0.001
+  # Seed 0 draws std 0.01995 over 65,536 values (sampling sd of the std ~5.5e-5): 5e-4 is ~9 sd
+  # and still tells 0.02 from a +-2 sd truncated normal's 0.0176.
+  assert abs(float(jnp.std(model.layers[3].blocks[0].mlp.fc1.kernel.value)) - 0.02) < 5e-4
   np.testing.assert_array_equal(model.norm.scale.value, 1.0)
 
 
@@ -258,6 +261,7 @@ def test_biased_attention_matches_torch_autograd(shifted):
     logits = logits + torch.tensor(mask)[:, None]
   theirs = ((logits.softmax(-1) @ tv) * torch.tensor(probe)).sum()
   theirs.backward()
-  np.testing.assert_allclose(value, theirs.item(), rtol=1e-5)
+  # measured: value 5.3e-7 relative, gradients 9.2e-7 absolute (|ref| up to 4.7); ~10x headroom
+  np.testing.assert_allclose(value, theirs.item(), rtol=5e-6)
   for ours, ref in zip(grads, (tq.grad, tk.grad, tv.grad, tb.grad)):
     np.testing.assert_allclose(ours, ref.numpy(), rtol=1e-5, atol=1e-5)

@@ -1,5 +1,7 @@
 """train.py's loop on a tiny model: configs, resume == uninterrupted, 2 devices == 1 device,
-2 processes == 1 process. Subprocesses set device counts / distributed init before jax loads."""
+2 processes == 1 process (training and evaluation), the loop's own validation / best checkpoint /
+test / SIGTERM branches. Subprocesses set device counts / distributed init before jax loads."""
+import json
 import os
 import subprocess
 import sys
@@ -104,6 +106,71 @@ def test_non_finite_loss_is_named(tmp_path):
     train(c, str(tmp_path / 'run'))
 
 
+# ----------------------------------------------------------------------------- loop branches
+def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
+  """Validation every 2 steps, the best-by-val-PCK checkpoint kept beside the latest, test
+  PCK before and after training; the final test scores equal eval.py's on that checkpoint."""
+  import re
+  c = tiny_config(4)
+  c.data.root = str(tmp_path / 'data')
+  c.validate, c.eval_every_steps, c.keep_checkpoints = True, 2, 1
+  c.test_at_start = c.test_at_end = True
+  wd = tmp_path / 'run'
+  results = train(c, str(wd))
+  out = capsys.readouterr().out
+  val = {int(s): float(v) for s, v in re.findall(r'step (\d+): val PCK@0.2 ([\d.]+)', out)}
+  assert sorted(val) == [2, 4] and 'test PCK@0.2 before training (step 0)' in out
+  assert 100 * results['val_pck'] == pytest.approx(val[4], abs=0.006)
+  kept = {int(p.name) for p in (wd / 'checkpoints').iterdir() if p.name.isdigit()}
+  best = {s for s, v in val.items() if v == max(val.values())}
+  assert 4 in kept and kept - {4} <= best and kept & best, (kept, val)
+  saved = json.loads((wd / 'results.json').read_text())
+  assert saved['test_pck_start'] == results['test_pck_start']
+  assert saved['test_end']['PCK@0.2'] == results['test_pck_end']
+  report = tmp_path / 'eval.json'
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
+  proc = subprocess.run([sys.executable, str(REPO / 'eval.py'), f'--checkpoint={wd}', '--step=4',
+                         '--batch_size=4', f'--output={report}'], env=env, capture_output=True,
+                        text=True, timeout=300, cwd=REPO)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  overall = json.loads(report.read_text())['overall']
+  loop = {k: v for k, v in saved['test_end'].items() if k != 'per_category'}
+  assert overall == pytest.approx(loop, rel=1e-5, abs=1e-6)
+
+
+class _SigtermWhileReading:
+  """The training split; sends this process SIGTERM while the batch of `step` is read."""
+
+  def __init__(self, split, step):
+    self.split, self.step, self.dataset = split, step, split.dataset
+
+  def train_batches(self, global_batch_size, *, start_step=0):
+    import signal
+    batches = self.split.train_batches(global_batch_size, start_step=start_step)
+    for step, batch in enumerate(batches, start=start_step):
+      if step == self.step:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+
+def test_sigterm_in_the_loop_saves_and_resumes_exactly(tmp_path):
+  from capenext_jax.training.loop import train_and_evaluate
+  from data_pipeline.splits import run_splits
+  c = tiny_config(4)
+  c.data.root = str(tmp_path / 'data')
+  wd = str(tmp_path / 'preempted')
+  data = run_splits(c, wd)
+  stopped = train_and_evaluate(c, wd, data._replace(train=_SigtermWhileReading(data.train, 1)))
+  assert stopped['preempted'] and stopped['step'] == 2   # step 1 ran, then the loop stopped
+  assert restore_params(wd, c)[1] == {'step': 2}
+  assert train(c, wd)['step'] == 4
+  train(c, str(tmp_path / 'whole'))
+  (a, pos_a), (b, pos_b) = restore_params(str(tmp_path / 'whole'), c), restore_params(wd, c)
+  assert pos_a == pos_b == {'step': 4}
+  import jax
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+
+
 # ----------------------------------------------------------------------------- 2 devices
 def two_device_main(data_root):
   """Subprocess: the real train step (training.loop.build_train_step) on 1 device vs
@@ -193,10 +260,13 @@ def test_two_processes_match_one_process(tmp_path):
     port = s.getsockname()[1]
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
   data = tmp_path / 'data'
-  single = subprocess.run(train_cmd(tmp_path / 'one', data), env=env, capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
+  # Test-split evaluation at the end too: 2 categories x 1 episode x 3 queries = 6 pairs in
+  # global batches of 4, so the second batch is padded and each process holds 2 rows of each.
+  evaluate = ('--config.test_at_end=True', '--config.data.num_queries=3')
+  single = subprocess.run(train_cmd(tmp_path / 'one', data, *evaluate), env=env,
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
   assert single.returncode == 0, single.stderr[-4000:]
-  procs = [subprocess.Popen(train_cmd(tmp_path / 'two', data, '--num_processes=2',
+  procs = [subprocess.Popen(train_cmd(tmp_path / 'two', data, *evaluate, '--num_processes=2',
                                       f'--process_id={i}', f'--coordinator_address=localhost:{port}'),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=REPO) for i in range(2)]
@@ -208,6 +278,16 @@ def test_two_processes_match_one_process(tmp_path):
   (a, _), (b, _) = restore_params(str(tmp_path / 'one'), c), restore_params(str(tmp_path / 'two'), c)
   bad = mismatches(a, b)
   assert not bad, '; '.join(bad)
+  # The per-process eval batches, the cross-host gather and the stitching give the scores of
+  # one process (params agree to ~1e-6, far inside any PCK threshold margin here).
+  one, two = (json.loads((tmp_path / wd / 'results.json').read_text())['test_end']
+              for wd in ('one', 'two'))
+  assert one['num_pairs'] == two['num_pairs'] == 6
+  assert one['per_category'].keys() == two['per_category'].keys()
+  for want, got in [(one, two)] + [(one['per_category'][k], two['per_category'][k])
+                                   for k in one['per_category']]:
+    assert {k: v for k, v in got.items() if k != 'per_category'} == pytest.approx(
+        {k: v for k, v in want.items() if k != 'per_category'}, rel=1e-4, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------- kill -9

@@ -171,8 +171,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
       stop.uninstall()
       writer.flush()
     results['step'] = step
-    if jax.process_index() == 0:
-      summary = {k: v for k, v in results.items() if not isinstance(v, dict)}
+    if jax.process_index() == 0:   # scalars, and the full test scores (per category too)
       with open(os.path.join(workdir, 'results.json'), 'w') as f:
-        json.dump(summary, f, indent=1)
+        json.dump(results, f, indent=1)
     return results
