@@ -137,12 +137,21 @@ def json_source(ann_file: str, image_root: str, *, drop_missing_images: bool = T
 # Episode metadata (numpy)
 
 def _crop_params(source: Source, config: PipelineConfig):
-  """Crop windows (origin, size, stored) per instance, for records or device-mode json."""
+  """Crop windows (origin, size, stored) per instance, for records or device-mode json.
+
+  Records hold crops of at most the builder's `max_crop` px; in device mode the pipeline ships
+  at most `config.crop_size` px, so larger record crops are scaled down once more on the host
+  (the stored size is then what the json path would store).
+  """
   if source.kind == 'records':
-    return source.crop_origin, source.crop_size, source.crop_stored
+    stored = source.crop_stored
+    if config.warp == 'device' and stored.max() > config.crop_size:
+      stored = np.where(stored.max(axis=1, keepdims=True) > config.crop_size,
+                        geometry.stored_size(source.crop_size, config.crop_size), stored)
+    return source.crop_origin, source.crop_size, stored
   d = source.dataset
   return geometry.crop_window(d.center, d.scale, d.image_size, max_crop=config.crop_size,
-                        output_size=config.image_size)
+                              output_size=config.image_size)
 
 
 def episode_arrays(source: Source, episodes: np.ndarray, config: PipelineConfig,
@@ -165,7 +174,7 @@ def episode_arrays(source: Source, episodes: np.ndarray, config: PipelineConfig,
       support_mask=g['support_mask'],
       category_index=g['category_index'].astype(np.int32),
   )
-  if source.kind == 'json' and config.warp == 'device':
+  if config.warp == 'device':
     out['crop_box'] = np.concatenate([origin[q], size[q], stored[q]], axis=1).astype(np.int32)
   if source.kind == 'json':
     out['image_hw'] = d.image_size[q][:, ::-1].astype(np.int32)
@@ -216,12 +225,13 @@ def _decode_fn(source: Source, config: PipelineConfig):
       warped = tf.clip_by_value(tf.round(warped), 0.0, 255.0)   # cv2 returns uint8
       out['query_image'] = (warped / 255.0 - mean) / std
     else:
+      # crop_box: (x0, y0, w, h) of the window in source px, then its stored (w, h).
+      box = e['crop_box']
       if source.kind == 'json':
-        box = e['crop_box']
         img = tf.image.crop_to_bounding_box(img, box[1], box[0], box[3], box[2])
-        img = tf.cond(tf.reduce_all(box[4:6] == box[2:4]), lambda: img,
-                      lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-                          img, [box[5], box[4]], antialias=True)), 0, 255), tf.uint8))
+      img = tf.cond(tf.reduce_all(tf.shape(img)[1::-1] == box[4:6]), lambda: img,
+                    lambda: tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+                        img, [box[5], box[4]], antialias=True)), 0, 255), tf.uint8))
       img = tf.image.pad_to_bounding_box(img[:config.crop_size, :config.crop_size], 0, 0,
                                          config.crop_size, config.crop_size)
       out['query_crop'] = tf.ensure_shape(img, [config.crop_size, config.crop_size, 3])

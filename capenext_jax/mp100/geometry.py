@@ -128,12 +128,16 @@ def crop_window(center, scale, image_wh, *, max_scale_factor=1.15, max_rotation=
   x1 = np.clip(np.ceil(center + half[:, None]) + 1, 0, wh).astype(np.int64)
   x1 = np.maximum(x1, x0 + 1)
   size = x1 - x0
-  stored = size.copy()
-  if max_crop is not None:
-    f = np.minimum(1.0, max_crop / np.max(size, axis=1))
-    stored = np.maximum(1, np.round(size * f[:, None])).astype(np.int64)
-    stored = np.minimum(stored, max_crop)
-  return x0, size, stored
+  return x0, size, stored_size(size, max_crop)
+
+
+def stored_size(size, max_crop=None) -> np.ndarray:
+  """int64 [N, 2]: window sizes [N, 2] scaled down (aspect kept) so max(w, h) <= max_crop."""
+  size = np.asarray(size, np.int64)
+  if max_crop is None:
+    return size.copy()
+  f = np.minimum(1.0, max_crop / np.max(size, axis=1))
+  return np.minimum(np.maximum(1, np.round(size * f[:, None])), max_crop).astype(np.int64)
 
 
 def crop_matrix(origin, size, stored) -> np.ndarray:
