@@ -126,8 +126,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
     try:
       for step in range(start, total):
         if stop.should_stop(step):
-          ckpt.save(step, state, {'step': step}, force=True)
           ckpt.wait()
+          if step not in ckpt.all_steps():   # a periodic save may have just written it
+            ckpt.save(step, state, {'step': step}, force=True)
+            ckpt.wait()
           log(f'stopped by SIGTERM at step {step}; checkpoint saved')
           results.update(step=step, preempted=True)
           return results
