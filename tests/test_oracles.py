@@ -129,23 +129,37 @@ def predictor_oracle(queries, anns, size):
 
 def test_predict_batch_oracle_and_single_image_mode(tmp_path):
   """Batch mode (batch 3 over 8 annotations: the last batch padded) maps the oracle's points
-  back to every annotation's keypoints; with the real model, batch mode equals single-image
-  mode for every annotation."""
+  back to every annotation's keypoints; with the real model, `capenext-predict --coco` equals
+  single-image mode (same category, descriptions, skeleton and box) for every annotation."""
   from capenext_jax import loading, predict
   from capenext_jax.predictor import Predictor
   coco = json.loads(TEST_ANN.read_text())
   queries, anns = predict.coco_queries(str(TEST_ANN), str(IMAGES))
   assert len(queries) == 8
-  model = loading.load_model(FIXTURE)
-  oracle = Predictor(model, batch_size=3)
+  oracle = Predictor(loading.load_model(FIXTURE), batch_size=3)
   oracle._forward = predictor_oracle(queries, anns, SIZE)
   for points, ann in zip(oracle(queries), coco['annotations']):
     want = np.asarray(ann['keypoints'], np.float64).reshape(-1, 3)[:, :2]
     np.testing.assert_allclose(points, want, atol=2e-3)   # float32 crop units, ~1000 px crops
-  batched = Predictor(model, batch_size=3)(queries)
-  single = Predictor(model, batch_size=1)
-  for q, points in zip(queries, batched):
-    np.testing.assert_allclose(single([q])[0], points, atol=1e-3)
+  assert predict.main(['--coco', str(TEST_ANN), '--image_root', str(IMAGES), '--checkpoint',
+                       str(FIXTURE), '--output', str(tmp_path / 'coco.json'),
+                       '--batch_size', '3']) == 0
+  batched = json.loads((tmp_path / 'coco.json').read_text())
+  images = {im['id']: im['file_name'] for im in coco['images']}
+  for i, (q, ann, result) in enumerate(zip(queries, anns, batched)):
+    (tmp_path / f'kp{i}.json').write_text(json.dumps(list(q.descriptions)))
+    argv = [str(IMAGES / images[ann['image_id']]), '--checkpoint', str(FIXTURE),
+            '--category', q.category, '--keypoints_file', str(tmp_path / f'kp{i}.json'),
+            '--skeleton', json.dumps([list(e) for e in q.skeleton]),
+            '--bbox', ','.join(map(str, ann['bbox'])), '--output', str(tmp_path / f'{i}.json'),
+            '--no_overlay']
+    assert predict.main(argv) == 0
+    single = json.loads((tmp_path / f'{i}.json').read_text())
+    np.testing.assert_array_equal(single['bbox'], q.bbox)
+    xy = np.array([[k['x'], k['y']] for k in single['keypoints']])
+    coco_xy = np.asarray(result['keypoints']).reshape(-1, 3)[:, :2]
+    assert result['annotation_id'] == ann['id'] and len(xy) == len(ann['keypoints']) // 3
+    np.testing.assert_allclose(xy, coco_xy, atol=1e-3)   # batch 3 vs 1: float32 round-off
 
 
 # ----------------------------------------------------------------------------- device warp
