@@ -34,7 +34,6 @@ from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 if TYPE_CHECKING:
   import ml_collections
 
-KINDS = ('workdir', 'export', 'fixture', 'official')
 OFFICIAL_SUFFIXES = ('.pth', '.pt', '.ckpt', '.bin', '.npz', '.safetensors')
 
 
@@ -42,7 +41,7 @@ OFFICIAL_SUFFIXES = ('.pth', '.pt', '.ckpt', '.bin', '.npz', '.safetensors')
 class Checkpoint:
   """What a weights source holds.
 
-  kind: one of KINDS. config: the model's sizes. params: the nested params pure dict (host
+  kind: 'workdir', 'export', 'fixture' or 'official'. config: the model's sizes. params: the nested params pure dict (host
   arrays, int list indices) of every kind but 'workdir'. state: a workdir's restored
   `TrainState` (on the mesh given to `load`). run_config: a workdir's `config.json`.
   """
@@ -68,7 +67,7 @@ def _is_fixture(path: Path) -> bool:
 
 
 def kind_of(path: str | os.PathLike) -> str:
-  """Which of KINDS `path` is; ValueError naming the path when it is none of them."""
+  """Which kind of `Checkpoint` `path` is; ValueError naming the path when it is none of them."""
   path = Path(path)
   if not path.exists():
     raise ValueError(f'{path}: no such checkpoint')
