@@ -90,3 +90,9 @@ def test_check_parity_passes_on_the_tiny_fixture(capsys):
   assert check_parity.main([str(FIXTURES / 'tiny_capenext.npz')]) == 0
   out = capsys.readouterr().out
   assert ' 0 failed' in out and 'grad/keypoint_head.text_proj.weight' in out
+
+
+def test_check_parity_refuses_a_unit_fixture_by_name(capsys):
+  path = FIXTURES / 'unit_swinv2_small.npz'
+  assert check_parity.main([str(path)]) == 2
+  assert f'{path}: not a whole-model parity fixture' in capsys.readouterr().err

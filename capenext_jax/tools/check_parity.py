@@ -206,6 +206,11 @@ def main(argv=None) -> int:
   parser.add_argument('fixture')
   parser.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
   args = parser.parse_args(argv)
+  if loading.kind_of(args.fixture) != 'fixture':
+    print(f'{args.fixture}: not a whole-model parity fixture (needs state_dict_keys and '
+          'config_json); the unit_*.npz fixtures are checked by the tests of their module',
+          file=sys.stderr)
+    return 2
   z = np.load(args.fixture, allow_pickle=False)
   if args.state_dict:   # other official weights at the fixture's sizes
     model = loading.load_model(args.state_dict, loading.load(args.fixture).config)
