@@ -14,26 +14,31 @@ capenext_jax/evaluation/pairs.py (EPISODE_KEYS_DOC) and capenext_jax/evaluation/
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from capenext_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'synthetic.py'),
-                                'config (data, mesh, batch size); a workdir brings its model')
+PROG = 'eval.py'
+cli.define_config_flag(PROG, os.path.join(_HERE, 'configs', 'synthetic.py'),
+                       'config (data, mesh, batch size); a workdir brings its model')
 flags.DEFINE_string('checkpoint', None, 'train.py workdir, export, or official .pth/.npz')
-flags.DEFINE_integer('step', None, 'checkpoint step of a workdir (default: latest)')
+flags.DEFINE_integer('step', None, 'checkpoint step of a workdir (default: latest)',
+                     lower_bound=0)
 flags.DEFINE_string('annotations', None, 'MP-100-style json (val or test split file)')
 flags.DEFINE_string('image_root', None, 'image folder for --annotations')
 flags.DEFINE_enum('split', 'test', ['val', 'test'], 'config split when no --annotations')
-flags.DEFINE_integer('shots', None, '1 or 5 (default: the config)')
-flags.DEFINE_integer('num_episodes', None, 'episodes per category (official: test 200, val 100)')
-flags.DEFINE_integer('num_queries', None, 'queries per episode (official: 15)')
-flags.DEFINE_integer('batch_size', None, 'eval batch size (default: config.eval_batch_size)')
+flags.DEFINE_integer('shots', None, '1 or 5 (default: the config)', lower_bound=1)
+flags.DEFINE_integer('num_episodes', None, 'episodes per category (official: test 200, val 100)',
+                     lower_bound=1)
+flags.DEFINE_integer('num_queries', None, 'queries per episode (official: 15)', lower_bound=1)
+flags.DEFINE_integer('batch_size', None, 'eval batch size (default: config.eval_batch_size)',
+                     lower_bound=1)
 flags.DEFINE_string('export_episodes', None, 'write the pairs .npz here; no model, no images')
 flags.DEFINE_string('score_predictions', None, 'score this predictions json; no model')
 flags.DEFINE_string('predictions_out', None, 'also write our predictions in that format')
 flags.DEFINE_string('output', None, 'report JSON path')
 flags.DEFINE_integer('visualize', 0, 'write this many overlay PNGs per category (prediction '
-                     'vs ground truth) to <report dir>/overlays')
+                     'vs ground truth) to <report dir>/overlays', lower_bound=0)
 FLAGS = flags.FLAGS
 
 
@@ -67,7 +72,8 @@ def report(scores, category_names, output, info):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  if FLAGS.verbosity < 1:   # orbax's INFO lines would drown the report (-v keeps them)
+    logging.set_verbosity(logging.WARNING)
   import ml_collections
   from capenext_jax import loading
   from capenext_jax.evaluation import pairs as pairs_lib
@@ -81,21 +87,27 @@ def main(argv):
               num_queries=protocol.num_queries, checkpoint=FLAGS.checkpoint)
 
   if FLAGS.export_episodes:
+    cli.check_writable('--export_episodes', FLAGS.export_episodes)
     n = pairs_lib.export_episodes(annotations, FLAGS.export_episodes, protocol)
     print(f'wrote {n} pairs to {FLAGS.export_episodes}')
     return
   if FLAGS.score_predictions:
+    output = FLAGS.output or FLAGS.score_predictions + '.scores.json'
+    cli.check_writable('--output', output)
     pairs = pairs_lib.pairs_of_file(annotations, protocol)
-    report(pairs.score_file(FLAGS.score_predictions), pairs.category_names,
-           FLAGS.output or FLAGS.score_predictions + '.scores.json',
+    report(pairs.score_file(FLAGS.score_predictions), pairs.category_names, output,
            dict(info, predictions=FLAGS.score_predictions))
     return
   if not FLAGS.checkpoint:
-    raise app.UsageError('--checkpoint is required (or --export_episodes / --score_predictions)')
+    raise ValueError('--checkpoint is required (or --export_episodes / --score_predictions)')
   default = os.path.join(FLAGS.checkpoint if os.path.isdir(FLAGS.checkpoint) else '.',
                          f'eval_{os.path.splitext(os.path.basename(annotations))[0]}.json')
   output = FLAGS.output or default
   overlays = os.path.join(os.path.dirname(os.path.abspath(output)), 'overlays')
+  cli.check_writable('--output', output)   # before the work, not after it
+  cli.check_writable('--predictions_out', FLAGS.predictions_out)
+  if FLAGS.visualize:
+    cli.check_writable('overlays of --visualize', overlays, directory=True)
   scores, category_names = run_model_eval(config, run_config, protocol, annotations, image_root,
                                           overlays)
   report(scores, category_names, output, info)
@@ -132,4 +144,5 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
 if __name__ == '__main__':
   from capenext_jax.runtime import tune_allocator
   tune_allocator()
-  app.run(main)
+  app.run(cli.guarded(PROG, main, verbose=cli.absl_verbose),
+          flags_parser=cli.absl_flags_parser(PROG))

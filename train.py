@@ -8,11 +8,13 @@ pass --distributed).
 import os
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from capenext_jax import cli
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-config_flags.DEFINE_config_file('config', os.path.join(_HERE, 'configs', 'synthetic.py'),
-                                'ml_collections config file[:arg]', lock_config=True)
+PROG = 'train.py'
+cli.define_config_flag(PROG, os.path.join(_HERE, 'configs', 'synthetic.py'),
+                       'ml_collections config file[:arg]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard logs, config.json', required=True)
 flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() with auto-detection')
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
@@ -34,8 +36,9 @@ def initialize_distributed():
 
 def main(argv):
   del argv
-  # Our progress lines go to stdout; orbax's per-save INFO lines would drown them.
-  logging.set_verbosity(logging.WARNING)
+  # Our progress lines go to stdout; orbax's per-save INFO lines would drown them (-v keeps them).
+  if FLAGS.verbosity < 1:
+    logging.set_verbosity(logging.WARNING)
   initialize_distributed()
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
@@ -46,4 +49,5 @@ def main(argv):
 if __name__ == '__main__':
   from capenext_jax.runtime import tune_allocator
   tune_allocator()
-  app.run(main)
+  app.run(cli.guarded(PROG, main, verbose=cli.absl_verbose),
+          flags_parser=cli.absl_flags_parser(PROG))

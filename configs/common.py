@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
   """Run settings with the official recipe (docs/MODEL.md §4) and single-host defaults."""
   c = ml_collections.ConfigDict()
   c.seed = 1
+  # A restart may change only run length, logging, evaluation and layout fields
+  # (capenext_jax/training/workdir.py); True continues a workdir with any other change.
+  c.allow_config_change = False
   c.init = dict(swin_path='', clip_path='')  # pretrained weights ('' = random init)
 
   c.data = ml_collections.ConfigDict(dict(

@@ -48,6 +48,7 @@ class Evaluator:
                image_size: int):
     self.graphdef, self.data, self.protocol, self.mesh = graphdef, data, protocol, mesh
     self.image_size = image_size
+    partition.check_batch_size('eval batch size', protocol.batch_size, mesh)
     self.pairs = EvalPairs.build(data.dataset, protocol)
     self._step = None
 

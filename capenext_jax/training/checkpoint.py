@@ -7,10 +7,21 @@ A checkpoint step directory holds two items:
 Kept: the last `keep_last` checkpoints plus the best one by `best_metric` (checkpoints saved
 without metrics only count as "last"). Saving is asynchronous: `save` returns once the arrays
 are copied off the device; call `wait()` before exiting.
+
+Faults: a save that fails (disk full, a write error) raises `CheckpointError` at the next
+`save`, `check` or `wait`, naming the step and the directory; orbax writes each step into a
+temporary directory and renames it only when complete, so the previous checkpoint stays whole
+and the run resumes from it. `restore_latest` skips a latest checkpoint that does not restore
+(a truncated file), moving it aside into `<directory>.corrupt/` and saying so.
 """
 from __future__ import annotations
 
+import datetime
+import logging
+import shutil
 import signal
+import sys
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
@@ -19,6 +30,28 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
 from capenext_jax.training.state import CHECKPOINTED, TrainState
+
+
+class CheckpointError(OSError):
+  """A checkpoint could not be written or read."""
+
+
+def _reason(error: BaseException) -> str:
+  """The first line of an error (orbax / TensorStore messages can run to pages)."""
+  first = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
+  return f'{type(error).__name__}: {first[:300]}'
+
+
+class _OneLineOrbaxErrors(logging.Filter):
+  """Orbax logs a failed save from several threads, each with its traceback (TensorStore's
+  messages alone can run to pages). The run reports the failure itself, as a CheckpointError,
+  so while a Checkpointer is open those records keep one line."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.levelno >= logging.ERROR and 'orbax' in record.pathname:
+      first = next((ln for ln in record.getMessage().splitlines() if ln.strip()), '')
+      record.msg, record.args, record.exc_info, record.exc_text = first[:300], (), None, None
+    return True
 
 
 class Checkpointer:
@@ -37,15 +70,41 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(preservation_policy=keep,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options)
+    self._failed = False
+    self._log_filter = _OneLineOrbaxErrors()
+    logging.getLogger('absl').addFilter(self._log_filter)
 
   def save(self, step: int, state: TrainState, data_position: Mapping[str, Any],
            metrics: Mapping[str, float] | None = None, *, force: bool = False) -> bool:
     """Start saving `state` at `step` (a host int); metrics rank it for 'best'. True if saved."""
+    self.check()
     items = {k: getattr(state, k) for k in CHECKPOINTED}
     args = ocp.args.Composite(state=ocp.args.StandardSave(items),
                               data=ocp.args.JsonSave(dict(data_position)))
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
-    return self.manager.save(step, args=args, metrics=metrics, force=force)
+    try:
+      return self.manager.save(step, args=args, metrics=metrics, force=force)
+    except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+      raise self._error(f'could not save step {step}', e) from e
+
+  def check(self) -> None:
+    """Raise CheckpointError if a background save has failed (cheap: call it every step)."""
+    try:
+      self.manager.check_for_errors()
+      # A failure while finalising surfaces only through wait_until_finished, which returns
+      # at once when no save is running.
+      if not self.manager.is_saving_in_progress():
+        self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._error('a checkpoint save failed', e) from e
+
+  def _error(self, what: str, error: BaseException) -> CheckpointError:
+    self._failed = True
+    kept = [s for s in self.all_steps() if (Path(self.manager.directory) / str(s)).is_dir()]
+    latest = (f'the latest complete checkpoint is step {max(kept)}' if kept
+              else 'no complete checkpoint yet')
+    return CheckpointError(f'{what} in {self.manager.directory} ({_reason(error)}); {latest}, '
+                           f'and a restart resumes from it')
 
   def restore(self, target: TrainState, step: int | None = None
               ) -> tuple[TrainState, dict[str, Any]]:
@@ -64,6 +123,33 @@ class Checkpointer:
     restored = self.manager.restore(step, args=args)
     return target.replace(**restored.state), dict(restored.data)
 
+  def restore_latest(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
+    """`restore` of the newest checkpoint that restores, or None when there is none.
+
+    A checkpoint that fails to restore is moved into `<directory>.corrupt/` (nothing is
+    deleted) with a warning naming it and the reason, and the next older one is tried.
+    """
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        return self.restore(target, step)
+      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
+        moved = self._move_aside(step)
+        print(f'warning: checkpoint step {step} in {self.manager.directory} does not restore '
+              f'({_reason(e)}); moved to {moved}, trying the previous one', file=sys.stderr,
+              flush=True)
+    return None
+
+  def _move_aside(self, step: int) -> Path:
+    directory = Path(self.manager.directory)
+    stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+    dest = directory.parent / f'{directory.name}.corrupt' / f'{step}-{stamp}'
+    if jax.process_index() == 0:
+      dest.parent.mkdir(parents=True, exist_ok=True)
+      shutil.move(str(directory / str(step)), dest)
+    multihost_utils.sync_global_devices(f'capenext checkpoint {step} moved aside')
+    self.manager.reload()
+    return dest
+
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
 
@@ -71,11 +157,25 @@ class Checkpointer:
     return list(self.manager.all_steps())
 
   def wait(self) -> None:
-    """Block until pending asynchronous saves are on disk."""
-    self.manager.wait_until_finished()
+    """Block until pending asynchronous saves are on disk; CheckpointError if one failed."""
+    if self._failed:   # reported already; what was saved before it is on disk
+      return
+    self.check()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # noqa: BLE001
+      raise self._error('a checkpoint save failed', e) from e
 
   def close(self) -> None:
-    self.manager.close()
+    """Finish pending saves and release the manager; a save failure already raised by
+    `check` / `wait` / `save` is not raised a second time."""
+    try:
+      self.manager.close()
+    except Exception as e:  # noqa: BLE001
+      if not self._failed:
+        raise self._error('a checkpoint save failed', e) from e
+    finally:
+      logging.getLogger('absl').removeFilter(self._log_filter)
 
 
 def _as_abstract(x):

@@ -11,6 +11,11 @@ Resume: the checkpoint holds the train state and {'step': next global step}; the
 restarts at that step (its episodes and augmentations are a function of the step), and the
 dropout / drop-path keys are fold_in(rng, step), so a resumed run continues exactly.
 Preemption (SIGTERM): the loop saves at the current step, waits for the write, and returns.
+
+Nothing lost: process 0 locks the workdir for the run (`workdir.WorkdirLock`), a restart with
+a changed config is refused (`workdir.check_resume_config`), a failed save stops the run at
+once (`checkpoint.CheckpointError`, the previous checkpoint kept), and a latest checkpoint
+that does not restore is moved aside for the one before it (`Checkpointer.restore_latest`).
 """
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ from capenext_jax.mp100 import episodes as ep
 from capenext_jax.text.cache import replicated_text_cache
 from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
+from capenext_jax.training import workdir as workdir_lib
 
 
 def log(msg: str) -> None:
@@ -74,11 +80,13 @@ def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimiz
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
-  with jax.default_matmul_precision(config.precision):
+  with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
+      jax.default_matmul_precision(config.precision):
     return _train_and_evaluate(config, workdir, data)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
+  workdir_lib.check_resume_config(config, workdir)
   steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
   total = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
@@ -87,17 +95,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
   tx = schedule.make_optimizer(config.optim, steps_per_epoch)
   lr_at = schedule.make_schedule(config.optim, steps_per_epoch)
   mesh = partition.make_mesh(config.mesh_shape)
+  partition.check_batch_size('batch_size', config.batch_size, mesh)
+  partition.check_batch_size('eval_batch_size', config.eval_batch_size, mesh)
   results: dict = {}
 
   with jax.set_mesh(mesh):
-    graphdef, state, shardings = init.init_state(config, tx, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                    keep_last=config.keep_checkpoints, best_metric='pck',
                                    async_save=config.async_checkpoints)
+    graphdef, state, shardings = init.init_state(config, tx, mesh)
     start = 0
-    if ckpt.latest_step() is not None:
-      target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
-      state, position = ckpt.restore(target)
+    target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
+    restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
+    if restored is not None:
+      state, position = restored
       start = int(position['step'])
       log(f'resumed from step {start}')
     if jax.process_index() == 0:
@@ -133,6 +144,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
           log(f'stopped by SIGTERM at step {step}; checkpoint saved')
           results.update(step=step, preempted=True)
           return results
+        ckpt.check()   # a failed background save stops the run now, not at the next save
         state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh))
         history.append((step, metrics))
         done = step + 1

@@ -107,6 +107,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, BATCH_SPEC)
 
 
+def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:
+  """ValueError naming `name` and the mesh unless `batch_size` splits evenly over its devices
+  and its processes (checked before anything is compiled)."""
+  devices, hosts = mesh.devices.size, jax.process_count()
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ValueError(f'{name}={batch_size!r}: must be a positive integer')
+  if batch_size % devices or batch_size % hosts:
+    raise ValueError(f'{name}={batch_size} does not split over the {devices} devices of the mesh '
+                     f'{dict(mesh.shape)} ({hosts} process(es)): use a multiple of {devices}')
+
+
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
   """Host-local numpy batch (this process's rows) -> global jax arrays split over the mesh."""
   sharding = batch_sharding(mesh)

@@ -1,0 +1,155 @@
+"""The command-line boundary of train.py, eval.py and capenext-predict.
+
+A user's mistake (a bad flag, config field, file or value) ends in one line on stderr that
+names what is wrong, `<prog>: error: <message>`, and exit status 2; a failure of the run
+itself (a checkpoint that cannot be written, a non-finite loss) in the same line and status 1.
+The traceback is printed only when asked for (`-v` / `--verbosity=1` for the absl programs).
+Anything else is a bug and keeps its traceback.
+
+Only the programs use this module; the library raises ordinary exceptions.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+# A user's input is wrong: exit 2. (Not OSError in general: a failing disk is not the user's.)
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+
+
+class RunError(RuntimeError):
+  """The run failed for a reason the user can act on (storage, non-finite values): exit 1."""
+
+
+RUN_ERRORS = (RunError, FloatingPointError, OSError)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line (the first line that says something, plus the rest
+  joined with '; ')."""
+  lines = [line.strip() for line in str(error).strip().strip("'\"").splitlines() if line.strip()]
+  return '; '.join(lines) or type(error).__name__
+
+
+def exit_status(error: BaseException) -> int | None:
+  """2 for input errors, 1 for run errors, None for anything else (a bug: keep the trace)."""
+  if isinstance(error, INPUT_ERRORS):
+    return 2
+  if isinstance(error, RUN_ERRORS):
+    return 1
+  return None
+
+
+def fail(prog: str, message: str, status: int = 2):
+  print(f'{prog}: error: {message}', file=sys.stderr, flush=True)
+  raise SystemExit(status)
+
+
+def guarded(prog: str, main: Callable, *, verbose: Callable[[], bool]) -> Callable:
+  """`main` with the project's errors turned into one line and an exit status."""
+
+  def run(*args, **kwargs):
+    try:
+      return main(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - sorted by exit_status below
+      status = exit_status(e)
+      if status is None or verbose():
+        raise
+      fail(prog, one_line(e), status)
+
+  return run
+
+
+# ----------------------------------------------------------------------------- absl programs
+def absl_verbose() -> bool:
+  from absl import flags
+  return flags.FLAGS.is_parsed() and flags.FLAGS['verbosity'].value >= 1
+
+
+def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
+  """An `app.run(flags_parser=...)` that reports a bad flag in one line (status 2)."""
+  from absl import flags
+
+  def parse(argv: list[str]) -> list[str]:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      fail(prog, f'{one_line(e)} (see --helpshort)')
+    except INPUT_ERRORS + (AttributeError, KeyError, TypeError) as e:
+      fail(prog, config_error_message(argv, e))
+
+  return parse
+
+
+def define_config_flag(prog: str, default: str, help_text: str, **kwargs):
+  """`config_flags.DEFINE_config_file('config', ...)`. ml_collections applies the
+  `--config.a.b=value` overrides of sys.argv while defining the flag, so a misspelt field
+  fails here, at import: report it in one line naming the field and the nearest valid ones."""
+  from ml_collections import config_flags
+  try:
+    return config_flags.DEFINE_config_file('config', default, help_text, **kwargs)
+  except (AttributeError, KeyError, ValueError, TypeError) as e:
+    fail(prog, config_error_message(sys.argv, e, default))
+
+
+def config_error_message(argv: Sequence[str], error: BaseException,
+                         default: str | None = None) -> str:
+  """Names the first `--config.x.y` override whose field does not exist (with the nearest
+  valid names); else the error itself, on one line."""
+  spec = next((a.split('=', 1)[1] for a in argv if a.startswith('--config=')), default)
+  overrides = [a[len('--config.'):].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+  if spec and overrides:
+    try:
+      config = load_config(spec)
+    except Exception:  # noqa: BLE001 - the config itself is broken: report the original error
+      config = None
+    for path in overrides if config is not None else ():
+      missing = missing_field(config, path)
+      if missing:
+        return missing
+  return f'--config: {one_line(error)}'
+
+
+def load_config(spec: str):
+  """`get_config(arg)` of a 'path/to/config.py[:arg]' spec, as config_flags loads it."""
+  path, _, arg = spec.partition(':')
+  module_spec = importlib.util.spec_from_file_location('_capenext_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
+def missing_field(config, dotted: str) -> str | None:
+  """An error naming the first component of `dotted` that `config` lacks, or None."""
+  node, walked = config, 'config'
+  for name in dotted.split('.'):
+    fields = list(node.keys()) if hasattr(node, 'keys') else []
+    if name not in fields:
+      near = difflib.get_close_matches(name, fields, n=3, cutoff=0.5)
+      hint = f'did you mean {", ".join(near)}?' if near else f'valid: {", ".join(sorted(fields))}'
+      return f'--config.{dotted}: {walked} has no field {name!r} ({hint})'
+    node, walked = node[name], f'{walked}.{name}'
+  return None
+
+
+# ----------------------------------------------------------------------------- outputs
+def check_writable(flag: str, path: str | os.PathLike | None, *, directory: bool = False) -> None:
+  """Before the work starts: ValueError naming `flag` when `path` could not be written (its
+  folder missing or read-only, or it is a folder where a file is wanted)."""
+  if not path:
+    return
+  path = Path(path)
+  if not directory and path.is_dir():
+    raise ValueError(f'{flag}={path}: is a directory, a file name is needed')
+  if directory and path.exists() and not path.is_dir():
+    raise ValueError(f'{flag}={path}: exists and is not a directory')
+  parent = path if directory and path.is_dir() else path.parent
+  existing = next(p for p in (parent, *parent.parents) if p.exists())
+  if not directory and existing != parent:
+    raise ValueError(f'{flag}={path}: the folder {parent} does not exist')
+  if not os.access(existing, os.W_OK):
+    raise ValueError(f'{flag}={path}: {existing} is not writable')
