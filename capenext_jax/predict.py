@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capenext_jax import loading
+from capenext_jax import cli, loading
 from capenext_jax.models.capenext import NUM_SLOTS
 from capenext_jax.mp100.annotations import read_categories
 from capenext_jax.mp100.images import load_rgb
@@ -72,13 +72,23 @@ def check_skeleton(pairs, num_keypoints: int) -> tuple[tuple[int, int], ...]:
 def parse_bbox(spec: str | None) -> list[float] | None:
   if spec is None:
     return None
-  values = [float(v) for v in spec.split(',')]
-  if len(values) != 4:
-    raise ValueError(f'--bbox {spec!r}: expected x,y,w,h')
+  try:
+    values = [float(v) for v in spec.split(',')]
+  except ValueError:
+    values = []
+  if len(values) != 4 or not np.all(np.isfinite(values)):
+    raise ValueError(f'--bbox {spec!r}: expected four finite numbers x,y,w,h')
   return values
 
 
 # ----------------------------------------------------------------------------- modes
+def check_finite(points: np.ndarray, what: str, checkpoint: str) -> None:
+  """Refuse to write non-finite keypoints (JSON would hold NaN) naming the input."""
+  if not np.all(np.isfinite(points)):
+    raise ValueError(f'{what}: the model predicted non-finite keypoints; the weights of '
+                     f'{checkpoint} are not usable (diverged training?)')
+
+
 def keypoints_record(points: np.ndarray, query: Query) -> list[dict]:
   return [{'index': k, 'description': d, 'x': float(p[0]), 'y': float(p[1])}
           for k, (d, p) in enumerate(zip(query.descriptions, points))]
@@ -99,6 +109,7 @@ def predict_image(args, predictor: Predictor) -> list[Path]:
                 category=args.category, descriptions=descriptions,
                 skeleton=parse_skeleton(args.skeleton, len(descriptions)))
   points = predictor([query])[0]
+  check_finite(points, str(args.image), args.checkpoint)
   stem = Path(args.image).stem
   result = {'image': str(args.image), 'width': image.shape[1], 'height': image.shape[0],
             'bbox': query.bbox.tolist(), 'category': query.category,
@@ -119,13 +130,26 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
   Categories go through the annotation reader's validation: K comes from the annotations'
   keypoint arrays (the name list may be empty, as for ``face`` in the real MP-100 files).
   """
-  coco = json.loads(Path(ann_file).read_text())
+  try:
+    coco = json.loads(Path(ann_file).read_text())
+  except ValueError as e:
+    raise ValueError(f'{ann_file}: cannot parse json: {e}') from None
   categories = {c['id']: c for c in read_categories(coco, ann_file, require=('images',))}
-  images = {im['id']: im for im in coco['images']}
+  images = {im.get('id'): im for im in coco['images'] if isinstance(im, dict)}
   pixels: dict = {}
   queries, anns = [], []
-  for ann in coco['annotations']:
+  for pos, ann in enumerate(coco['annotations']):
+    where = f'{ann_file}: annotations[{pos}] (id={ann.get("id")})'
+    if ann.get('image_id') not in images:
+      raise ValueError(f'{where}: field "image_id"={ann.get("image_id")!r} is not an image of '
+                       f'this file')
+    if ann.get('category_id') not in categories:
+      raise ValueError(f'{where}: field "category_id"={ann.get("category_id")!r} is not a '
+                       f'category of this file')
     im, cat = images[ann['image_id']], categories[ann['category_id']]
+    for field in ('file_name', 'width', 'height'):
+      if field not in im:
+        raise ValueError(f'{ann_file}: image id={im.get("id")}: missing field "{field}"')
     if im['id'] not in pixels:
       pixels[im['id']] = load_rgb(Path(image_root) / im['file_name'],
                                     (im.get('width'), im.get('height')))
@@ -144,6 +168,7 @@ def predict_coco(args, predictor: Predictor) -> list[Path]:
   queries, anns = coco_queries(args.coco, args.image_root)
   results, written = [], [Path(args.output or 'predictions.json')]
   for query, ann, points in zip(queries, anns, predictor(queries)):
+    check_finite(points, f'{args.coco}: annotation id={ann.get("id")}', args.checkpoint)
     flat = np.concatenate([points, np.ones((len(points), 1))], axis=1).reshape(-1)
     results.append({'image_id': ann['image_id'], 'annotation_id': ann.get('id'),
                     'category_id': ann['category_id'], 'keypoints': flat.tolist(),
@@ -178,8 +203,28 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--overlay', help='overlay PNG (default IMAGE_overlay.png)')
   p.add_argument('--no_overlay', action='store_true', help='single mode: skip the PNG')
   p.add_argument('--overlay_dir', help='batch mode: write one overlay per annotation here')
-  p.add_argument('--batch_size', type=int, default=8)
+  p.add_argument('--batch_size', type=_positive_int, default=8)
+  p.add_argument('-v', '--verbose', action='store_true', help='tracebacks for errors')
   return p
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'{value}: must be a positive integer')
+  return value
+
+
+def check_outputs(args) -> None:
+  """Every output is writable before the model is loaded."""
+  if args.image is not None:
+    stem = Path(args.image).stem
+    cli.check_writable('--output', args.output or f'{stem}_keypoints.json')
+    if not args.no_overlay:
+      cli.check_writable('--overlay', args.overlay or f'{stem}_overlay.png')
+  else:
+    cli.check_writable('--output', args.output or 'predictions.json')
+    cli.check_writable('--overlay_dir', args.overlay_dir, directory=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -190,15 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.image is not None and not args.category:
     parser.error('--category is required with an image')
   try:
-    config = loading.read_config(args.config) if args.config else None
-    predictor = Predictor(loading.load_model(args.checkpoint, config),
-                          batch_size=1 if args.image else args.batch_size)
-    written = (predict_image if args.image else predict_coco)(args, predictor)
-    print('wrote ' + ', '.join(str(p) for p in written))
-  except ValueError as e:
-    print(f'capenext-predict: error: {e}', file=sys.stderr)
-    return 2
+    cli.guarded(parser.prog, run, verbose=lambda: args.verbose)(args)
+  except SystemExit as e:
+    return e.code
   return 0
+
+
+def run(args) -> None:
+  check_outputs(args)
+  config = loading.read_config(args.config) if args.config else None
+  predictor = Predictor(loading.load_model(args.checkpoint, config),
+                        batch_size=1 if args.image else args.batch_size)
+  written = (predict_image if args.image else predict_coco)(args, predictor)
+  print('wrote ' + ', '.join(str(p) for p in written))
 
 
 if __name__ == '__main__':

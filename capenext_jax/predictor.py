@@ -31,6 +31,8 @@ from capenext_jax.text.cache import CategoryText, build_text_cache
 def clean_bbox(bbox: Sequence[float] | None, width: int, height: int) -> np.ndarray:
   """The annotation reader's box cleaning; None -> the whole image. Raises ValueError for a
   box with no area inside the image."""
+  if bbox is not None and not np.all(np.isfinite(np.asarray(bbox, np.float64))):
+    raise ValueError(f'bbox {list(bbox)}: every value must be a finite number')
   box = geometry.clean_bbox((0, 0, width, height) if bbox is None else bbox, width, height)
   if box is None:
     raise ValueError(f'bbox {bbox} has no area inside the {width}x{height} image')

@@ -35,7 +35,7 @@ import numpy as np
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import MP100Dataset, load_annotations
-from capenext_jax.mp100.images import load_rgb
+from capenext_jax.mp100.images import exif_orientation, load_rgb
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -100,9 +100,9 @@ def scan_images(dataset: MP100Dataset, num_threads: int = 4) -> np.ndarray:
 
   def check(p):
     try:
-      arr = load_rgb(p, size_of[p])
-      return arr.shape[1] == size_of[p][0] and arr.shape[0] == size_of[p][1]
-    except Exception:  # noqa: BLE001 - any failure means "bad image"
+      load_rgb(p, size_of[p])   # raises for a missing, broken or mis-sized image
+      return True
+    except ValueError:
       return False
 
   with concurrent.futures.ThreadPoolExecutor(num_threads) as pool:
@@ -128,8 +128,10 @@ def json_source(ann_file: str, image_root: str, *, drop_missing_images: bool = T
       bad = sorted({ds.image_path[i] for i in np.nonzero(~ok)[0]})
       warnings.warn(f'{ann_file}: skipped {int((~ok).sum())} instances in {len(bad)} missing or '
                     f'unreadable images, e.g. {bad[:3]}')
+      lost = [('a missing or unreadable image', int(ds.ann_id[i]),
+               int(ds.category_ids[ds.category_index[i]])) for i in np.nonzero(~ok)[0]]
       ds = select_instances(ds, ok)
-      ds.num_dropped_missing_images += int((~ok).sum())
+      ds.dropped = ds.dropped + lost
   return Source(dataset=ds, kind='json')
 
 
@@ -191,6 +193,41 @@ def _invert(m: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # tf.data
 
+def decode(raw):
+  """Encoded bytes -> uint8 [H, W, 3] as stored."""
+  tf = _tf()
+  # JPEG with the accurate integer IDCT, as libjpeg's default used by cv2 and PIL (TF's own
+  # default, the fast IDCT, differs by up to ~20 grey levels); other formats via decode_image.
+  img = tf.cond(tf.io.is_jpeg(raw),
+                lambda: tf.io.decode_jpeg(raw, channels=3, dct_method='INTEGER_ACCURATE'),
+                lambda: tf.io.decode_image(raw, channels=3, expand_animations=False))
+  return tf.ensure_shape(img, [None, None, 3])
+
+
+def decode_upright(raw):
+  """`decode` with the EXIF orientation applied, as cv2's imdecode (and `load_rgb`) do.
+
+  The tag is read on the host from the header alone; TF has no EXIF reader. Orientations
+  2-8 are the flips / quarter turns / (anti-)transposes of the EXIF specification.
+  """
+  tf = _tf()
+  img = decode(raw)
+  # numpy_function hands the string over as a 0-d object array.
+  orientation = tf.numpy_function(lambda b: np.int64(exif_orientation(np.asarray(b).item())),
+                                  [raw], tf.int64, stateful=False)
+  transpose = lambda x: tf.transpose(x, [1, 0, 2])  # noqa: E731
+  turns = [lambda: img,                                   # 1: upright
+           lambda: tf.reverse(img, [1]),                  # 2: mirrored
+           lambda: tf.reverse(img, [0, 1]),               # 3: upside down
+           lambda: tf.reverse(img, [0]),                  # 4: mirrored upside down
+           lambda: transpose(img),                        # 5: transposed
+           lambda: tf.image.rot90(img, 3),                # 6: turn 90 degrees clockwise
+           lambda: tf.reverse(transpose(img), [0, 1]),    # 7: anti-transposed
+           lambda: tf.image.rot90(img, 1)]                # 8: turn 90 degrees anticlockwise
+  img = tf.switch_case(tf.cast(tf.reshape(orientation, []), tf.int32) - 1, turns)
+  return tf.ensure_shape(img, [None, None, 3])
+
+
 def _decode_fn(source: Source, config: PipelineConfig):
   tf = _tf()
   size = config.image_size
@@ -208,10 +245,7 @@ def _decode_fn(source: Source, config: PipelineConfig):
       raw = tf.io.read_file(raw)
     # JPEG with the accurate integer IDCT, as libjpeg's default used by cv2 and PIL (TF's own
     # default, the fast IDCT, differs by up to ~20 grey levels); other formats via decode_image.
-    img = tf.cond(tf.io.is_jpeg(raw),
-                  lambda: tf.io.decode_jpeg(raw, channels=3, dct_method='INTEGER_ACCURATE'),
-                  lambda: tf.io.decode_image(raw, channels=3, expand_animations=False))
-    img = tf.ensure_shape(img, [None, None, 3])
+    img = decode_upright(raw) if source.kind == 'json' else decode(raw)
     out = {k: v for k, v in e.items() if k not in ('query_db', 'query_inverse', 'crop_box', 'image_hw')}
     if source.kind == 'json':
       tf.debugging.assert_equal(tf.shape(img)[:2], e['image_hw'],
@@ -310,14 +344,10 @@ def _explain_failure(source: Source, db_rows: np.ndarray, err) -> Exception:
     for i in dict.fromkeys(int(r) for r in db_rows):
       p = d.image_path[i]
       try:
-        arr = load_rgb(p, tuple(int(v) for v in d.image_size[i]))
-        if arr.shape[:2] != (int(d.image_size[i, 1]), int(d.image_size[i, 0])):
-          return ValueError(f'{p}: image size {arr.shape[1]}x{arr.shape[0]} differs from the '
-                            f'json width/height {int(d.image_size[i, 0])}x{int(d.image_size[i, 1])} '
-                            f'(annotation id {int(d.ann_id[i])})')
-      except Exception as e:  # noqa: BLE001
-        return ValueError(f'{p}: cannot read image for annotation id {int(d.ann_id[i])} ({e}); '
-                          'use on_bad_image="skip" to drop such images')
+        load_rgb(p, tuple(int(v) for v in d.image_size[i]))
+      except ValueError as e:
+        return ValueError(f'{e} (annotation id {int(d.ann_id[i])}); use on_bad_image="skip" to '
+                          'drop such images')
   return ValueError(f'image pipeline failed for one of annotation ids '
                     f'{sorted(set(int(d.ann_id[r]) for r in db_rows))}: {err.message}')
 

@@ -179,3 +179,49 @@ def test_restart_with_another_config_is_refused_unless_asked(tmp_path):
   workdir.check_resume_config(changed, wd)
   kept = [p.name for p in wd.iterdir() if p.name.startswith('config.') and p.name != 'config.json']
   assert len(kept) == 1 and json.loads((wd / kept[0]).read_text()) == json.loads(saved.to_json())
+
+
+# ----------------------------------------------------------------------------- EXIF
+# The EXIF specification's eight orientations, as numpy on the stored pixels (an independent
+# statement of what cv2's IMREAD_COLOR shows).
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1],
+           4: lambda a: a[::-1], 5: lambda a: a.transpose(1, 0, 2),
+           6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a, 1)[:, ::-1],
+           8: lambda a: np.rot90(a, 1)}
+
+
+def exif_jpegs(tmp_path):
+  """A 24-wide, 40-high JPEG per orientation (same pixels, tag 1..8) and the stored pixels."""
+  rng = np.random.default_rng(0)
+  stored = np.repeat(np.repeat(rng.integers(0, 256, (5, 3, 3), np.uint8), 8, 0), 8, 1)
+  paths = {}
+  for o in UPRIGHT:
+    exif = Image.Exif()
+    exif[0x0112] = o
+    paths[o] = tmp_path / f'orientation_{o}.jpg'
+    Image.fromarray(stored).save(paths[o], quality=95, exif=exif.tobytes())
+  return paths
+
+
+def test_exif_orientation_is_applied_in_every_decoder(tmp_path):
+  """load_rgb (predict, overlays, image checks, the TFDS builder) and the tf.data decoder
+  both show all eight orientations upright, as cv2 does."""
+  import tensorflow as tf
+
+  from capenext_jax.mp100.images import exif_orientation, load_rgb
+  from data_pipeline.pipeline import decode, decode_upright
+  paths = exif_jpegs(tmp_path)
+  raw = decode(tf.io.read_file(str(paths[1]))).numpy()    # the stored pixels, as TF decodes
+  for o, path in paths.items():
+    assert exif_orientation(path.read_bytes()) == o
+    want = UPRIGHT[o](raw)
+    got_tf = decode_upright(tf.io.read_file(str(path))).numpy()
+    np.testing.assert_array_equal(got_tf, want, err_msg=f'tf.data, orientation {o}')
+    got_pil = load_rgb(path)
+    assert got_pil.shape == want.shape, o
+    # PIL and TF both run libjpeg's accurate integer IDCT; allow the odd rounding step.
+    assert np.abs(got_pil.astype(int) - want).max() <= 1, o
+  assert load_rgb(paths[6], (40, 24)).shape == (24, 40, 3)   # stored 24 wide, 40 high
+  with pytest.raises(ValueError, match=r'orientation_6.jpg: image is 40x24 upright but the '
+                     r'json says width x height 24x40 \(its EXIF orientation tag turns it'):
+    load_rgb(paths[6], (24, 40))

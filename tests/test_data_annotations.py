@@ -181,6 +181,11 @@ def test_too_few_instances_and_missing_images(tmp_path):
     ep.training_episodes(d, 1, 0, 0)
   p = tmp_path / 'a.json'
   p.write_text(json.dumps(_base()))
-  with pytest.warns(UserWarning, match='dropped 1 records whose image file is missing'):
-    assert len(an.load_annotations(str(p), str(tmp_path), drop_missing_images=True)) == 0
+  with pytest.warns(UserWarning, match=r'a.json: dropped 1 annotations as the official filters '
+                    r'do: 1 with image missing under .* \(ids 1152921504606846983\)'):
+    dropped = an.load_annotations(str(p), str(tmp_path), drop_missing_images=True)
+  assert len(dropped) == 0 and dropped.dropped == [
+      (f'image missing under {str(tmp_path)!r}', 1152921504606846983, 5)]
+  with pytest.raises(ValueError, match=r'\(thing\) has 0 instances \(1 more were dropped, see '):
+    ep.official_pairs(dropped, 1, 1, 1)
   assert len(an.load_annotations(str(p), str(tmp_path), drop_missing_images=False)) == 1

@@ -41,6 +41,8 @@ class MP100Dataset:
     category_ids: int64 [C]; category_names: list[str] (``_`` -> space, the prompt name);
     raw_category_names, supercategories: list[str]; descriptions: list[list[str]] (length >= K);
     category_num_keypoints: int32 [C]; skeletons: list[list[tuple[int, int]]] (0-based).
+  Dropped by the official record filters (or an image check): ``dropped``, a list of
+  (reason, annotation id, category id).
   """
   ann_file: str
   image_root: str
@@ -63,7 +65,7 @@ class MP100Dataset:
   descriptions: list
   category_num_keypoints: np.ndarray
   skeletons: list
-  num_dropped_missing_images: int = 0
+  dropped: list = dataclasses.field(default_factory=list)
 
   def __len__(self):
     return int(self.ann_id.shape[0])
@@ -304,7 +306,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
 
   rows = dict(ann_id=[], image_id=[], file_name=[], image_path=[], image_size=[], cat=[], bbox=[],
               kpts=[])
-  dropped = 0
+  dropped: list[tuple[str, int, int]] = []
   exists_cache: dict[str, bool] = {}
   for iid, img in images.items():
     anns = per_image.get(iid)
@@ -313,21 +315,16 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
     width, height = img['width'], img['height']
     path = os.path.join(image_root, img['file_name']) if image_root else img['file_name']
     for ann in anns:
-      if 'bbox' not in ann:
-        continue
-      box = clean_bbox(ann['bbox'], width, height)
-      if box is None or ('area' in ann and not ann['area'] > 0):
-        continue
-      if 'keypoints' not in ann or max(ann['keypoints']) == 0:
-        continue
-      if 'num_keypoints' in ann and ann['num_keypoints'] == 0:
-        continue
-      if drop_missing_images:
+      reason = _official_filter(ann, width, height)
+      if reason is None and drop_missing_images:
         if path not in exists_cache:
           exists_cache[path] = os.path.exists(path)
         if not exists_cache[path]:
-          dropped += 1
-          continue
+          reason = f'image missing under {image_root!r}'
+      if reason is not None:
+        dropped.append((reason, ann['id'], ann['category_id']))
+        continue
+      box = clean_bbox(ann['bbox'], width, height)
       rows['ann_id'].append(ann['id'])
       rows['image_id'].append(iid)
       rows['file_name'].append(img['file_name'])
@@ -337,8 +334,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       rows['bbox'].append(box)
       rows['kpts'].append(ann['keypoints'])
   if dropped:
-    warnings.warn(f'{ann_file}: dropped {dropped} records whose image file is missing under '
-                  f'{image_root!r}')
+    warnings.warn(f'{ann_file}: {describe_dropped(dropped)}', stacklevel=2)
 
   n = len(rows['ann_id'])
   cat_index = np.asarray(rows['cat'], np.int32).reshape(n)
@@ -366,14 +362,42 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       descriptions=[c['descriptions'] for c in cats],
       category_num_keypoints=cat_k,
       skeletons=[c['skeleton'] for c in cats],
-      num_dropped_missing_images=dropped)
+      dropped=dropped)
+
+
+def _official_filter(ann: dict, width: float, height: float) -> str | None:
+  """Why the official dataset drops this annotation (docs/MODEL.md §5.1), or None."""
+  if 'bbox' not in ann:
+    return 'no bbox'
+  if clean_bbox(ann['bbox'], width, height) is None:
+    return 'a box of zero size inside the image'
+  if 'area' in ann and not ann['area'] > 0:
+    return 'area 0'
+  if 'keypoints' not in ann or max(ann['keypoints']) == 0 or ann.get('num_keypoints', 1) == 0:
+    return 'no labelled keypoints'
+  return None
+
+
+def describe_dropped(dropped: list[tuple[str, int, int]]) -> str:
+  """'dropped 3 annotations as the official filters do: 2 with no bbox (ids 4, 9), ...'."""
+  by_reason: dict[str, list[int]] = {}
+  for reason, ann_id, _ in dropped:
+    by_reason.setdefault(reason, []).append(ann_id)
+  parts = [f'{len(ids)} with {reason} (ids {", ".join(map(str, ids[:5]))}'
+           f'{", ..." if len(ids) > 5 else ""})' for reason, ids in by_reason.items()]
+  return f'dropped {len(dropped)} annotations as the official filters do: ' + '; '.join(parts)
 
 
 def check_episode_size(dataset: MP100Dataset, needed: int, what: str = 'episode'):
   """Raises ValueError naming every category with fewer than ``needed`` instances."""
   counts = np.bincount(dataset.category_index, minlength=dataset.num_categories)
-  bad = [f'category id={int(dataset.category_ids[c])} ({dataset.raw_category_names[c]}) has '
-         f'{int(counts[c])} instances' for c in range(dataset.num_categories) if counts[c] < needed]
+  lost = {}
+  for _, _, cid in dataset.dropped:
+    lost[cid] = lost.get(cid, 0) + 1
+  bad = [f'category id={int(cid)} ({dataset.raw_category_names[c]}) has {int(counts[c])} '
+         f'instances' + (f' ({lost[int(cid)]} more were dropped, see the warning above)'
+                         if lost.get(int(cid)) else '')
+         for c, cid in enumerate(dataset.category_ids) if counts[c] < needed]
   if bad:
     raise ValueError(f'{dataset.ann_file}: too few instances for a {what} of {needed} '
                      f'(shots + queries): ' + '; '.join(bad))
