@@ -2,17 +2,23 @@
 entry point users call is `capenext_jax.load_pretrained`, in `loading.py`).
 
 An export directory holds (docs/EXPORT.md describes the names for other projects):
-  config.json          {"format": "capenext-jax", "version": 1, "dtype": ..., "config": {...}}
+  config.json          {"format": "capenext-jax", "version": 1, "dtype": ..., "config": {...},
+                        "digest": {"config": sha256, "params": sha256}}
   params.safetensors   flat '/'-joined names ('backbone/layers/0/blocks/1/attn/qkv/kernel'),
                        the same JSON as the header's `capenext` metadata entry
   params.msgpack       the nested dict (string keys) through `flax.serialization`
   params.orbax/        the nested dict as an orbax StandardCheckpointer pytree
+
+The digests (of the canonical config JSON, and of the parameter names and shapes) make an
+edited config.json fail loudly instead of building another architecture that happens to
+accept the same arrays (e.g. `nhead` 4 -> 2). Exports written before digests load unchecked.
 
 Only jax, flax, numpy and safetensors are imported here (orbax lazily, for that format
 alone), so exported models load without TensorFlow, torch or our training code.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
@@ -24,6 +30,7 @@ import numpy as np
 from flax import nnx
 
 from capenext_jax import params as params_lib
+from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 
 FORMAT_NAME, FORMAT_VERSION = 'capenext-jax', 1
@@ -46,9 +53,22 @@ def model_params(model: CapeNext) -> dict:
   return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-def _header(config: CapeNextConfig, dtype: str) -> dict:
+def config_digest(config: dict) -> str:
+  """sha256 of the canonical JSON of a config dict."""
+  return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def params_digest(flat: Mapping[str, np.ndarray]) -> str:
+  """sha256 of the sorted '/'-joined parameter names with their shapes."""
+  text = '\n'.join(f'{k}:{tuple(np.shape(v))}' for k, v in sorted(flat.items()))
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray]) -> dict:
+  config_dict = config.to_dict()
   return {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'dtype': dtype,
-          'config': config.to_dict()}
+          'config': config_dict,
+          'digest': {'config': config_digest(config_dict), 'params': params_digest(flat)}}
 
 
 def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.PathLike, *,
@@ -69,7 +89,7 @@ def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.P
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   flat = {k: _cast(v, DTYPES[dtype]) for k, v in params_lib.flatten(params).items()}
-  header = json.dumps(_header(config, dtype), indent=1)
+  header = json.dumps(_header(config, dtype, flat), indent=1)
   written = {'config': directory / CONFIG_FILE}
   written['config'].write_text(header + '\n')
   for fmt in formats:
@@ -140,7 +160,27 @@ def read_export(path: str | os.PathLike) -> tuple[CapeNextConfig, dict]:
   if header.get('version') != FORMAT_VERSION:
     raise ValueError(f'{path}: export version {header.get("version")} is not supported '
                      f'(this code reads version {FORMAT_VERSION})')
-  return CapeNextConfig.from_dict(header['config']), _READERS[_format_of(path)](path)
+  digest = header.get('digest', {})
+  if 'config' in digest and digest['config'] != config_digest(header['config']):
+    raise ValueError(f'{_header_source(path)}: the model config was edited after export (its '
+                     f'digest does not match): it no longer describes these weights; restore '
+                     f'the exported config')
+  fmt = _format_of(path)
+  try:
+    params = _READERS[fmt](path)
+  except Exception as e:  # noqa: BLE001 - truncated / corrupt files fail in many ways
+    raise ValueError(f'{path}: cannot read the {fmt} params ({first_line(e)})') from None
+  if 'params' in digest and digest['params'] != params_digest(params_lib.flatten(params)):
+    raise ValueError(f'{path}: the parameter names or shapes differ from the ones exported '
+                     f'with {_header_source(path)} (digest mismatch)')
+  return CapeNextConfig.from_dict(header['config']), params
+
+
+def _header_source(path: Path) -> Path:
+  """The file the export header was read from."""
+  if path.suffix == '.safetensors' and METADATA_KEY in _safetensors_metadata(path):
+    return path
+  return path.parent / CONFIG_FILE
 
 
 def _format_of(path: Path) -> str:
@@ -154,20 +194,33 @@ def _format_of(path: Path) -> str:
 
 def _safetensors_metadata(path: Path) -> dict:
   from safetensors import safe_open
-  with safe_open(str(path), framework='numpy') as f:
-    return f.metadata() or {}
+  try:
+    with safe_open(str(path), framework='numpy') as f:
+      return f.metadata() or {}
+  except Exception as e:  # noqa: BLE001 - SafetensorError, OSError, ...
+    raise ValueError(f'{path}: not a readable safetensors file ({first_line(e)})') from None
 
 
 def _read_header(path: Path) -> dict:
   """The export JSON: from the safetensors header, else from config.json next to the file."""
+  config_file = path.parent / CONFIG_FILE
+  inside = None
   if path.suffix == '.safetensors':
     meta = _safetensors_metadata(path)
     if METADATA_KEY in meta:
-      return json.loads(meta[METADATA_KEY])
-  config_file = path.parent / CONFIG_FILE
+      inside = json.loads(meta[METADATA_KEY])
   if not config_file.is_file():
-    raise ValueError(f'{path}: no {CONFIG_FILE} next to it (and no config in the file)')
-  return json.loads(config_file.read_text())
+    if inside is None:
+      raise ValueError(f'{path}: no {CONFIG_FILE} next to it (and no config in the file)')
+    return inside
+  try:
+    beside = json.loads(config_file.read_text())
+  except ValueError as e:
+    raise ValueError(f'{config_file}: not valid JSON ({e})') from None
+  if inside is not None and inside.get('config') != beside.get('config'):
+    raise ValueError(f'{config_file}: its model config differs from the one inside {path.name} '
+                     f'(was config.json edited?); restore the exported config')
+  return inside if inside is not None else beside
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -200,6 +253,7 @@ def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(seed)))
   state = nnx.state(model, nnx.Param)
   params_lib.check_structure(nnx.to_pure_dict(state), params)
+  params_lib.check_finite(params)
   state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
   rng_state = nnx.state(model, nnx.Not(nnx.Param))
   leaves, treedef = jax.tree.flatten(rng_state)

@@ -29,6 +29,7 @@ from flax import nnx
 
 from capenext_jax import export
 from capenext_jax import params as params_lib
+from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 
 if TYPE_CHECKING:
@@ -62,8 +63,11 @@ def _is_fixture(path: Path) -> bool:
   """A parity-fixture npz (official weights listed in `state_dict_keys`, config inside)."""
   if path.suffix != '.npz' or not path.is_file():
     return False
-  with np.load(path, allow_pickle=False) as z:
-    return {'state_dict_keys', 'config_json'} <= set(z.files)
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {'state_dict_keys', 'config_json'} <= set(z.files)
+  except Exception:  # noqa: BLE001 - not a readable npz: the official reader names the problem
+    return False
 
 
 def kind_of(path: str | os.PathLike) -> str:
@@ -140,9 +144,21 @@ def _load_workdir(path: Path, mesh, step: int | None,
     tx = schedule.make_optimizer(run_config.optim, 1)
     _, state, shardings = init.init_state(run_config, tx, mesh)
     ckpt = checkpoint.Checkpointer(str(path.absolute() / 'checkpoints'))
+    target = abstract_state(state, shardings).replace(frozen=state.frozen)
     try:
-      state, _ = ckpt.restore(abstract_state(state, shardings).replace(frozen=state.frozen),
-                              step=step)
+      if step is None:
+        restored = ckpt.restore_latest(target)
+        if restored is None:
+          raise ValueError(f'{path}: no checkpoint that restores in {path / "checkpoints"}')
+        state = restored[0]
+      elif step not in ckpt.all_steps():
+        raise ValueError(f'{path}: no checkpoint step {step} (there are {ckpt.all_steps()})')
+      else:
+        try:
+          state, _ = ckpt.restore(target, step=step)
+        except Exception as e:  # noqa: BLE001 - a damaged step: name it
+          raise ValueError(f'{path}: checkpoint step {step} does not restore '
+                           f'({first_line(e)})') from None
     finally:
       ckpt.close()
   return Checkpoint('workdir', CapeNextConfig.from_dict(run_config.model.to_dict()),

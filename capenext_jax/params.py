@@ -57,6 +57,19 @@ def check_structure(expected: Mapping, given: Mapping, path: str = '') -> None:
                        f'{tuple(np.shape(v))}')
 
 
+def check_finite(params: Mapping, path: str = '') -> None:
+  """ValueError naming the first parameter holding NaN or inf (e.g. a diverged run's export):
+  such weights would turn every prediction into NaN."""
+  for k, v in params.items():
+    if isinstance(v, Mapping):
+      check_finite(v, f'{path}/{k}')
+    elif np.issubdtype(np.asarray(v).dtype, np.floating) or np.asarray(v).dtype.name == 'bfloat16':
+      bad = int(np.size(v) - np.count_nonzero(np.isfinite(np.asarray(v, np.float32))))
+      if bad:
+        raise ValueError(f'params{path}/{k}: {bad} of {np.size(v)} values are NaN or inf; '
+                         f'these weights are not usable (a diverged training?)')
+
+
 def load_into(model: nnx.Module, params: Mapping) -> None:
   """Write a params pure dict into `model`; the structure and shapes must match exactly."""
   state = nnx.state(model, nnx.Param)

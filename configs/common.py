@@ -44,7 +44,9 @@ def base_config() -> ml_collections.ConfigDict:
   # A restart may change only run length, logging, evaluation and layout fields
   # (capenext_jax/training/workdir.py); True continues a workdir with any other change.
   c.allow_config_change = False
-  c.init = dict(swin_path='', clip_path='')  # pretrained weights ('' = random init)
+  # Pretrained weights, as the official recipe starts (ImageNet Swin V2, OpenAI CLIP). Empty
+  # paths are refused unless from_scratch=True (a random backbone and CLIP: tests, toy runs).
+  c.init = dict(swin_path='', clip_path='', from_scratch=False)
 
   c.data = ml_collections.ConfigDict(dict(
       root='', image_root='', train_ann='', val_ann='', test_ann='',

@@ -4,8 +4,9 @@
 Args: split=1..5, shots=1|5, backbone=swinv2_t|swinv2_s|swinv2_b|tiny, capex (no fusion
 module: plain CapeX), runlocal (a few steps of a tiny model on CPU, to check the wiring),
 root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
-Pretrained weights (docs/MODEL.md §4): set init.swin_path / init.clip_path, e.g.
+Pretrained weights (docs/MODEL.md §4) are required, as the official recipe starts from them:
   --config.init.swin_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=clip-vit-base-patch32/model.safetensors
+(--config.init.from_scratch=True trains from random weights instead.)
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ def get_config(arg: str | None = None):
   c.model = common.model_config('tiny' if a.runlocal else a.backbone,
                                 image_size=64 if a.runlocal else 256, fusion=not a.capex)
   if a.runlocal:
+    c.init.from_scratch = True           # a wiring check: no weights to download
     c.precision = 'default'
     c.total_steps = 4
     c.batch_size = c.eval_batch_size = 4

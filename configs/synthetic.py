@@ -27,6 +27,7 @@ def get_config(arg: str | None = None):
   a = common.parse_arg(arg, steps=600, batch=16, image_size=64, stages=2, lr=2e-3)
   c = common.base_config()
   c.data.synthetic.enabled = True        # root '' -> <workdir>/data
+  c.init.from_scratch = True             # random Swin and CLIP: the task needs no pretraining
   c.model = common.model_config('tiny', image_size=a.image_size)
   c.precision = 'default'
   n = a.stages

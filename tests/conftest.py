@@ -3,8 +3,10 @@
 CI clones the repo with `shared/` beside it, so both are found relative to the repo root
 (override with $CAPENEXT_SHARED). A missing file is a failure, never a skip.
 """
+import importlib.util
 import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -20,3 +22,13 @@ def load_fixture(name: str):
   if not path.exists():
     raise FileNotFoundError(f'golden fixture {path} is missing (set $CAPENEXT_SHARED)')
   return np.load(path, allow_pickle=False)
+
+
+def eval_program():
+  """eval.py imported once per process (absl flags can be defined only once)."""
+  if 'eval_program' not in sys.modules:
+    spec = importlib.util.spec_from_file_location('eval_program', REPO / 'eval.py')
+    module = importlib.util.module_from_spec(spec)
+    sys.modules['eval_program'] = module
+    spec.loader.exec_module(module)
+  return sys.modules['eval_program']

@@ -5,7 +5,6 @@ that nothing was written or lost. The CLIs run in-process (eval.py / train.py th
 absl entry points, capenext-predict through `main`) except where flag definition itself is
 under test (config overrides are applied while train.py is imported).
 """
-import importlib.util
 import json
 import os
 import signal
@@ -18,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import MP100_MINI, REPO
+import conftest
+from conftest import FIXTURES, MP100_MINI, REPO
 
 MINI_TEST = MP100_MINI / 'annotations' / 'mini_test.json'
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
@@ -225,3 +225,209 @@ def test_exif_orientation_is_applied_in_every_decoder(tmp_path):
   with pytest.raises(ValueError, match=r'orientation_6.jpg: image is 40x24 upright but the '
                      r'json says width x height 24x40 \(its EXIF orientation tag turns it'):
     load_rgb(paths[6], (24, 40))
+
+
+# ----------------------------------------------------------------------------- eval.py
+def run_eval_cli(*argv):
+  """eval.py as `app.run` runs it (our flag parser, then the guarded main), in-process:
+  (exit status, stderr's last line)."""
+  import contextlib
+  import io
+
+  from absl import flags
+
+  from capenext_jax import cli
+  program = conftest.eval_program()
+  flags.FLAGS.unparse_flags()
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    try:
+      cli.absl_flags_parser('eval.py')(['eval.py', *map(str, argv)])
+      cli.guarded('eval.py', program.main, verbose=cli.absl_verbose)([])
+      status = 0
+    except SystemExit as e:
+      status = e.code
+  return status, last_line(err.getvalue())
+
+
+@pytest.fixture(scope='module')
+def exports(tmp_path_factory):
+  """The tiny fixture exported: intact (safetensors, msgpack), with an edited config.json,
+  with NaN weights, and a few broken weight files."""
+  from capenext_jax import export, loading
+  root = tmp_path_factory.mktemp('exports')
+  model = loading.load_model(FIXTURES / 'tiny_capenext.npz')
+  params, config = export.model_params(model), model.config
+  for name in ('edited', 'edited_msgpack'):
+    fmt = 'msgpack' if name.endswith('msgpack') else 'safetensors'
+    export.export_params(params, config, root / name, formats=(fmt,))
+    header = json.loads((root / name / 'config.json').read_text())
+    header['config']['head']['nhead'] = 2      # still fits every array: 4 -> 2 heads
+    (root / name / 'config.json').write_text(json.dumps(header))
+  broken = export.params_lib.flatten(params)
+  broken['head/decoder_layers/0/ffn2/kernel'] = np.full_like(
+      broken['head/decoder_layers/0/ffn2/kernel'], np.nan)
+  export.export_params(export.params_lib.unflatten(broken), config, root / 'nan')
+  (root / 'notes.pth').write_text('these are my notes, not weights\n')
+  np.savez(root / 'objects.npz', w=np.array([{'a': 1}], dtype=object))
+  (root / 'garbage').mkdir()
+  (root / 'garbage' / 'config.json').write_text(json.dumps(header))
+  (root / 'garbage' / 'params.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a"')
+  return root
+
+
+EVAL_BASE = ('--annotations', MINI_TEST, '--image_root', MP100_MINI / 'images', '--shots=1',
+             '--num_episodes=1', '--num_queries=1', '--batch_size=4')
+
+
+@pytest.mark.parametrize('argv, status, names', [
+    (('--shots=0',), 2, '--shots=0'),
+    (('--num_episodes=-3',), 2, '--num_episodes=-3'),
+    (('--num_queries=0',), 2, '--num_queries=0'),
+    (('--batch_size=0',), 2, '--batch_size=0'),
+    (('--visualize=-1',), 2, '--visualize=-1'),
+    (('--step=-2',), 2, '--step=-2'),
+    (('--checkpoint={root}/missing.pth',), 2, 'missing.pth: no such checkpoint'),
+    (('--checkpoint={root}/notes.pth',), 2, 'notes.pth: not a PyTorch checkpoint'),
+    (('--checkpoint={root}/objects.npz',), 2, 'objects.npz: refused: holds object arrays'),
+    (('--checkpoint={root}/garbage',), 2, 'params.safetensors: not a readable safetensors file'),
+    (('--checkpoint={root}/edited',), 2, 'edited/config.json: its model config differs from the '
+     'one inside params.safetensors'),
+    (('--checkpoint={root}/edited_msgpack',), 2, 'edited_msgpack/config.json: the model config '
+     'was edited after export'),
+    (('--checkpoint={root}/nan',), 2, 'params/head/decoder_layers/0/ffn2/kernel: 1536 of 1536 values '
+     'are NaN or inf'),
+    (('--checkpoint={root}/nan', '--output={root}/no/such/folder/report.json'), 2,
+     '--output={root}/no/such/folder/report.json: the folder {root}/no/such/folder does not exist'),
+    (('--annotations={root}/missing.json', '--export_episodes={root}/e.npz'), 2,
+     'missing.json: annotation file not found'),
+    (('--score_predictions={root}/notes.pth',), 2, 'notes.pth'),
+    ((), 2, '--checkpoint is required'),
+])
+def test_eval_cli_bad_inputs(exports, argv, status, names):
+  argv = [a.format(root=exports) if isinstance(a, str) else a for a in argv]
+  got, line = run_eval_cli(*EVAL_BASE, *argv)
+  assert got == status and line.startswith('eval.py: error: ') and names.format(
+      root=exports) in line, (got, line)
+  assert not (exports / 'no').exists()
+
+
+def test_eval_cli_verbose_keeps_the_traceback(exports):
+  with pytest.raises(ValueError, match='no such checkpoint'):
+    run_eval_cli(*EVAL_BASE, f'--checkpoint={exports}/missing.pth', '--verbosity=1')
+
+
+# ----------------------------------------------------------------------------- capenext-predict
+def coco_json(tmp_path, edit) -> str:
+  """mini_test.json changed by `edit(data)`, written beside the test."""
+  data = json.loads(MINI_TEST.read_text())
+  edit(data)
+  path = tmp_path / 'coco.json'
+  path.write_text(json.dumps(data))
+  return str(path)
+
+
+def _orphan_image(d):
+  d['annotations'][0]['image_id'] = 424242
+
+
+def _k101(d):
+  c = d['categories'][0]
+  c['keypoints'] = [f'p{i}' for i in range(101)]
+  for a in d['annotations']:
+    if a['category_id'] == c['id']:
+      a['keypoints'] = [1, 1, 2] * 101
+
+
+def _k0(d):
+  c = d['categories'][0]
+  c['keypoints'] = []
+  for a in d['annotations']:
+    if a['category_id'] == c['id']:
+      a['keypoints'] = []
+
+
+def _no_categories(d):
+  del d['categories']
+
+
+PREDICT_IMAGE = sorted((MP100_MINI / 'images' / 'tiger_body').glob('*.jpg'))[0]
+
+
+@pytest.mark.parametrize('case, argv, names', [
+    ('nan box', ['{image}', '--bbox', 'nan,0,100,100'], "--bbox 'nan,0,100,100'"),
+    ('text box', ['{image}', '--bbox', '1,2,three,4'], "--bbox '1,2,three,4'"),
+    ('missing image', ['{tmp}/nope.jpg'], 'nope.jpg: no such image file'),
+    ('corrupt image', ['{tmp}/broken.jpg'], 'broken.jpg: cannot read image'),
+    ('output folder', ['{image}', '--output', '{tmp}/no/dir/out.json'],
+     '--output={tmp}/no/dir/out.json: the folder {tmp}/no/dir does not exist'),
+    ('nan weights', ['{image}', '--checkpoint', '{exports}/nan'], 'are NaN or inf'),
+    ('orphan image id', ['--coco', _orphan_image], 'field "image_id"=424242 is not an image'),
+    ('101 keypoints', ['--coco', _k101], '101 keypoints, more than max_kpt_num=100'),
+    ('0 keypoints', ['--coco', _k0], 'its annotations have 0 keypoints'),
+    ('no categories', ['--coco', _no_categories], 'missing field "categories"'),
+    ('batch size', ['--coco', lambda d: None, '--batch_size', '0'], '--batch_size'),
+])
+def test_predict_cli_bad_inputs(tmp_path, exports, capsys, case, argv, names):
+  from capenext_jax import predict
+  (tmp_path / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 truncated')
+  fill = dict(image=PREDICT_IMAGE, tmp=tmp_path, exports=exports)
+  args = [coco_json(tmp_path, a) if callable(a) else a.format(**fill) for a in argv]
+  if '--coco' in args:
+    args += ['--image_root', str(MP100_MINI / 'images')]
+  else:
+    args += ['--category', 'tiger', '--keypoints', 'nose,tail']
+  if '--checkpoint' not in args:
+    args += ['--checkpoint', str(FIXTURES / 'tiny_capenext.npz')]
+  args += ['--output', str(tmp_path / 'out.json')] if '--output' not in args else []
+  with pytest.raises(SystemExit) if case == 'batch size' else contextlib_null():
+    status = predict.main(args)
+  err = capsys.readouterr().err
+  if case == 'batch size':
+    assert '--batch_size: 0: must be a positive integer' in err
+    return
+  assert status == 2 and last_line(err).startswith('capenext-predict: error: '), err
+  assert names.format(**fill) in last_line(err), err
+  assert not (tmp_path / 'out.json').exists() and not (tmp_path / 'no').exists()
+
+
+def contextlib_null():
+  import contextlib
+  return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- train.py
+def test_train_cli_names_a_misspelt_config_field():
+  status, _, err = run_script('train.py', '--workdir=/nonexistent/run', '--config.optim.lrr=1')
+  assert status == 2 and last_line(err) == (
+      "train.py: error: --config.optim.lrr: config.optim has no field 'lrr' (did you mean lr?)")
+  status, _, err = run_script('train.py', '--workdir=/nonexistent/run', '--config.nonexistent_knob=1')
+  assert status == 2 and "config has no field 'nonexistent_knob'" in last_line(err), err[-2000:]
+  assert 'Traceback' not in err and not os.path.exists('/nonexistent')
+
+
+def test_train_cli_checks_batch_size_against_the_mesh_before_compiling(tmp_path):
+  env_devices = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  proc = subprocess.run([sys.executable, 'train.py', f'--workdir={tmp_path / "run"}',
+                         '--config.batch_size=3'], env=env_devices, cwd=REPO, timeout=120,
+                        capture_output=True, text=True)
+  assert proc.returncode == 2 and last_line(proc.stderr) == (
+      "train.py: error: batch_size=3 does not split over the 2 devices of the mesh "
+      "{'data': 2, 'fsdp': 1} (1 process(es)): use a multiple of 2"), proc.stderr[-2000:]
+
+
+def test_headline_recipe_refuses_random_pretrained_parts(tmp_path):
+  from configs import mp100
+  from test_train import train
+  c = mp100.get_config('runlocal')
+  c.init.from_scratch = False
+  c.init.clip_path = 'clip.safetensors'
+  c.data.update(root=str(MP100_MINI), image_root=str(MP100_MINI / 'images'),
+                train_ann=str(MP100_MINI / 'annotations' / 'mini_train.json'),
+                val_ann=str(MINI_TEST), test_ann=str(MINI_TEST))
+  with pytest.raises(ValueError, match=r'config.init.swin_path empty: the recipe starts from '
+                     r'ImageNet Swin V2 .* --config.init.from_scratch=True'):
+    train(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run' / 'checkpoints').exists()
+  assert mp100.get_config('runlocal').init.from_scratch
+  assert not mp100.get_config('split=2').init.from_scratch

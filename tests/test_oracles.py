@@ -2,14 +2,14 @@
 the answer, so everything around the model (host pipeline, padded batches, the mapping back
 to original-image pixels, scoring, reports, batch vs single-image prediction) must give it back.
 """
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 from absl import flags
 
-from conftest import FIXTURES, MP100_MINI, REPO
+import conftest
+from conftest import FIXTURES, MP100_MINI
 
 TEST_ANN = MP100_MINI / 'annotations' / 'mini_test.json'
 IMAGES = MP100_MINI / 'images'
@@ -19,11 +19,7 @@ SIZE = 64
 
 @pytest.fixture(scope='module')
 def eval_program():
-  """eval.py imported once (its absl flags can be defined once per process)."""
-  spec = importlib.util.spec_from_file_location('eval_program', REPO / 'eval.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return conftest.eval_program()
 
 
 def run_eval(eval_program, *argv):

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from capenext_jax.errors import first_line
+
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 _WRAPPERS = ('state_dict', 'model')  # mmcv / generic training checkpoints nest the weights
 
@@ -27,8 +29,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if path.suffix in _TORCH_SUFFIXES:
     sd = _load_torch(path)
   elif path.suffix == '.npz':
-    with np.load(path, allow_pickle=False) as z:
-      sd = {k: z[k] for k in z.files}
+    sd = _load_npz(path)
   elif path.suffix == '.safetensors':
     sd = _load_safetensors(path)
   else:
@@ -71,6 +72,20 @@ def _numpy_scalar_globals() -> list:
           *(type(np.dtype(c)) for c in 'bBhHiIlLqQefdg?')]
 
 
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      return {k: z[k] for k in z.files}
+  except ValueError as e:
+    if 'allow_pickle' in str(e):
+      raise ValueError(f'{path}: refused: holds object arrays, which only unpickling could '
+                       f'read (and unpickling can run arbitrary code); save plain numeric '
+                       f'arrays') from None
+    raise ValueError(f'{path}: not a readable .npz ({first_line(e)})') from None
+  except Exception as e:  # noqa: BLE001 - BadZipFile, EOFError, OSError for broken files
+    raise ValueError(f'{path}: not a readable .npz ({first_line(e)})') from None
+
+
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
   import pickle
 
@@ -80,11 +95,15 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
       obj = torch.load(path, map_location='cpu', weights_only=True)
   except pickle.UnpicklingError as e:
     reason = next((line.strip() for line in str(e).splitlines()
-                   if 'global' in line.lower() or 'can only build' in line.lower()), str(e))
+                   if 'global' in line.lower() or 'can only build' in line.lower()), None)
+    if reason is None:   # not a pickle of anything: a truncated or foreign file
+      raise ValueError(f'{path}: not a PyTorch checkpoint ({first_line(e)})') from None
     raise ValueError(f'{path}: refused: the file pickles objects other than tensors and plain '
                      f'containers, and unpickling them could run arbitrary code. Re-save the '
                      f'state dict alone in a trusted environment, or convert it to .safetensors '
                      f'/ .npz (torch weights-only loader: {reason})') from e
+  except Exception as e:  # noqa: BLE001 - torch.load fails on foreign bytes in many ways
+    raise ValueError(f'{path}: not a PyTorch checkpoint ({first_line(e)})') from None
   return _torch_to_numpy(_unwrap(obj, path), path)
 
 
@@ -95,3 +114,5 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
   except TypeError:  # numpy has no bfloat16: read through torch instead
     from safetensors.torch import load_file as load_torch
     return _torch_to_numpy(load_torch(str(path)), path)
+  except Exception as e:  # noqa: BLE001 - SafetensorError for a broken header / data
+    raise ValueError(f'{path}: not a readable safetensors file ({first_line(e)})') from None

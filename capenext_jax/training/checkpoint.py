@@ -29,17 +29,12 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from capenext_jax.errors import first_line
 from capenext_jax.training.state import CHECKPOINTED, TrainState
 
 
 class CheckpointError(OSError):
   """A checkpoint could not be written or read."""
-
-
-def _reason(error: BaseException) -> str:
-  """The first line of an error (orbax / TensorStore messages can run to pages)."""
-  first = next((line.strip() for line in str(error).splitlines() if line.strip()), '')
-  return f'{type(error).__name__}: {first[:300]}'
 
 
 class _OneLineOrbaxErrors(logging.Filter):
@@ -103,7 +98,7 @@ class Checkpointer:
     kept = [s for s in self.all_steps() if (Path(self.manager.directory) / str(s)).is_dir()]
     latest = (f'the latest complete checkpoint is step {max(kept)}' if kept
               else 'no complete checkpoint yet')
-    return CheckpointError(f'{what} in {self.manager.directory} ({_reason(error)}); {latest}, '
+    return CheckpointError(f'{what} in {self.manager.directory} ({first_line(error)}); {latest}, '
                            f'and a restart resumes from it')
 
   def restore(self, target: TrainState, step: int | None = None
@@ -135,7 +130,7 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
         moved = self._move_aside(step)
         print(f'warning: checkpoint step {step} in {self.manager.directory} does not restore '
-              f'({_reason(e)}); moved to {moved}, trying the previous one', file=sys.stderr,
+              f'({first_line(e)}); moved to {moved}, trying the previous one', file=sys.stderr,
               flush=True)
     return None
 

@@ -9,6 +9,19 @@ from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.training import partition, state as state_lib
 
 
+def check_pretrained(config: ml_collections.ConfigDict) -> None:
+  """A training run starts from the pretrained backbone and CLIP (the official recipe), or says
+  that it does not (`init.from_scratch`); ValueError naming the empty field otherwise."""
+  if config.init.get('from_scratch', False):
+    return
+  missing = [f'init.{k}' for k in ('swin_path', 'clip_path') if not config.init.get(k)]
+  if missing:
+    raise ValueError(f'config.{" and config.".join(missing)} empty: the recipe starts from '
+                     f'ImageNet Swin V2 and OpenAI CLIP weights (docs/MODEL.md §4); give '
+                     f'their files (--config.{missing[0]}=...), or set '
+                     f'--config.init.from_scratch=True to train from random weights')
+
+
 def init_state(config: ml_collections.ConfigDict, optimizer, mesh
                ) -> tuple[nnx.GraphDef, state_lib.TrainState, state_lib.TrainState]:
   """(graphdef, state, shardings) of `config.model`, seeded by `config.seed`.

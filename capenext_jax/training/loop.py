@@ -87,6 +87,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Ru
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
   workdir_lib.check_resume_config(config, workdir)
+  init.check_pretrained(config)
   steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
   total = config.total_steps or config.num_epochs * steps_per_epoch
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
