@@ -188,7 +188,7 @@ def load_model(path: str | os.PathLike, config: CapeNextConfig | None = None, *,
   try:
     return export.build_model(ckpt.config, model_params(ckpt), dtype=dtype)
   except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
+    raise _naming(path, e) from e
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:
@@ -234,4 +234,10 @@ def _load_part(module, params: dict, path) -> None:
   try:
     params_lib.load_into(module, params)
   except ValueError as e:
-    raise ValueError(f'{path}: {e}') from e
+    raise _naming(path, e) from e
+
+
+def _naming(path, error: ValueError) -> ValueError:
+  """`error` with `path` in front, unless its message already starts with it."""
+  message = str(error)
+  return ValueError(message if message.startswith(str(path)) else f'{path}: {message}')

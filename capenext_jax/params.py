@@ -13,15 +13,15 @@ import numpy as np
 from flax import nnx
 
 
-def flatten(tree: Mapping, prefix: str = '') -> dict[str, np.ndarray]:
-  """Nested pure dict -> {'a/0/b': array}."""
+def flatten(tree: Mapping, prefix: str = '', *, sep: str = '/', leaf=np.asarray) -> dict:
+  """Nested pure dict -> {'a/0/b': leaf(array)} (`sep` joins the keys)."""
   flat = {}
   for k, v in tree.items():
     name = f'{prefix}{k}'
     if isinstance(v, Mapping):
-      flat.update(flatten(v, name + '/'))
+      flat.update(flatten(v, name + sep, sep=sep, leaf=leaf))
     else:
-      flat[name] = np.asarray(v)
+      flat[name] = leaf(v)
   return flat
 
 

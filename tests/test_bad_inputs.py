@@ -86,16 +86,17 @@ def test_failed_save_is_one_error_and_keeps_the_previous_checkpoint(tmp_path, mo
   np.testing.assert_array_equal(state.trainable['w'], np.full((4, 3), 1.0))
 
 
-def test_truncated_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys):
+@pytest.mark.parametrize('damage', ['data', '_METADATA'])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys, damage):
   from capenext_jax.training.checkpoint import Checkpointer
   ckpt = Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
   for step in (1, 2):
     ckpt.save(step, tiny_state(float(step)), {'step': step})
   ckpt.close()
-  data = [p for p in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*')
-          if p.is_file() and p.stat().st_size > 0 and 'd' in p.parent.name]
-  assert data, sorted((tmp_path / 'checkpoints' / '2').rglob('*'))
-  for p in data:   # truncate every array data file of the latest checkpoint
+  files = [p for p in (tmp_path / 'checkpoints' / '2' / 'state').rglob('*') if p.is_file() and (
+      p.name == '_METADATA' if damage == '_METADATA' else p.parent.name == 'd')]
+  assert files, sorted((tmp_path / 'checkpoints' / '2').rglob('*'))
+  for p in files:   # truncate the latest checkpoint's array data, or its metadata
     p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 3])
   reader = Checkpointer(str(tmp_path / 'checkpoints'))
   state, position = reader.restore_latest(tiny_state(0.0))
@@ -268,6 +269,10 @@ def exports(tmp_path_factory):
   broken['head/decoder_layers/0/ffn2/kernel'] = np.full_like(
       broken['head/decoder_layers/0/ffn2/kernel'], np.nan)
   export.export_params(export.params_lib.unflatten(broken), config, root / 'nan')
+  export.export_params(params, config, root / 'orbax_broken', formats=('orbax',))
+  for p in (root / 'orbax_broken' / 'params.orbax').rglob('*'):
+    if p.is_file() and p.parent.name == 'd':
+      p.write_bytes(p.read_bytes()[:10])
   (root / 'notes.pth').write_text('these are my notes, not weights\n')
   np.savez(root / 'objects.npz', w=np.array([{'a': 1}], dtype=object))
   (root / 'garbage').mkdir()
@@ -291,6 +296,7 @@ EVAL_BASE = ('--annotations', MINI_TEST, '--image_root', MP100_MINI / 'images', 
     (('--checkpoint={root}/notes.pth',), 2, 'notes.pth: not a PyTorch checkpoint'),
     (('--checkpoint={root}/objects.npz',), 2, 'objects.npz: refused: holds object arrays'),
     (('--checkpoint={root}/garbage',), 2, 'params.safetensors: not a readable safetensors file'),
+    (('--checkpoint={root}/orbax_broken',), 2, 'params.orbax: cannot read the orbax params'),
     (('--checkpoint={root}/edited',), 2, 'edited/config.json: its model config differs from the '
      'one inside params.safetensors'),
     (('--checkpoint={root}/edited_msgpack',), 2, 'edited_msgpack/config.json: the model config '

@@ -156,7 +156,8 @@ def swin_buffers(config: swin_v2.SwinV2Config) -> dict[str, np.ndarray]:
 def load_microsoft_swinv2(path: str | os.PathLike) -> dict:
   """Params of Microsoft's Swin V2 release (e.g. `swinv2_tiny_patch4_window16_256.pth`, read
   with torch's weights_only loader) or of any file holding the same names."""
+  state_dict = load_state_dict(path)   # its errors name the file already
   try:
-    return swin_from_torch(load_state_dict(path))
+    return swin_from_torch(state_dict)
   except ValueError as e:
     raise ValueError(f'{path}: {e}') from e

@@ -93,18 +93,32 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
   try:
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
       obj = torch.load(path, map_location='cpu', weights_only=True)
-  except pickle.UnpicklingError as e:
-    reason = next((line.strip() for line in str(e).splitlines()
-                   if 'global' in line.lower() or 'can only build' in line.lower()), None)
-    if reason is None:   # not a pickle of anything: a truncated or foreign file
-      raise ValueError(f'{path}: not a PyTorch checkpoint ({first_line(e)})') from None
-    raise ValueError(f'{path}: refused: the file pickles objects other than tensors and plain '
-                     f'containers, and unpickling them could run arbitrary code. Re-save the '
-                     f'state dict alone in a trusted environment, or convert it to .safetensors '
-                     f'/ .npz (torch weights-only loader: {reason})') from e
   except Exception as e:  # noqa: BLE001 - torch.load fails on foreign bytes in many ways
+    if isinstance(e, pickle.UnpicklingError) and _pickles_objects(path):
+      raise ValueError(f'{path}: refused: the file pickles objects other than tensors and plain '
+                       f'containers, and unpickling them could run arbitrary code. Re-save the '
+                       f'state dict alone in a trusted environment, or convert it to '
+                       f'.safetensors / .npz (torch weights-only loader: {first_line(e)})') from e
     raise ValueError(f'{path}: not a PyTorch checkpoint ({first_line(e)})') from None
   return _torch_to_numpy(_unwrap(obj, path), path)
+
+
+def _pickles_objects(path: Path) -> bool:
+  """True when `path` (a raw pickle, or torch's zip with a data.pkl) is a well-formed pickle
+  that builds objects from named globals. Only opcodes are parsed: nothing runs."""
+  import pickletools
+  import zipfile
+  try:
+    if zipfile.is_zipfile(path):
+      with zipfile.ZipFile(path) as z:
+        name = next(n for n in z.namelist() if n.endswith('data.pkl'))
+        data = z.read(name)
+    else:
+      data = path.read_bytes()
+    ops = {op.name for op, _, _ in pickletools.genops(data)}
+  except Exception:  # noqa: BLE001 - not a pickle at all
+    return False
+  return bool(ops & {'GLOBAL', 'STACK_GLOBAL', 'INST', 'OBJ'})
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:

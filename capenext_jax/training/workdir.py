@@ -22,6 +22,8 @@ from pathlib import Path
 
 import ml_collections
 
+from capenext_jax.params import flatten
+
 LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'
 # Dotted config paths (fnmatch patterns) a resumed run may change.
@@ -70,21 +72,9 @@ class WorkdirLock:
       self._file = None
 
 
-def flatten(d, prefix: str = '') -> dict:
-  """{'a': {'b': 1}} -> {'a.b': 1} (lists stay values)."""
-  out = {}
-  for k, v in d.items():
-    key = f'{prefix}{k}'
-    if isinstance(v, dict):
-      out.update(flatten(v, key + '.'))
-    else:
-      out[key] = v
-  return out
-
-
 def config_changes(saved: dict, new: dict) -> list[str]:
   """'path: old -> new' for every field that differs and is not a resumable change."""
-  a, b = flatten(saved), flatten(new)
+  a, b = (flatten(d, sep='.', leaf=lambda v: v) for d in (saved, new))
   changes = []
   for key in sorted(set(a) | set(b)):
     if a.get(key, '<absent>') == b.get(key, '<absent>'):
