@@ -138,18 +138,18 @@ def missing_field(config, dotted: str) -> str | None:
 
 # ----------------------------------------------------------------------------- outputs
 def check_writable(flag: str, path: str | os.PathLike | None, *, directory: bool = False) -> None:
-  """Before the work starts: ValueError naming `flag` when `path` could not be written (its
-  folder missing or read-only, or it is a folder where a file is wanted)."""
+  """Before the work starts, so that it is not lost at the end: creates the folders `path`
+  needs, or raises ValueError naming `flag` (a file in the way, a read-only folder, a folder
+  where a file is wanted)."""
   if not path:
     return
   path = Path(path)
   if not directory and path.is_dir():
     raise ValueError(f'{flag}={path}: is a directory, a file name is needed')
-  if directory and path.exists() and not path.is_dir():
-    raise ValueError(f'{flag}={path}: exists and is not a directory')
-  parent = path if directory and path.is_dir() else path.parent
-  existing = next(p for p in (parent, *parent.parents) if p.exists())
-  if not directory and existing != parent:
-    raise ValueError(f'{flag}={path}: the folder {parent} does not exist')
+  folder = path if directory else path.parent
+  existing = next(p for p in (folder, *folder.parents) if p.exists())
+  if not existing.is_dir():
+    raise ValueError(f'{flag}={path}: {existing} is a file, not a folder')
   if not os.access(existing, os.W_OK):
     raise ValueError(f'{flag}={path}: {existing} is not writable')
+  folder.mkdir(parents=True, exist_ok=True)
