@@ -106,8 +106,9 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
          ) -> Checkpoint:
   """The weights and sizes at `path` (see the module docstring for the kinds).
 
-  config: the sizes of an official checkpoint (default: the headline model, or CapeX when it
-    has no fusion weights); refused for the kinds that carry their own.
+  config: the sizes of an official checkpoint (default: the headline model with the fusion
+    variant its keys show, or CapeX when it has no fusion weights); refused for the kinds that
+    carry their own.
   mesh, step: a workdir's checkpoint `step` (default: the latest) is restored sharded on
     `mesh` (default: the first device).
   run_config: a workdir's `config.json` when the caller has already read it.
@@ -127,10 +128,10 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
       state_dict = {str(k): z[str(k)] for k in z['state_dict_keys']}
       model_config = official.config_from_fixture(json.loads(str(z['config_json'])))
     return Checkpoint(kind, model_config, params=official.capenext_from_official(state_dict))
-  params = official.load_official(str(path))
-  if config is None:
-    config = CapeNextConfig() if 'fusion' in params else CapeNextConfig(fusion=None)
-  return Checkpoint(kind, config, params=params)
+  from capenext_jax.convert.torch_io import load_state_dict
+  state_dict = load_state_dict(str(path))
+  return Checkpoint(kind, config or official.official_model_config(state_dict),
+                    params=official.capenext_from_official(state_dict))
 
 
 def _load_workdir(path: Path, mesh, step: int | None,

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from capenext_jax.convert.head import fusion_from_torch, fusion_to_torch
+from capenext_jax.models import fusion
 from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
 from conftest import load_fixture
 
@@ -88,9 +89,12 @@ def test_gradients_match_official(unit):
     assert _rel(g, z[f'g.{name}']) <= 1e-4, name
 
 
-@pytest.mark.parametrize('use_category,use_image', [(False, True), (True, False)])
-def test_ablations(use_category, use_image):
-  cfg = FusionConfig(embed_dim=16, num_heads=2, use_category=use_category, use_image=use_image)
+@pytest.mark.parametrize('module', [fusion.WITHOUT_CATEGORY, fusion.WITHOUT_IMAGE])
+def test_ablations(module):
+  """Parity with the official classes: test_fusion_variants.py. Here: the missing stream has no
+  parameters and no influence."""
+  cfg = FusionConfig(embed_dim=16, num_heads=2, module=module)
+  use_category, use_image = cfg.uses_category, cfg.uses_image
   model = MultiModalFusion(cfg, rngs=nnx.Rngs(0))
   model.eval()
   params = _pure(model)
@@ -110,8 +114,8 @@ def test_ablations(use_category, use_image):
                                                                          category)
   np.testing.assert_allclose(np.asarray(changed), np.asarray(out), atol=1e-6)
   assert np.abs(np.asarray(other) - np.asarray(out)).max() > 1e-4
-  with pytest.raises(ValueError, match='at least one of use_category / use_image'):
-    MultiModalFusion(FusionConfig(use_category=False, use_image=False), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='use build_fusion'):
+    MultiModalFusion(FusionConfig(module=fusion.CROSS_ATTENTION_LAYER), rngs=nnx.Rngs(0))
 
 
 def test_dropout_is_active_in_train_mode():

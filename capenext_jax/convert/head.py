@@ -4,8 +4,9 @@
 `additional_module.` / `keypoint_head.` prefix and returns the nested pure dict of
 `nnx.to_pure_dict(nnx.state(model, nnx.Param))` (list entries keyed by int). `*_to_torch` is the
 inverse. Every key must be consumed: an unknown or missing key is a ValueError naming it. The
-fusion's `non_linear.*` (built but never called by the official model) is skipped on input and
-therefore not produced on output.
+fusion modules' `non_linear.*` (built but never called by the official model) is skipped on
+input and therefore not produced on output; so is the triple encoder's unused `encoder_layer3`
+(written back as a copy of `encoder_layer2`, see `fusion_to_torch`).
 
 Layouts: Linear `W [out, in]` -> kernel `W.T`; 1x1 Conv2d / Conv1d (k=1) -> Dense with kernel
 `W[:, :, 0(, 0)].T`; LayerNorm weight -> scale; MHA packed `in_proj_weight [3E, E]` /
@@ -13,11 +14,13 @@ Layouts: Linear `W [out, in]` -> kernel `W.T`; 1x1 Conv2d / Conv1d (k=1) -> Dens
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from typing import Callable
 
 import numpy as np
 
+from capenext_jax.models import fusion
 from capenext_jax.models.fusion import FusionConfig
 
 Path = tuple  # path into the nested pure dict (str and int entries)
@@ -164,39 +167,100 @@ def _count(names, pattern: str) -> int:
 
 
 # ----------------------------------------------------------------------------- fusion
-def _fusion_entries(config: FusionConfig):
-  def attention_layer(name):
-    return [(f'{name}.attn', 'mha', (name, 'attn')),
-            (f'{name}.norm1', 'ln', (name, 'norm1')),
-            (f'{name}.norm2', 'ln', (name, 'norm2')),
-            (f'{name}.ffn.0', 'linear', (name, 'ffn', 'fc1')),
-            (f'{name}.ffn.3', 'linear', (name, 'ffn', 'fc2'))]
+def _attention_layer_entries(name: str, ours: Path) -> list:
+  """An official `AttentionLayer` / `CrossAttentionLayer` (same parameters)."""
+  return [(f'{name}attn', 'mha', ours + ('attn',)),
+          (f'{name}norm1', 'ln', ours + ('norm1',)),
+          (f'{name}norm2', 'ln', ours + ('norm2',)),
+          (f'{name}ffn.0', 'linear', ours + ('ffn', 'fc1')),
+          (f'{name}ffn.3', 'linear', ours + ('ffn', 'fc2'))]
 
-  entries = attention_layer('inter_attention_layer')
-  if config.use_category:
-    entries += attention_layer('text_cross_attention_layer')
-    entries.append(('weight_category', 'linear', ('weight_category',)))
-  if config.use_image:
-    entries += attention_layer('image_cross_attention_layer')
-    entries.append(('weight_image', 'linear', ('weight_image',)))
+
+def _simple_entries(config: FusionConfig, name: str = '', ours: Path = ()) -> list:
+  """`SimpleMultiModalModule` or a one-stream ablation, official names under `name`."""
+  entries = _attention_layer_entries(f'{name}inter_attention_layer.',
+                                     ours + ('inter_attention_layer',))
+  if config.uses_category:
+    entries += _attention_layer_entries(f'{name}text_cross_attention_layer.',
+                                        ours + ('text_cross_attention_layer',))
+    # The category-only ablation's official gate is `weight_text`.
+    gate = 'weight_category' if config.uses_image else 'weight_text'
+    entries.append((f'{name}{gate}', 'linear', ours + ('weight_category',)))
+  if config.uses_image:
+    entries += _attention_layer_entries(f'{name}image_cross_attention_layer.',
+                                        ours + ('image_cross_attention_layer',))
+    entries.append((f'{name}weight_image', 'linear', ours + ('weight_image',)))
   for ffn in ('inter_ffn', 'weighted_ffn'):
-    entries += [(f'{ffn}.0', 'linear', (ffn, 'fc1')), (f'{ffn}.3', 'linear', (ffn, 'fc2'))]
-  entries += [(f'norm{i}', 'ln', (f'norm{i}',)) for i in (1, 2, 3)]
+    entries += [(f'{name}{ffn}.0', 'linear', ours + (ffn, 'fc1')),
+                (f'{name}{ffn}.3', 'linear', ours + (ffn, 'fc2'))]
+  entries += [(f'{name}norm{i}', 'ln', ours + (f'norm{i}',)) for i in (1, 2, 3)]
   return entries
 
 
-def fusion_from_torch(sd: dict, config: FusionConfig = FusionConfig()) -> dict:
-  """Official `additional_module.*` state dict (prefix stripped) -> MultiModalFusion pure dict.
+def _fusion_entries(config: FusionConfig) -> list:
+  if config.module in fusion.STACKS:
+    layer = dataclasses.replace(config, module=fusion.SIMPLE)
+    return [e for i in (1, 2) for e in _simple_entries(layer, f'encoder_layer{i}.',
+                                                       (f'encoder_layer{i}',))]
+  if config.module == fusion.CROSS_ATTENTION_LAYER:
+    return _attention_layer_entries('', ('layer',))
+  if config.module == fusion.CROSS_ATTENTION_ENCODER:
+    return [e for i in range(fusion.CROSS_ATTENTION_ENCODER_LAYERS)
+            for e in _attention_layer_entries(f'layers.{i}.', ('layers', i))]
+  return _simple_entries(config)
 
-  `config` only decides which streams exist (ablations have no parameters for the missing one).
+
+def fusion_module_of(names) -> str:
+  """The official fusion class whose state dict has these names (prefix stripped)."""
+  names = set(names)
+  def has(prefix):
+    return any(n.startswith(prefix) for n in names)
+  if has('encoder_layer3.'):
+    return 'SimpleMultiModalTripleEncoder'
+  if has('encoder_layer1.'):
+    return 'SimpleMultiModalDoubleEncoder'
+  if has('layers.0.'):
+    return fusion.CROSS_ATTENTION_ENCODER
+  if 'attn.in_proj_weight' in names:
+    return fusion.CROSS_ATTENTION_LAYER
+  text, image = has('text_cross_attention_layer.'), has('image_cross_attention_layer.')
+  if text and image:
+    return fusion.SIMPLE
+  if text or image:
+    return fusion.WITHOUT_IMAGE if text else fusion.WITHOUT_CATEGORY
+  raise ValueError(f'fusion: the keys match no official fusion module (e.g. '
+                   f'{sorted(names)[:3]}); expected one of {", ".join(fusion.MODULES)}')
+
+
+def _skipped(config: FusionConfig) -> Callable[[str], bool]:
+  """Official keys built but never used by the forward: every `non_linear`, and the triple
+  encoder's `encoder_layer3`."""
+  unused = r'(encoder_layer\d\.)?non_linear\.'
+  if config.module == 'SimpleMultiModalTripleEncoder':
+    unused += r'|encoder_layer3\.'
+  return lambda k: re.match(unused, k) is not None
+
+
+def fusion_from_torch(sd: dict, config: FusionConfig | None = None) -> dict:
+  """Official `additional_module.*` state dict (prefix stripped) -> our fusion pure dict.
+
+  `config.module` says which official class wrote it; None reads it from the keys
+  (`fusion_module_of`).
   """
-  return _from_torch(sd, _fusion_entries(config), lambda k: k.startswith('non_linear.'),
-                     'fusion')
+  if config is None:
+    config = FusionConfig(module=fusion_module_of(sd))
+  return _from_torch(sd, _fusion_entries(config), _skipped(config), f'fusion {config.module}')
 
 
 def fusion_to_torch(params: dict, config: FusionConfig = FusionConfig()) -> dict:
-  """Inverse of `fusion_from_torch` (without the unused `non_linear.*`)."""
-  return _to_torch(params, _fusion_entries(config), 'fusion')
+  """Inverse of `fusion_from_torch`, without the unused `non_linear.*`. The triple encoder's
+  unused `encoder_layer3` is written as a copy of `encoder_layer2`, so that the file loads
+  strictly into the official class and is recognised as the triple, not the double."""
+  out = _to_torch(params, _fusion_entries(config), f'fusion {config.module}')
+  if config.module == 'SimpleMultiModalTripleEncoder':
+    out.update({'encoder_layer3.' + k[len('encoder_layer2.'):]: v.copy()
+                for k, v in out.items() if k.startswith('encoder_layer2.')})
+  return out
 
 
 # ----------------------------------------------------------------------------- head

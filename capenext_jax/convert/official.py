@@ -17,7 +17,8 @@ from capenext_jax.convert import swin as swin_convert
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.models.clip import CLIPConfig
-from capenext_jax.models.fusion import FusionConfig
+from capenext_jax.models.fusion import (CROSS_ATTENTION_ENCODER, CROSS_ATTENTION_LAYER,
+                                        WITHOUT_CATEGORY, WITHOUT_IMAGE, FusionConfig)
 from capenext_jax.models.head import HeadConfig
 from capenext_jax.models.swin_v2 import SwinV2Config
 
@@ -48,7 +49,8 @@ def split_groups(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, np
 def capenext_from_official(state_dict: Mapping[str, np.ndarray]) -> dict:
   """Official state dict (flat names) -> our nested params pure dict, CLIP included.
 
-  A checkpoint without `additional_module.` keys is plain CapeX (no fusion params).
+  A checkpoint without `additional_module.` keys is plain CapeX (no fusion params); the fusion
+  variant is read from its keys (`official_model_config` gives the matching config).
   """
   params = {}
   for prefix, part in split_groups(state_dict).items():
@@ -64,13 +66,48 @@ def capenext_from_official(state_dict: Mapping[str, np.ndarray]) -> dict:
   return params
 
 
-def capenext_to_official(params: Mapping) -> dict[str, np.ndarray]:
-  """Inverse of `capenext_from_official` (unused official keys are not recreated)."""
+def capenext_to_official(params: Mapping, config: CapeNextConfig | None = None
+                         ) -> dict[str, np.ndarray]:
+  """Inverse of `capenext_from_official` (unused official keys are not recreated).
+
+  The fusion variant comes from `config.fusion`, or without a config from the params' layout
+  (the double and triple encoders share one layout: those need the config).
+  """
   out = {}
   for prefix, (name, _, to_torch) in GROUPS.items():
-    if name in params:
-      out.update({prefix + k: v for k, v in to_torch(params[name]).items()})
+    if name not in params:
+      continue
+    if name == 'fusion':
+      part = to_torch(params[name], config.fusion if config else _fusion_config_of(params[name]))
+    else:
+      part = to_torch(params[name])
+    out.update({prefix + k: v for k, v in part.items()})
   return out
+
+
+def _fusion_config_of(params: Mapping) -> FusionConfig:
+  """The fusion variant of our fusion params, where their layout decides it."""
+  if 'encoder_layer1' in params:
+    raise ValueError('fusion params of a stacked encoder: pass the model config (the double and '
+                     'triple encoders have the same parameters)')
+  if 'layers' in params or 'layer' in params:
+    return FusionConfig(module=CROSS_ATTENTION_ENCODER if 'layers' in params
+                        else CROSS_ATTENTION_LAYER)
+  if 'text_cross_attention_layer' not in params:
+    return FusionConfig(module=WITHOUT_CATEGORY)
+  if 'image_cross_attention_layer' not in params:
+    return FusionConfig(module=WITHOUT_IMAGE)
+  return FusionConfig()
+
+
+def official_model_config(state_dict: Mapping[str, np.ndarray]) -> CapeNextConfig:
+  """The headline sizes with the fusion variant the checkpoint's keys show (CapeX without
+  `additional_module.*` keys)."""
+  fusion_names = [k[len('additional_module.'):] for k in state_dict
+                  if k.startswith('additional_module.')]
+  if not fusion_names:
+    return CapeNextConfig(fusion=None)
+  return CapeNextConfig(fusion=FusionConfig(module=head_convert.fusion_module_of(fusion_names)))
 
 
 def load_official(path: str) -> dict:

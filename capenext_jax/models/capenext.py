@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capenext_jax.models.clip import CLIP, CLIPConfig
-from capenext_jax.models.fusion import FusionConfig, MultiModalFusion
+from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.head import HeadConfig, PoseHead
 from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config
 
@@ -39,7 +39,8 @@ TINY_HEAD = HeadConfig(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_la
 class CapeNextConfig:
   """Sizes of the whole model. The defaults are the headline CapeNext (Swin V2-T, CLIP B/32).
 
-  fusion=None gives plain CapeX (keypoint text goes straight to the head). The widths where
+  fusion=None gives plain CapeX (keypoint text goes straight to the head); `fusion.module`
+  picks the official fusion variant (models/fusion.py). The widths where
   the parts meet are derived, not free: the head reads the backbone's last-stage channels and
   the CLIP embedding, the fusion module works at the CLIP width, and the head's sine encoding
   has d_model / 2 features per axis (whatever `head` / `fusion` say, these are overwritten).
@@ -87,6 +88,7 @@ class CapeNextConfig:
     parts = {'swin': SwinV2Config, 'clip': CLIPConfig, 'fusion': FusionConfig,
              'head': HeadConfig}
     _check_fields(cls, d, 'config')
+    d = {**d, 'fusion': FusionConfig.upgrade(d['fusion'])} if d.get('fusion') else d
     return cls(**{k: (None if d[k] is None else _sub_config(parts[k], d[k], k))
                   for k in parts if k in d})
 
@@ -116,7 +118,7 @@ class CapeNext(nnx.Module):
     self.config = config
     self.backbone = SwinTransformerV2(config.swin, rngs=rngs)
     self.clip = CLIP(config.clip, rngs=rngs)
-    self.fusion = (MultiModalFusion(config.fusion, rngs=rngs)
+    self.fusion = (build_fusion(config.fusion, rngs=rngs)
                    if config.fusion is not None else None)
     self.head = PoseHead(config.head, rngs=rngs)
 
@@ -154,7 +156,8 @@ class CapeNext(nnx.Module):
         (from the text cache; rows of masked slots are ignored), or
       keypoint_tokens: int32 [B, 100, 77] the descriptions' CLIP tokens.
       category_text: [B, E] L2-normalised embedding of "a photo of {category}", or
-      category_tokens: int32 [B, 77].
+      category_tokens: int32 [B, 77] (neither is needed, and both are ignored, without fusion
+        or with a fusion variant that does not read the category).
     Returns:
       dict with 'keypoints' [L, B, 100, 2] in [0, 1] (x, y relative to S), 'proposals'
       [B, 100, 2], 'similarity' [B, 100, h, w], the head's intermediates, and 'joint_text'
@@ -174,15 +177,20 @@ class CapeNext(nnx.Module):
     extras = {'joint_text': joint_text}
     fused_text = joint_text
     if self.fusion is not None:
-      if (category_text is None) == (category_tokens is None):
+      if not self.config.fusion.uses_category:
+        category_text = None
+      elif (category_text is None) == (category_tokens is None):
         raise ValueError('pass exactly one of category_text / category_tokens')
-      if category_text is None:
+      elif category_text is None:
         _check_tokens('category_tokens', category_tokens, (query_image.shape[0],))
         category_text = self.encode_text(category_tokens)
-      category_text = jax.lax.stop_gradient(category_text)
-      image_text = self.encode_query_image(query_image)
+      if category_text is not None:
+        category_text = jax.lax.stop_gradient(category_text)
+        extras['category_embedding'] = category_text
+      image_text = None
+      if self.config.fusion.uses_image:
+        image_text = extras['image_embedding'] = self.encode_query_image(query_image)
       fused_text = self.fusion(image_text, joint_text, category_text)
-      extras.update(image_embedding=image_text, category_embedding=category_text)
 
     feature = self.backbone(query_image)
     out = self.head(feature, fused_text, mask, adjacency.astype(query_image.dtype))
