@@ -5,6 +5,8 @@
   eval.py --checkpoint split1_epoch_200.pth --annotations mp100_split1_test.json ...
   eval.py --annotations mp100_split1_test.json --shots 1 --export_episodes episodes.npz
   eval.py --annotations mp100_split1_test.json --score_predictions preds.json
+  eval.py --checkpoint runs/split1 --descriptions synonyms     # text robustness (CapeX tables)
+  eval.py --checkpoint runs/split1 --category_prompt wrong     # prompt names another category
 
 Without --annotations the config's test split is used (for a workdir: the one it trained
 with). Prints a per-category table and writes JSON (--output, default <checkpoint or .>/
@@ -39,6 +41,13 @@ flags.DEFINE_string('predictions_out', None, 'also write our predictions in that
 flags.DEFINE_string('output', None, 'report JSON path')
 flags.DEFINE_integer('visualize', 0, 'write this many overlay PNGs per category (prediction '
                      'vs ground truth) to <report dir>/overlays', lower_bound=0)
+flags.DEFINE_string('descriptions', 'regular', 'keypoint descriptions: regular (the official '
+                    'renaming), synonyms, typo, translate (the CapeX robustness tables) or a JSON '
+                    'file mapping category id -> keypoint names')
+flags.DEFINE_enum('category_prompt', 'true', ['true', 'wrong'], 'wrong: "a photo of <name>" '
+                  'names another category, drawn with --category_prompt_seed (the official '
+                  'use_wrong_catName)')
+flags.DEFINE_integer('category_prompt_seed', 0, 'seed of the --category_prompt wrong draw')
 FLAGS = flags.FLAGS
 
 
@@ -108,19 +117,24 @@ def main(argv):
   cli.check_writable('--predictions_out', FLAGS.predictions_out)
   if FLAGS.visualize:
     cli.check_writable('overlays of --visualize', overlays, directory=True)
-  scores, category_names = run_model_eval(config, run_config, protocol, annotations, image_root,
-                                          overlays)
-  report(scores, category_names, output, info)
+  if FLAGS.descriptions != 'regular':   # a bad name or file fails before the work
+    from capenext_jax.mp100.text_variants import description_table
+    description_table(FLAGS.descriptions)
+  scores, category_names, text = run_model_eval(config, run_config, protocol, annotations,
+                                                image_root, overlays)
+  report(scores, category_names, output, dict(info, **text))
 
 
 def run_model_eval(config, run_config, protocol, annotations, image_root, overlays):
-  """(scores, category names) of the --checkpoint model on the official pairs; writes
-  --predictions_out and --visualize overlays (into `overlays`) when asked."""
+  """(scores, category names, what the text tower was told) of the --checkpoint model on the
+  official pairs; writes --predictions_out and --visualize overlays (into `overlays`) when
+  asked."""
   import jax
   import ml_collections
   from capenext_jax import loading
   from capenext_jax.evaluation.evaluator import Evaluator
   from capenext_jax.evaluation.visualize import write_overlays
+  from capenext_jax.mp100.text_variants import apply_text_options
   from capenext_jax.training import partition
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
@@ -130,6 +144,8 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
     graphdef, state = loading.eval_state(ckpt, mesh,
                                          partition.rules_from_config(config.sharding_rules))
     data = eval_split(config, annotations, image_root)
+    data.source.dataset, text = apply_text_options(
+        data.dataset, FLAGS.descriptions, FLAGS.category_prompt, FLAGS.category_prompt_seed)
     evaluator = Evaluator(graphdef, data, protocol, mesh, image_size=ckpt.config.image_size)
     pred = evaluator.predict(state)
   pairs = evaluator.pairs
@@ -138,7 +154,7 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
   if FLAGS.visualize and jax.process_index() == 0:
     paths = write_overlays(pred, pairs, data.dataset, overlays, FLAGS.visualize)
     print(f'wrote {len(paths)} overlays to {overlays}')
-  return pairs.score(pred), pairs.category_names
+  return pairs.score(pred), pairs.category_names, text
 
 
 if __name__ == '__main__':

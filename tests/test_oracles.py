@@ -239,3 +239,51 @@ def test_tfds_records_with_device_warp_equal_the_json_path(tmp_path):
   # Measured: max 3.0, mean 0.22 grey levels (before the fix, record crops larger than the
   # pipeline's crop were cut instead of scaled: mean 65).
   assert np.abs(got - want).mean() < 0.5 and np.abs(got - want).max() <= 4.0
+
+
+def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, monkeypatch):
+  """--descriptions synonyms on mp100_mini re-encodes exactly the keypoint rows whose names the
+  table changes, --category_prompt wrong exactly the category rows (both in one run: neither
+  touches the other's rows); the reports say which."""
+  from capenext_jax import forward
+  caches = []
+
+  def recording(cache, image_size):
+    caches.append(cache)
+    return oracle_forward()(cache, image_size)
+
+  monkeypatch.setattr(forward, 'make_forward', recording)
+  reports = {}
+  for name, extra in (('regular', []), ('varied', ['--descriptions=synonyms',
+                                                  '--category_prompt=wrong',
+                                                  '--category_prompt_seed=3'])):
+    reports[name] = tmp_path / f'{name}.json'
+    run_eval(eval_program, f'--checkpoint={FIXTURE}', f'--annotations={TEST_ANN}',
+             f'--image_root={IMAGES}', '--shots=1', '--num_episodes=1', '--num_queries=1',
+             '--batch_size=4', f'--output={reports[name]}', *extra)
+  regular, varied = ([np.asarray(c.keypoint), np.asarray(c.category)] for c in caches)
+  info = {n: json.loads(p.read_text())['info'] for n, p in reports.items()}
+  assert info['regular']['descriptions'] == 'regular'
+  assert info['regular']['category_prompt'] == 'true'
+  from capenext_jax.mp100.annotations import load_annotations
+  from capenext_jax.mp100.text_variants import description_table
+  table, _ = description_table('synonyms')
+  ds = load_annotations(str(TEST_ANN), str(IMAGES))
+  changed_rows = np.zeros(regular[0].shape[:2], bool)
+  for c, (cid, k) in enumerate(zip(ds.category_ids, ds.category_num_keypoints)):
+    if int(cid) in table:
+      changed_rows[c, :k] = [a != b for a, b in zip(table[int(cid)], ds.descriptions[c][:k])]
+  assert changed_rows.any()
+  differs = np.abs(varied[0] - regular[0]).max(axis=-1) > 0
+  np.testing.assert_array_equal(differs, changed_rows)
+  s = info['varied']
+  assert s['descriptions'].startswith('synonyms')
+  assert sorted(s['descriptions_not_in_table']) == [102, 103]   # not MP-100: regular names kept
+  assert sum(s['descriptions_changed'].values()) == changed_rows.sum()
+  # Wrong prompts: every category row differs; the names used are recorded.
+  assert (np.abs(varied[1] - regular[1]).max(axis=-1) > 0).all()
+  w = info['varied']
+  assert w['category_prompt'] == 'wrong' and w['category_prompt_seed'] == 3
+  names = {str(c): n for c, n in zip(ds.category_ids, ds.raw_category_names)}
+  assert w['category_prompt_names'].keys() == names.keys()
+  assert all(w['category_prompt_names'][c] != names[c] for c in names)

@@ -66,6 +66,7 @@ class MP100Dataset:
   category_num_keypoints: np.ndarray
   skeletons: list
   dropped: list = dataclasses.field(default_factory=list)
+  prompt_names: list | None = None   # the names the category prompts use (None: raw names)
 
   def __len__(self):
     return int(self.ann_id.shape[0])

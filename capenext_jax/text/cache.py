@@ -92,7 +92,8 @@ def build_text_cache(model: nnx.Module, categories: Sequence[CategoryText],
 def category_texts(dataset) -> list[CategoryText]:
   """The text-tower inputs of every category of an `MP100Dataset`, in category-table order."""
   return [CategoryText(name, list(desc[:int(k)])) for name, desc, k in zip(
-      dataset.raw_category_names, dataset.descriptions, dataset.category_num_keypoints)]
+      dataset.prompt_names or dataset.raw_category_names, dataset.descriptions,
+      dataset.category_num_keypoints)]
 
 
 def replicated_text_cache(graphdef: nnx.GraphDef, state, dataset, mesh) -> TextCache:
