@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       augment=True,
       val_episodes=100, test_episodes=200, num_queries=15,
       on_bad_image='error',
+      mask_outside_bbox=False,  # the official TopDownMaskImage (configs/clip_mask)
   ))
 
   c.batch_size = 32              # global; the official runs use 32 on one GPU

@@ -2,7 +2,9 @@
 
   train.py --config configs/mp100.py:split=1,shots=1 --workdir runs/split1
 Args: split=1..5, shots=1|5, backbone=swinv2_t|swinv2_s|swinv2_b|tiny, capex (no fusion
-module: plain CapeX), runlocal (a few steps of a tiny model on CPU, to check the wiring),
+module: plain CapeX), fusion=<official fusion class> (the ablations, models/fusion.py MODULES,
+e.g. SimpleMultiModalDoubleEncoder), mask (zero the image outside the instance box, the official
+configs/clip_mask), runlocal (a few steps of a tiny model on CPU, to check the wiring),
 root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
 Pretrained weights (docs/MODEL.md §4) are required, as the official recipe starts from them:
   --config.init.swin_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=clip-vit-base-patch32/model.safetensors
@@ -14,8 +16,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None):
-  a = common.parse_arg(arg, split=1, shots=1, backbone='swinv2_t', capex=False,
-                       runlocal=False, root='data/mp100')
+  a = common.parse_arg(arg, split=1, shots=1, backbone='swinv2_t', capex=False, fusion='',
+                       mask=False, runlocal=False, root='data/mp100')
   if a.split not in range(1, 6) or a.shots not in (1, 5):
     raise ValueError(f'split must be 1..5 and shots 1 or 5, got {a.split}, {a.shots}')
   c = common.base_config()
@@ -24,8 +26,13 @@ def get_config(arg: str | None = None):
   for part in ('train', 'val', 'test'):
     c.data[f'{part}_ann'] = f'{a.root}/annotations/mp100_split{a.split}_{part}.json'
   c.data.shots = a.shots
+  c.data.mask_outside_bbox = a.mask
   c.model = common.model_config('tiny' if a.runlocal else a.backbone,
                                 image_size=64 if a.runlocal else 256, fusion=not a.capex)
+  if a.fusion:
+    if a.capex:
+      raise ValueError('capex has no fusion module: drop fusion= or capex')
+    c.model.fusion.module = a.fusion
   if a.runlocal:
     c.init.from_scratch = True           # a wiring check: no weights to download
     c.precision = 'default'

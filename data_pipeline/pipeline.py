@@ -56,6 +56,9 @@ class PipelineConfig:
   crop_size: int = 384          # device mode: crops are (down-scaled and) zero-padded to this
   augment: bool = True          # random scale / rotation in training
   include_adjacency: bool = True
+  # The official `TopDownMaskImage` (CapeNext configs/clip_mask): zero the source image outside
+  # the instance's cleaned bbox, truncated to integers, before the crop is cut (json source).
+  mask_outside_bbox: bool = False
   seed: int = 0
   num_parallel_calls: int = -1  # tf.data.AUTOTUNE
   prefetch: int = 2
@@ -159,6 +162,8 @@ def _crop_params(source: Source, config: PipelineConfig):
 def episode_arrays(source: Source, episodes: np.ndarray, config: PipelineConfig,
                    s_factor=None, rotation=None) -> dict:
   """Host-side metadata of a list of episodes (numpy, one row per episode)."""
+  if config.mask_outside_bbox and source.kind != 'json':
+    raise ValueError('mask_outside_bbox needs the json source (records hold cut crops)')
   d = source.dataset
   g = geometry.episode_geometry(d, episodes, s_factor, rotation, config.image_size,
                           config.heatmap_size, config.sigma)
@@ -180,7 +185,16 @@ def episode_arrays(source: Source, episodes: np.ndarray, config: PipelineConfig,
     out['crop_box'] = np.concatenate([origin[q], size[q], stored[q]], axis=1).astype(np.int32)
   if source.kind == 'json':
     out['image_hw'] = d.image_size[q][:, ::-1].astype(np.int32)
+  if config.mask_outside_bbox:
+    out['mask_box'] = bbox_mask_box(d.bbox[q])
   return out
+
+
+def bbox_mask_box(bbox: np.ndarray) -> np.ndarray:
+  """int32 [N, 4] (x0, y0, x1, y1): the pixels `TopDownMaskImage` keeps, x0 <= col < x1 and
+  y0 <= row < y1, from cleaned bboxes [N, 4] (x, y, w, h) cast to int one by one as there."""
+  x, y, w, h = np.trunc(bbox).astype(np.int64).T
+  return np.stack([x, y, x + w, y + h], axis=1).astype(np.int32)
 
 
 def _invert(m: np.ndarray) -> np.ndarray:
@@ -246,10 +260,17 @@ def _decode_fn(source: Source, config: PipelineConfig):
     # JPEG with the accurate integer IDCT, as libjpeg's default used by cv2 and PIL (TF's own
     # default, the fast IDCT, differs by up to ~20 grey levels); other formats via decode_image.
     img = decode_upright(raw) if source.kind == 'json' else decode(raw)
-    out = {k: v for k, v in e.items() if k not in ('query_db', 'query_inverse', 'crop_box', 'image_hw')}
+    out = {k: v for k, v in e.items()
+           if k not in ('query_db', 'query_inverse', 'crop_box', 'image_hw', 'mask_box')}
     if source.kind == 'json':
       tf.debugging.assert_equal(tf.shape(img)[:2], e['image_hw'],
                                 message='decoded image size differs from the json width/height')
+    if config.mask_outside_bbox:
+      box = e['mask_box']
+      cols, rows = tf.range(tf.shape(img)[1]), tf.range(tf.shape(img)[0])
+      keep = (((rows >= box[1]) & (rows < box[3]))[:, None]
+              & ((cols >= box[0]) & (cols < box[2]))[None, :])
+      img = img * tf.cast(keep, img.dtype)[..., None]
     if config.warp == 'host':
       inv = e['query_inverse']
       t = tf.concat([tf.reshape(inv, [6]), tf.zeros([2], tf.float32)], 0)

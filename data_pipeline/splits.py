@@ -77,7 +77,9 @@ def pipeline_config(config: ml_collections.ConfigDict, *, train: bool) -> Pipeli
   size = config.model.swin.img_size
   return PipelineConfig(shots=config.data.shots, image_size=size, heatmap_size=size // 4,
                         warp=config.data.warp, crop_size=size * 3 // 2,
-                        augment=train and config.data.augment, seed=config.seed)
+                        augment=train and config.data.augment, seed=config.seed,
+                        # Run configs written before the option existed lack it.
+                        mask_outside_bbox=config.data.get('mask_outside_bbox', False))
 
 
 def eval_split(config: ml_collections.ConfigDict, ann_file: str, image_root: str, *,

@@ -177,3 +177,41 @@ def test_library_never_imports_data_pipeline():
   proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert int(proc.stdout.split()[-1]) >= 40   # the walk reached the whole package
+
+
+def test_mask_outside_bbox_is_the_official_top_down_mask_image():
+  """mask_outside_bbox (configs/clip_mask): the query crop is the warp of the source image with
+  everything outside the int-cast cleaned bbox zeroed, as `TopDownMaskImage` does it; host and
+  device warps agree; the crop's margin (the 1.25 box padding) really is black."""
+  import jax.numpy as jnp
+  from capenext_jax import image_ops
+  src = pl.json_source(ANN['test'], os.path.join(MINI, 'images'), drop_missing_images=False)
+  d = src.dataset
+  host = _eval_batches(src, pl.PipelineConfig(warp='host', mask_outside_bbox=True))
+  dev = _eval_batches(src, pl.PipelineConfig(warp='device', crop_size=2048,
+                                             mask_outside_bbox=True))
+  plain = _eval_batches(src, pl.PipelineConfig(warp='host'))
+  pairs = ep.official_pairs(d, 1, 1, 1)
+  black = (0 - MEAN) / STD
+  changed = []   # whether masking changed the crop (not where the box margin is off-image)
+  for hb, db, pb in zip(host, dev, plain):
+    for i in range(len(hb['valid'])):
+      q = pairs[hb['pair_index'][i]][-1]
+      img = load_rgb(d.image_path[q])
+      x, y, w, h = (int(v) for v in d.bbox[q])       # as TopDownMaskImage
+      masked = np.zeros_like(img)
+      masked[y:y + h, x:x + w] = img[y:y + h, x:x + w]
+      m = tr.affine_matrix(d.center[q], d.scale[q], 0.0)
+      ref = (np.clip(np.round(ref_warp(masked, m)), 0, 255) / 255 - MEAN) / STD
+      assert np.abs(hb['query_image'][i] - ref).max() <= ONE_LEVEL
+      assert np.mean(np.abs(hb['query_image'][i] - ref) > 1e-4) < 0.01
+      corner = hb['query_image'][i][:4, :4].reshape(-1, 3)   # outside the box: black
+      np.testing.assert_allclose(corner, np.broadcast_to(black, corner.shape), atol=1e-5)
+      changed.append(np.abs(hb['query_image'][i] - pb['query_image'][i]).max() > 0.5)
+    devimg = np.asarray(image_ops.warp_and_normalize(jnp.asarray(db['query_crop']),
+                                                     jnp.asarray(db['query_affine'])))
+    assert np.abs(devimg - hb['query_image']).max() <= ONE_LEVEL
+  assert sum(changed) >= len(changed) // 2, changed
+  records = pl.Source(dataset=d, kind='records')
+  with pytest.raises(ValueError, match='mask_outside_bbox needs the json source'):
+    pl.episode_arrays(records, pairs[:1], pl.PipelineConfig(mask_outside_bbox=True))
