@@ -95,27 +95,38 @@ def test_score_predictions_ground_truth_and_shifted(tmp_path):
   assert b['EPE'] == pytest.approx(np.mean(0.12 * arrays['bbox_thr']), rel=1e-5)
 
 
-def mp100_mini_train_cmd(workdir):
+def mp100_mini_train_cmd(workdir, options=''):
   """train.py on mp100_mini: configs/mp100.py runlocal (tiny model, 4 steps), no val split."""
   return ('train.py', f'--workdir={workdir}',
-          f'--config={REPO}/configs/mp100.py:runlocal,root={MP100_MINI}',
+          f'--config={REPO}/configs/mp100.py:runlocal,root={MP100_MINI}{options}',
           f'--config.data.train_ann={TRAIN_ANN}', f'--config.data.test_ann={TEST_ANN}',
           '--config.data.val_ann=', '--config.async_checkpoints=False')
 
 
-def test_mp100_mini_train_then_eval_with_overlays(tmp_path):
+def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
+  """Also the paper's ablation options end to end: a fusion variant and the masked images in
+  training, the CapeX synonyms and wrong category prompts in evaluation, the table tool."""
   wd = tmp_path / 'run'
-  out = run(*mp100_mini_train_cmd(wd))
+  out = run(*mp100_mini_train_cmd(wd, ',fusion=SimpleMultiModalDoubleEncoder,mask'))
   assert 'step 4/4' in out and 'test PCK@0.2 after training' in out, out
   assert json.loads((wd / 'results.json').read_text())['step'] == 4
+  run_config = json.loads((wd / 'config.json').read_text())
+  assert run_config['model']['fusion']['module'] == 'SimpleMultiModalDoubleEncoder'
+  assert run_config['data']['mask_outside_bbox']
   # 4 test categories x 3 episodes x 1 query = 12 pairs; batch 5 pads the last batch by 3.
   report = tmp_path / 'eval' / 'report.json'
   out = run('eval.py', f'--checkpoint={wd}', f'--annotations={TEST_ANN}', f'--image_root={IMAGES}',
             '--shots=1', '--num_episodes=3', '--num_queries=1', '--batch_size=5',
-            f'--output={report}', '--visualize=1', f'--predictions_out={tmp_path / "p.json"}')
+            f'--output={report}', '--visualize=1', f'--predictions_out={tmp_path / "p.json"}',
+            '--descriptions=synonyms', '--category_prompt=wrong')
   assert 'PCK@0.2' in out
   r = json.loads(report.read_text())
   assert r['overall']['num_pairs'] == 12 and len(r['per_category']) == 4
+  assert r['info']['descriptions'].startswith('synonyms') and r['info']['category_prompt'] == 'wrong'
+  from capenext_jax.tools import mp100_table
+  assert mp100_table.main([f'{report}@2']) == 0
+  table = capsys.readouterr().out
+  assert '| 1-shot | missing |' in table and 'split(s) 1, 3, 4, 5 missing' in table
   assert len(list((tmp_path / 'eval' / 'overlays').glob('*.png'))) == 4
   # Our predictions file scores to the same numbers as the run itself.
   run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',

@@ -112,13 +112,17 @@ class FeedForward(nnx.Module):
 
 
 class AttentionLayer(nnx.Module):
-  """Official `AttentionLayer`: attention, norm1, FFN, norm2.
+  """Official `AttentionLayer`: attention, norm1, FFN, norm2; or with ffn_residual=False the
+  official `CrossAttentionLayer` (same parameters).
 
   The FFN residual adds to the layer's *input* `query`, not to the attention-updated tensor,
   so the attention result reaches the output only through the FFN (docs/MODEL.md §8.1 item 6).
+  `CrossAttentionLayer` normalises the dropped-out FFN output without any residual.
   """
 
-  def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs,
+               ffn_residual: bool = True):
+    self.ffn_residual = ffn_residual
     self.attn = layers.MultiHeadAttention(dim, num_heads, dropout=dropout, rngs=rngs)
     self.norm1 = layers.layer_norm(dim, rngs=rngs)
     self.norm2 = layers.layer_norm(dim, rngs=rngs)
@@ -130,7 +134,8 @@ class AttentionLayer(nnx.Module):
     """query [B, n, E], key (= value) [B, m, E] -> [B, n, E]."""
     attended, _ = self.attn(query, key, key)
     h = self.norm1(query + self.dropout(attended))
-    return self.norm2(query + self.dropout(self.ffn(h)))
+    out = self.dropout(self.ffn(h))
+    return self.norm2(query + out if self.ffn_residual else out)
 
 
 class MultiModalFusion(nnx.Module):
@@ -201,26 +206,6 @@ class StackedFusion(nnx.Module):
     return joint_text
 
 
-class CrossAttentionLayer(nnx.Module):
-  """Official `CrossAttentionLayer`: attention with a residual, norm1, FFN, dropout, norm2.
-
-  Unlike `AttentionLayer`, the FFN output is normalised without any residual.
-  """
-
-  def __init__(self, dim: int, num_heads: int, dropout: float, *, rngs: nnx.Rngs):
-    self.attn = layers.MultiHeadAttention(dim, num_heads, dropout=dropout, rngs=rngs)
-    self.norm1 = layers.layer_norm(dim, rngs=rngs)
-    self.norm2 = layers.layer_norm(dim, rngs=rngs)
-    self.ffn = FeedForward(dim, dropout, rngs=rngs)
-    self.dropout = layers.Dropout(dropout, rngs=rngs)
-
-  def __call__(self, query: jax.Array, key: jax.Array) -> jax.Array:
-    """query [B, n, E], key (= value) [B, m, E] -> [B, n, E]."""
-    attended, _ = self.attn(query, key, key)
-    h = self.norm1(query + self.dropout(attended))
-    return self.norm2(self.dropout(self.ffn(h)))
-
-
 class CrossAttentionFusion(nnx.Module):
   """`CrossAttentionLayer` (one layer, official keys at the top level) or `CrossAttentionEncoder`
   (`layers.{i}`): the joints attend to the query-image embedding; the category is not read."""
@@ -229,10 +214,10 @@ class CrossAttentionFusion(nnx.Module):
     e, h, p = config.embed_dim, config.num_heads, config.dropout
     self.encoder = config.module == CROSS_ATTENTION_ENCODER
     if self.encoder:
-      self.layers = nnx.List([CrossAttentionLayer(e, h, p, rngs=rngs)
+      self.layers = nnx.List([AttentionLayer(e, h, p, rngs=rngs, ffn_residual=False)
                               for _ in range(CROSS_ATTENTION_ENCODER_LAYERS)])
     else:
-      self.layer = CrossAttentionLayer(e, h, p, rngs=rngs)
+      self.layer = AttentionLayer(e, h, p, rngs=rngs, ffn_residual=False)
 
   def __call__(self, image_emb: jax.Array, joint_text: jax.Array,
                category_emb: jax.Array | None = None) -> jax.Array:
