@@ -94,6 +94,8 @@ class FusionConfig:
     switches `use_category` / `use_image` become the official class names they equal."""
     d = dict(d)
     use_category, use_image = d.pop('use_category', True), d.pop('use_image', True)
+    if not (use_category or use_image):
+      raise ValueError('fusion config: use_category and use_image are both false')
     if not (use_category and use_image):
       d['module'] = WITHOUT_IMAGE if use_category else WITHOUT_CATEGORY
     return d

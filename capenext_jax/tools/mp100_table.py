@@ -15,6 +15,8 @@ import json
 import re
 import sys
 
+from capenext_jax import cli
+
 SPLITS = (1, 2, 3, 4, 5)
 SHOTS = (1, 5)
 EXTRA = ('mPCK', 'NME', 'AUC', 'EPE')
@@ -106,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--json', help='write the JSON summary here')
   args = parser.parse_args(argv)
   try:
+    cli.check_writable('--markdown', args.markdown)
+    cli.check_writable('--json', args.json)
     summary = summarize(collect(args.reports))
-  except (OSError, ValueError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except cli.INPUT_ERRORS as e:
+    print(f'{parser.prog}: error: {cli.one_line(e)}', file=sys.stderr)
     return 2
   text = markdown(summary)
   print(text, end='')
