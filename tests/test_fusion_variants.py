@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capenext_jax import export
+from capenext_jax import export, loading
 from capenext_jax import params as params_lib
 from capenext_jax.convert import official
 from capenext_jax.convert.head import fusion_from_torch, fusion_module_of, fusion_to_torch
@@ -220,6 +220,10 @@ def test_trains_resumes_and_exports(tmp_path, trained, capex_params, module):
       module and FusionConfig(module=module))
   back = official.capenext_from_official(state_dict)
   jax.tree.map(np.testing.assert_array_equal, back, got)
+  # An official file of this variant: eval.py / the loader pick its fusion from the keys.
+  np.savez(tmp_path / 'official.npz', **state_dict)
+  loaded = loading.load(tmp_path / 'official.npz')
+  assert loaded.config.fusion == (module and FusionConfig(module=module))
 
 
 @pytest.mark.parametrize('module', (fusion.WITHOUT_IMAGE, fusion.CROSS_ATTENTION_LAYER))
