@@ -116,7 +116,6 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert run_config['data']['mask_outside_bbox']
   # 4 test categories x 3 episodes x 1 query = 12 pairs; batch 5 pads the last batch by 3.
   report = tmp_path / 'eval' / 'report.json'
-  report.parent.mkdir()   # eval.py checks the output folder before the work
   out = run('eval.py', f'--checkpoint={wd}', f'--annotations={TEST_ANN}', f'--image_root={IMAGES}',
             '--shots=1', '--num_episodes=3', '--num_queries=1', '--batch_size=5',
             f'--output={report}', '--visualize=1', f'--predictions_out={tmp_path / "p.json"}',
