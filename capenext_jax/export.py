@@ -64,20 +64,25 @@ def params_digest(flat: Mapping[str, np.ndarray]) -> str:
   return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray]) -> dict:
+def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray],
+            provenance: Mapping | None) -> dict:
   config_dict = config.to_dict()
-  return {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'dtype': dtype,
-          'config': config_dict,
-          'digest': {'config': config_digest(config_dict), 'params': params_digest(flat)}}
+  header = {'format': FORMAT_NAME, 'version': FORMAT_VERSION, 'dtype': dtype,
+            'config': config_dict,
+            'digest': {'config': config_digest(config_dict), 'params': params_digest(flat)}}
+  if provenance:
+    header['provenance'] = dict(provenance)
+  return header
 
 
 def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.PathLike, *,
-                  formats: Iterable[str] = ('safetensors',), dtype: str = 'float32'
-                  ) -> dict[str, Path]:
+                  formats: Iterable[str] = ('safetensors',), dtype: str = 'float32',
+                  provenance: Mapping | None = None) -> dict[str, Path]:
   """Write `params` (our pure dict) and `config` into `directory` (created if needed).
 
   formats: any of 'safetensors', 'msgpack', 'orbax'. dtype: 'float32' or 'bfloat16' (floating
-  arrays are cast; the loader casts back to float32 by default).
+  arrays are cast; the loader casts back to float32 by default). provenance: JSON-able facts
+  about where the weights came from (`capenext-convert` records source, sha256, step, PCK).
   Returns {format or 'config': path written}.
   """
   formats = tuple(formats)
@@ -89,7 +94,7 @@ def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.P
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   flat = {k: _cast(v, DTYPES[dtype]) for k, v in params_lib.flatten(params).items()}
-  header = json.dumps(_header(config, dtype, flat), indent=1)
+  header = json.dumps(_header(config, dtype, flat, provenance), indent=1)
   written = {'config': directory / CONFIG_FILE}
   written['config'].write_text(header + '\n')
   for fmt in formats:

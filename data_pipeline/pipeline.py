@@ -32,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
+from capenext_jax.extras import require
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import MP100Dataset, load_annotations
@@ -41,9 +42,9 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
-def _tf():
-  import tensorflow as tf   # lazily: only the data pipeline needs TensorFlow
-  return tf
+def import_tf():
+  """TensorFlow, imported lazily: only the data pipeline needs it."""
+  return require('tensorflow', 'data', 'the tf.data pipeline')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +244,7 @@ def decode_upright(raw):
 
 
 def _decode_fn(source: Source, config: PipelineConfig):
-  tf = _tf()
+  tf = import_tf()
   size = config.image_size
   if getattr(source, '_table', None) is None:
     values = source.encoded if source.kind == 'records' else np.asarray(
@@ -295,7 +296,7 @@ def _decode_fn(source: Source, config: PipelineConfig):
 
 
 def _batch_fn(source: Source, config: PipelineConfig):
-  tf = _tf()
+  tf = import_tf()
   adj = tf.constant(source.dataset.category_table()['adjacency']) if config.include_adjacency else None
 
   def fn(b):
@@ -306,11 +307,11 @@ def _batch_fn(source: Source, config: PipelineConfig):
 
 
 def _dataset(source: Source, arrays: dict, batch: int, config: PipelineConfig):
-  return _pipeline(source, _tf().data.Dataset.from_tensor_slices(arrays), batch, config)
+  return _pipeline(source, import_tf().data.Dataset.from_tensor_slices(arrays), batch, config)
 
 
 def _pipeline(source: Source, ds, batch: int, config: PipelineConfig):
-  tf = _tf()
+  tf = import_tf()
   opts = tf.data.Options()
   opts.deterministic = True
   opts.threading.private_threadpool_size = 0
@@ -344,7 +345,7 @@ def _host_rows(num_rows: int, global_batch: int, host_batch: int, process_index:
 
 
 def _iterate(source: Source, ds, rows_of_batch) -> Iterator[dict]:
-  tf = _tf()
+  tf = import_tf()
   it = iter(ds)
   k = 0
   while True:
@@ -394,7 +395,7 @@ def make_train_iterator(source: Source, global_batch_size: int, config: Pipeline
   ``epoch_length // global_batch_size`` steps (the last partial batch is dropped). Batches of
   global step t are identical whether the run started at 0 or resumed at ``start_step <= t``.
   """
-  tf = _tf()
+  tf = import_tf()
   host_batch, pidx, pcount = _host_batch(global_batch_size, process_index, process_count)
   steps_per_epoch = ep.epoch_length(source.dataset) // global_batch_size
   if steps_per_epoch == 0:

@@ -21,11 +21,13 @@ import os
 import warnings
 
 import numpy as np
-import tensorflow_datasets as tfds
 
+from capenext_jax.extras import require
 from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import load_annotations
-from data_pipeline.pipeline import Source, load_rgb
+from data_pipeline.pipeline import Source, import_tf, load_rgb
+
+tfds = require('tensorflow_datasets', 'data', 'the TFDS builder')
 
 MANUAL_INSTRUCTIONS = """\
 Put MP-100 in manual_dir: `annotations/mp100_split{1..5}_{train,val,test}.json` (Pose Anything's
@@ -148,7 +150,7 @@ def build_records(manual_dir: str, data_dir: str, config: Mp100Config | str = 's
 
 def load_records(builder: Mp100, split: str) -> Source:
   """Reads one split fully (crops stay encoded, in memory) into a pipeline Source."""
-  import tensorflow as tf
+  tf = import_tf()
   ds = builder.as_dataset(split=split, decoders={'crop': tfds.decode.SkipDecoding()})
   rows = []
   for ex in ds.as_numpy_iterator():

@@ -141,6 +141,15 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
                        str(wd), '--output', str(tmp_path / 'coco.json'), '--batch_size', '3']) == 0
   coco = json.loads((tmp_path / 'coco.json').read_text())
   assert len(coco) == len(json.loads(TEST_ANN.read_text())['annotations'])
+  # capenext-convert: its latest step -> an export that records where it came from.
+  from capenext_jax.convert import cli
+  assert cli.main([str(wd), str(tmp_path / 'exported')]) == 0
+  prov = json.loads((tmp_path / 'exported' / 'config.json').read_text())['provenance']
+  results = json.loads((wd / 'results.json').read_text())
+  assert (prov['kind'], prov['step'], prov['shots']) == ('workdir', 4, 1)
+  assert prov['test_pck'] == results['test_pck_end'] and prov['split']['test'] == str(TEST_ANN)
+  assert prov['sha256'] == cli.sha256_of(wd / 'checkpoints' / '4') and 'val_pck' not in prov
+  assert cli.main([str(wd), str(tmp_path / 'best'), '--best']) == 2   # this run has no val split
 
 
 def test_eval_official_fixture_checkpoint(tmp_path):

@@ -67,6 +67,11 @@ def test_keeps_last_n_plus_best(tmp_path):
   restored, position = ckpt.restore(st, step=4)
   assert int(restored.step) == 4 and position == {'epoch': 4}
   ckpt.close()
+  # The metrics are on disk: a new process (a resumed run, capenext-convert --best) sees them.
+  reopened = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), keep_last=2, best_metric='pck')
+  assert reopened.best_step() == 4
+  assert reopened.metrics(4) == {'pck': 0.9} and reopened.metrics(7) == {}
+  reopened.close()
 
 
 # ----------------------------------------------------------------------------- SIGTERM

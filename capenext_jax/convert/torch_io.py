@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from capenext_jax.errors import first_line
+from capenext_jax.extras import require
 
 _TORCH_SUFFIXES = ('.pth', '.pt', '.bin', '.ckpt')
 _WRAPPERS = ('state_dict', 'model')  # mmcv / generic training checkpoints nest the weights
@@ -52,8 +53,13 @@ def _unwrap(obj, path: Path) -> dict:
   return obj
 
 
+def _torch(path: Path):
+  """torch, imported lazily (only torch files need it), or MissingExtra naming [torch]."""
+  return require('torch', 'torch', f'{path}: reading a PyTorch file')
+
+
 def _torch_to_numpy(sd: dict, path: Path) -> dict[str, np.ndarray]:
-  import torch  # lazy: only torch files need it
+  torch = _torch(path)
   out = {}
   for k, v in sd.items():
     if not isinstance(v, torch.Tensor):
@@ -89,7 +95,7 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
   import pickle
 
-  import torch  # lazy: only torch files need it
+  torch = _torch(path)
   try:
     with torch.serialization.safe_globals(_numpy_scalar_globals()):
       obj = torch.load(path, map_location='cpu', weights_only=True)
@@ -126,6 +132,7 @@ def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
   try:
     return load_file(str(path))
   except TypeError:  # numpy has no bfloat16: read through torch instead
+    _torch(path)
     from safetensors.torch import load_file as load_torch
     return _torch_to_numpy(load_torch(str(path)), path)
   except Exception as e:  # noqa: BLE001 - SafetensorError for a broken header / data

@@ -5,7 +5,8 @@ A checkpoint step directory holds two items:
   data:  JSON data position, e.g. {'epoch': 3, 'step_in_epoch': 120}, so that a resumed run
          re-enters its input pipeline where it stopped.
 Kept: the last `keep_last` checkpoints plus the best one by `best_metric` (checkpoints saved
-without metrics only count as "last"). Saving is asynchronous: `save` returns once the arrays
+without metrics only count as "last"); each step's metrics are written with it, so the best
+step is known after a restart (`best_step`). Saving is asynchronous: `save` returns once the arrays
 are copied off the device; call `wait()` before exiting.
 
 Faults: a save that fails (disk full, a write error) raises `CheckpointError` at the next
@@ -49,6 +50,17 @@ class _OneLineOrbaxErrors(logging.Filter):
     return True
 
 
+class _PeriodicSaveFilter(logging.Filter):
+  """Drops orbax's warning for a save without metrics: periodic (non-validation) checkpoints
+  have none by design, and the warning would repeat at every one of them."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return 'did not provide metrics' not in record.getMessage()
+
+
+logging.getLogger('absl').addFilter(_PeriodicSaveFilter())
+
+
 class Checkpointer:
   """An orbax CheckpointManager over (TrainState, data position)."""
 
@@ -62,7 +74,11 @@ class Checkpointer:
         policies.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == 'min',
                        n=1, keep_checkpoints_without_metrics=False),
     ])
+    # best_fn makes orbax write each step's metrics to disk, so that the best step is still
+    # known to a resumed run or to `capenext-convert --best` (the policy alone keeps them in
+    # memory only).
     options = ocp.CheckpointManagerOptions(preservation_policy=keep,
+                                           best_fn=lambda m: m[best_metric], best_mode=best_mode,
                                            enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(directory, options=options)
     self._failed = False
@@ -150,6 +166,14 @@ class Checkpointer:
 
   def all_steps(self) -> list[int]:
     return list(self.manager.all_steps())
+
+  def metrics(self, step: int) -> dict[str, float]:
+    """The metrics saved with `step` ({} when it was saved without any)."""
+    return dict(self.manager.metrics(step) or {})
+
+  def best_step(self) -> int | None:
+    """The kept step with the best `best_metric` (None when no step has metrics)."""
+    return self.manager.best_step()
 
   def wait(self) -> None:
     """Block until pending asynchronous saves are on disk; CheckpointError if one failed."""

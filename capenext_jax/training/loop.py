@@ -27,17 +27,19 @@ from typing import Protocol
 
 import jax
 import ml_collections
-from clu import metric_writers
 
 from capenext_jax import forward as forward_lib
 from capenext_jax import losses
 from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
+from capenext_jax.extras import require
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.text.cache import replicated_text_cache
 from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
 from capenext_jax.training import workdir as workdir_lib
+
+metric_writers = require('clu.metric_writers', 'train', 'training (metric writers)')
 
 
 def log(msg: str) -> None:
