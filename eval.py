@@ -135,6 +135,9 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
   from capenext_jax.evaluation.evaluator import Evaluator
   from capenext_jax.evaluation.visualize import write_overlays
   from capenext_jax.mp100.text_variants import apply_text_options
+  from capenext_jax.progress import Progress
+  from capenext_jax.runtime import import_tensorflow_quietly
+  import_tensorflow_quietly()   # the eval data pipeline is tf.data
   from capenext_jax.training import partition
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
@@ -147,7 +150,7 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
     data.source.dataset, text = apply_text_options(
         data.dataset, FLAGS.descriptions, FLAGS.category_prompt, FLAGS.category_prompt_seed)
     evaluator = Evaluator(graphdef, data, protocol, mesh, image_size=ckpt.config.image_size)
-    pred = evaluator.predict(state)
+    pred = evaluator.predict(state, Progress(len(evaluator.pairs), 'eval', unit='pairs'))
   pairs = evaluator.pairs
   if FLAGS.predictions_out:
     pairs.write_predictions(FLAGS.predictions_out, pred)
@@ -158,7 +161,8 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
 
 
 if __name__ == '__main__':
-  from capenext_jax.runtime import tune_allocator
+  from capenext_jax.runtime import quiet_startup, tune_allocator
+  quiet_startup()
   tune_allocator()
   app.run(cli.guarded(PROG, main, verbose=cli.absl_verbose),
           flags_parser=cli.absl_flags_parser(PROG))

@@ -8,6 +8,7 @@ pass --distributed).
 import os
 
 from absl import app, flags, logging
+from ml_collections import config_flags
 
 from capenext_jax import cli
 
@@ -39,15 +40,26 @@ def main(argv):
   # Our progress lines go to stdout; orbax's per-save INFO lines would drown them (-v keeps them).
   if FLAGS.verbosity < 1:
     logging.set_verbosity(logging.WARNING)
+  from capenext_jax.runtime import import_tensorflow_quietly
+  import_tensorflow_quietly()
   initialize_distributed()
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  train_and_evaluate(FLAGS.config, FLAGS.workdir, run_splits(FLAGS.config, FLAGS.workdir))
+  train_and_evaluate(FLAGS.config, FLAGS.workdir, run_splits(FLAGS.config, FLAGS.workdir),
+                     source=config_source())
+
+
+def config_source() -> str:
+  """The --config file[:arg] (or the default file) and the --config.* overrides given."""
+  import sys
+  overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
+  return ' '.join([config_flags.get_config_filename(FLAGS['config']), *overrides])
 
 
 if __name__ == '__main__':
-  from capenext_jax.runtime import tune_allocator
+  from capenext_jax.runtime import quiet_startup, tune_allocator
+  quiet_startup()
   tune_allocator()
   app.run(cli.guarded(PROG, main, verbose=cli.absl_verbose),
           flags_parser=cli.absl_flags_parser(PROG))

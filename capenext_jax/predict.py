@@ -90,14 +90,19 @@ def check_finite(points: np.ndarray, what: str, checkpoint: str) -> None:
 
 
 def keypoints_record(points: np.ndarray, query: Query) -> list[dict]:
-  return [{'index': k, 'description': d, 'x': float(p[0]), 'y': float(p[1])}
-          for k, (d, p) in enumerate(zip(query.descriptions, points))]
+  """One dict per keypoint; `outside_image` marks a prediction off the image (the overlay
+  draws it on the border as a triangle pointing outwards)."""
+  from capenext_jax.evaluation.visualize import outside_image
+  off = outside_image(points, query.image.shape[1], query.image.shape[0])
+  return [{'index': k, 'description': d, 'x': float(p[0]), 'y': float(p[1]),
+           'outside_image': bool(o)}
+          for k, (d, p, o) in enumerate(zip(query.descriptions, points, off))]
 
 
-def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None):
+def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None, error_lines=True):
   from capenext_jax.evaluation.visualize import draw_overlay
   return draw_overlay(query.image, points, query.skeleton, query.descriptions, gt=gt,
-                      gt_visible=gt_visible)
+                      gt_visible=gt_visible, bbox=query.bbox, error_lines=error_lines)
 
 
 def predict_image(args, predictor: Predictor) -> list[Path]:
@@ -117,8 +122,8 @@ def predict_image(args, predictor: Predictor) -> list[Path]:
             'skeleton': [list(e) for e in query.skeleton], 'checkpoint': str(args.checkpoint)}
   written = [Path(args.output or f'{stem}_keypoints.json')]
   written[0].write_text(json.dumps(result, indent=1) + '\n')
-  if not args.no_overlay:
-    written.append(Path(args.overlay or f'{stem}_overlay.png'))
+  if not args.no_overlay:   # by default next to the JSON
+    written.append(Path(args.overlay or written[0].with_name(f'{stem}_overlay.png')))
     overlay(query, points).save(written[1])
   return written
 
@@ -165,21 +170,24 @@ def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict
 def predict_coco(args, predictor: Predictor) -> list[Path]:
   """Batch mode: COCO keypoint results (one per annotation, score 1) in one JSON, and optional
   overlays with the annotation's keypoints as ground truth. Returns the paths written."""
+  from capenext_jax.progress import Progress
   queries, anns = coco_queries(args.coco, args.image_root)
   results, written = [], [Path(args.output or 'predictions.json')]
-  for query, ann, points in zip(queries, anns, predictor(queries)):
+  predicted = predictor(queries, progress=Progress(len(queries), 'predict', unit='images'))
+  for query, ann, points in zip(queries, anns, predicted):
     check_finite(points, f'{args.coco}: annotation id={ann.get("id")}', args.checkpoint)
     flat = np.concatenate([points, np.ones((len(points), 1))], axis=1).reshape(-1)
     results.append({'image_id': ann['image_id'], 'annotation_id': ann.get('id'),
                     'category_id': ann['category_id'], 'keypoints': flat.tolist(),
-                    'score': 1.0})
+                    'score': 1.0, 'outside_image': [r['outside_image'] for r in
+                                                    keypoints_record(points, query)]})
     if args.overlay_dir:
       written.append(Path(args.overlay_dir) / f'{ann.get("id", len(results))}.png')
       written[-1].parent.mkdir(parents=True, exist_ok=True)
       gt = np.asarray(ann.get('keypoints', []), np.float64).reshape(-1, 3)
       has_gt = len(gt) == len(points)
-      overlay(query, points, gt[:, :2] if has_gt else None,
-              gt[:, 2] > 0 if has_gt else None).save(written[-1])
+      overlay(query, points, gt[:, :2] if has_gt else None, gt[:, 2] > 0 if has_gt else None,
+              error_lines=not args.no_error_lines).save(written[-1])
   written[0].write_text(json.dumps(results) + '\n')
   return written
 
@@ -200,9 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--image_root', default='.', help='batch mode: image file_name root')
   p.add_argument('--output', help='JSON to write (default IMAGE_keypoints.json / '
                  'predictions.json)')
-  p.add_argument('--overlay', help='overlay PNG (default IMAGE_overlay.png)')
+  p.add_argument('--overlay', help='overlay PNG (default: IMAGE_overlay.png next to --output)')
   p.add_argument('--no_overlay', action='store_true', help='single mode: skip the PNG')
   p.add_argument('--overlay_dir', help='batch mode: write one overlay per annotation here')
+  p.add_argument('--no_error_lines', action='store_true',
+                 help='batch overlays: ground-truth rings without lines to the predictions')
   p.add_argument('--batch_size', type=_positive_int, default=8)
   p.add_argument('-v', '--verbose', action='store_true', help='tracebacks for errors')
   return p

@@ -86,12 +86,17 @@ class Predictor:
     for i, key in enumerate(todo):
       self._text[key] = cache.keypoint[i], cache.category[i]
 
-  def __call__(self, queries: Sequence[Query]) -> list[np.ndarray]:
-    """Keypoints [K_i, 2] in image pixels for each query, in order."""
+  def __call__(self, queries: Sequence[Query], progress=None) -> list[np.ndarray]:
+    """Keypoints [K_i, 2] in image pixels for each query, in order.
+
+    progress: optional `progress.Progress`, told of every batch done.
+    """
     self.encode_texts([(q.category, q.descriptions) for q in queries])
     out = []
     for start in range(0, len(queries), self.batch_size):
       out.extend(self._batch(queries[start:start + self.batch_size]))
+      if progress is not None:
+        progress.update(len(queries[start:start + self.batch_size]))
     return out
 
   def _batch(self, queries: Sequence[Query]) -> list[np.ndarray]:

@@ -1,6 +1,12 @@
 """Process-level settings for the programs (train.py, eval.py, benchmarks); the library
 itself never calls this.
 
+`quiet_startup()` keeps TensorFlow's C++ start-up INFO lines off the console: the CPU feature
+banner through TF_CPP_MIN_LOG_LEVEL=1 (unless the caller set it), and the oneDNN notice, which
+TF's two shared libraries each print through absl before any log level applies, by importing
+TensorFlow once with the process's stderr captured (`import_tensorflow_quietly`; other lines
+are passed on).
+
 XLA:CPU allocates each step's temporaries (~2.3 GB for a full-size training step) afresh.
 glibc hands such blocks back to the kernel on free, so every step page-faults them in again:
 ~600k faults per step, about 20% of a CPU training step. jemalloc keeps freed pages when
@@ -46,6 +52,38 @@ def tune_allocator() -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def quiet_startup() -> None:
+  """Before TensorFlow is imported (and before `tune_allocator`, whose re-exec inherits it)."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
+# Start-up lines of TensorFlow that say nothing about this run.
+_TF_NOISE = ('All log messages before absl::InitializeLog() is called',
+             'oneDNN custom operations are on')
+
+
+def import_tensorflow_quietly() -> None:
+  """Import TensorFlow (if installed) with file descriptor 2 captured; lines other than the
+  start-up notices in `_TF_NOISE` are written back to stderr."""
+  import importlib.util
+  import tempfile
+  if 'tensorflow' in sys.modules or importlib.util.find_spec('tensorflow') is None:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      import tensorflow  # noqa: F401
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      lines = captured.read().decode(errors='replace').splitlines(keepends=True)
+      sys.stderr.write(''.join(l for l in lines if not any(n in l for n in _TF_NOISE)))
+      sys.stderr.flush()
 
 
 def allocator() -> str:

@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.validate = True              # periodic val PCK@0.2 (data.val_ann); best checkpoint by it
   c.eval_every_steps = 0         # 0: every `eval_every_epochs` epochs
   c.eval_every_epochs = 25       # official: validation every 25 epochs
+  c.tensorboard_overlays = 4     # val overlays (one per category) written at each validation
   c.checkpoint_every_steps = 0   # 0: every `checkpoint_every_epochs` epochs
   c.checkpoint_every_epochs = 20
   c.keep_checkpoints = 3         # plus the best val PCK

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -66,12 +67,23 @@ class Evaluator:
       self._step = step_lib.make_eval_step(self.graphdef, forward=last_layer)
     return self._step
 
-  def predict(self, state: TrainState) -> np.ndarray:
-    """float32 [N, 100, 2]: every pair's keypoints in original-image pixels, pair order."""
+  def predict(self, state: TrainState, progress=None) -> np.ndarray:
+    """float32 [N, 100, 2]: every pair's keypoints in original-image pixels, pair order.
+
+    progress: optional `progress.Progress` over the pairs, told of each batch once it is
+    computed (one batch stays in flight, so reporting does not stall the device).
+    """
     step = self._eval_step(state)
     keys = forward_lib.DEVICE_KEYS + ('pair_index', 'valid')
-    outputs = [step(state, forward_lib.device_batch(b, self.mesh, keys))
-               for b in self.data.eval_batches(self.pairs.pairs, self.protocol.batch_size)]
+    batch_size, outputs = self.protocol.batch_size, []
+    for b in self.data.eval_batches(self.pairs.pairs, batch_size):
+      outputs.append(step(state, forward_lib.device_batch(b, self.mesh, keys)))
+      if progress is not None and len(outputs) > 1:
+        jax.block_until_ready(outputs[-2])
+        progress.update(batch_size)
+    if progress is not None and outputs:
+      jax.block_until_ready(outputs[-1])
+      progress.update(len(self.pairs) - batch_size * (len(outputs) - 1))
     out = partition.to_host(outputs)   # one transfer at the end: no per-batch host sync
     valid = np.concatenate([o['valid'] for o in out])
     index = np.concatenate([o['pair_index'] for o in out])[valid]
@@ -84,9 +96,9 @@ class Evaluator:
                                           dataset.scale[q], self.image_size)
     return pred
 
-  def run(self, state: TrainState) -> dict:
+  def run(self, state: TrainState, progress=None) -> dict:
     """Official scores (see `metrics.score_pairs`) of `state` on the pairs."""
-    return self.pairs.score(self.predict(state))
+    return self.pairs.score(self.predict(state, progress))
 
 
 def pck_at(scores: dict, thr: float = 0.2) -> float:

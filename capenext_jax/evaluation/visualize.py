@@ -3,6 +3,10 @@
 The photo is drawn at its own pixel grid, upscaled (never downscaled) so that its longer side
 is at least `min_side` pixels: labels stay readable on small MP-100 crops. A legend panel to
 the right lists "i  description" in each keypoint's colour, so it never hides a point.
+Colours come from a fixed palette of 100 perceptually distinct ones (one per keypoint slot).
+Number labels are placed greedily around their point where they overlap no other label and
+no other point. A prediction outside the image is drawn on its border as a triangle pointing
+the way it left (`outside_image` tells which ones).
 """
 from __future__ import annotations
 
@@ -19,14 +23,41 @@ OUTLINE = (0, 0, 0)
 LIGHT = (255, 255, 255)
 
 
+def _srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+  """[N, 3] sRGB in [0, 1] -> CIELAB (D65)."""
+  linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+  xyz = linear @ np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722],
+                           [0.0193, 0.1192, 0.9505]]).T / np.array([0.9505, 1.0, 1.089])
+  f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+  return np.stack([116 * f[:, 1] - 16, 500 * (f[:, 0] - f[:, 1]), 200 * (f[:, 1] - f[:, 2])], 1)
+
+
+def _palette(n: int = 100) -> np.ndarray:
+  """uint8 [n, 3]: farthest-point sampling in CIELAB over saturated and mid-tone colours.
+
+  Candidates are HSV colours bright enough to read on a dark casing and dark enough to read on
+  a light legend; starting from red, each next colour is the candidate farthest (Euclidean
+  CIELAB, ~ perceptual difference) from every colour already chosen, so the first k colours of
+  the palette are as distinct as this greedy choice makes any k of them.
+  """
+  hsv = np.array([(h / 72, s, v) for h in range(72) for s in (1.0, 0.75, 0.5)
+                  for v in (1.0, 0.8, 0.6)])
+  rgb = np.array([colorsys.hsv_to_rgb(*c) for c in hsv])
+  lab = _srgb_to_lab(rgb)
+  chosen = [0]
+  distance = np.linalg.norm(lab - lab[0], axis=1)
+  for _ in range(n - 1):
+    chosen.append(int(np.argmax(distance)))
+    distance = np.minimum(distance, np.linalg.norm(lab - lab[chosen[-1]], axis=1))
+  return np.round(rgb[chosen] * 255).astype(np.uint8)
+
+
+PALETTE = _palette()
+
+
 def keypoint_colors(n: int) -> list[tuple[int, int, int]]:
-  """n well-separated saturated colours (golden-ratio hue walk, alternating brightness)."""
-  out = []
-  for i in range(n):
-    hue = (i * 0.618033988749895) % 1.0
-    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0 if i % 2 == 0 else 0.8)
-    out.append((int(r * 255), int(g * 255), int(b * 255)))
-  return out
+  """The first n palette colours (distinct up to 100 keypoints; repeats past that)."""
+  return [tuple(int(c) for c in PALETTE[i % len(PALETTE)]) for i in range(n)]
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -60,27 +91,115 @@ def _draw_skeleton(draw, points, skeleton, colors, width: int) -> None:
     draw.line([points[i], points[j]], fill=colors[i], width=width)
 
 
-def _draw_gt(draw, points, gt_points, colors, radius: float, width: int) -> None:
+def _draw_gt(draw, points, gt_points, colors, radius: float, width: int,
+             error_lines: bool) -> None:
   """Ground truth as hollow rings, joined to the prediction by a thin error line."""
   for k, g in enumerate(gt_points):
     if g is None:
       continue
-    if points[k] is not None:
+    if error_lines and points[k] is not None:
       draw.line([g, points[k]], fill=colors[k], width=max(1, width // 2))
     box = [g[0] - radius, g[1] - radius, g[0] + radius, g[1] + radius]
     draw.ellipse(box, outline=OUTLINE, width=width + 2)
     draw.ellipse(box, outline=colors[k], width=width)
 
 
-def _draw_points(draw, points, colors, radius: float, font) -> None:
-  """Filled dots with a white rim and the index in outlined white text beside them."""
+def _draw_points(draw, points, colors, radius: float, outside) -> None:
+  """Filled dots with a white rim; points clamped to the border from outside the image are
+  triangles pointing outwards (the direction in which the prediction left the image)."""
   for k, p in enumerate(points):
     if p is None:
       continue
-    box = [p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius]
-    draw.ellipse(box, fill=colors[k], outline=LIGHT, width=max(1, int(radius / 3)))
-    draw.text((p[0] + radius + 1, p[1] - radius - 1), str(k), font=font, fill=LIGHT,
-              stroke_width=max(2, font.size // 6), stroke_fill=OUTLINE, anchor='lb')
+    rim = max(1, int(radius / 3))
+    if outside[k] is None:
+      box = [p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius]
+      draw.ellipse(box, fill=colors[k], outline=LIGHT, width=rim)
+      continue
+    d = np.asarray(outside[k]) / np.linalg.norm(outside[k])
+    normal = np.array([-d[1], d[0]])
+    r = radius * 1.6
+    tip = np.asarray(p)   # the tip touches the border; the base sits inside
+    base = tip - d * 1.7 * r
+    triangle = [tuple(tip), tuple(base + normal * r), tuple(base - normal * r)]
+    draw.polygon(triangle, fill=colors[k], outline=LIGHT, width=rim)
+
+
+# Directions in which a label may sit from its point, in order of preference (upper right
+# first, as a reader expects), tried on a near ring and then on a far one.
+_DIRECTIONS = ((1, -1), (1, 0), (-1, -1), (-1, 0), (0, -1), (0, 1), (1, 1), (-1, 1))
+_RINGS = (1.0, 2.5)
+
+
+def _label_boxes(p, w: float, h: float, gap: float):
+  """Candidate (x0, y0, x1, y1) boxes of a w x h label around point p."""
+  for ring in _RINGS:
+    for dx, dy in _DIRECTIONS:
+      ax, ay = p[0] + dx * gap * ring, p[1] + dy * gap * ring
+      x = ax if dx > 0 else ax - w if dx < 0 else ax - w / 2
+      y = ay if dy > 0 else ay - h if dy < 0 else ay - h / 2
+      yield (x, y, x + w, y + h)
+
+
+def _overlap(a, b) -> float:
+  w = min(a[2], b[2]) - max(a[0], b[0])
+  h = min(a[3], b[3]) - max(a[1], b[1])
+  return max(0.0, w) * max(0.0, h)
+
+
+def place_labels(points, sizes, bounds, radius: float) -> list[tuple[float, float] | None]:
+  """Greedy label placement: for each point (in order) the first candidate box around it that
+  overlaps no placed label and no point's dot, else the candidate overlapping least.
+
+  points: [K] (x, y) or None. sizes: [K] (w, h) of each label. bounds: (W, H) of the canvas
+  (boxes leaving it count as overlapping). Returns the top-left corner of each label.
+  """
+  dots = [(p[0] - radius, p[1] - radius, p[0] + radius, p[1] + radius)
+          for p in points if p is not None]
+  placed, out = [], []
+  for p, (w, h) in zip(points, sizes):
+    if p is None:
+      out.append(None)
+      continue
+    best, best_cost = None, np.inf
+    for box in _label_boxes(p, w, h, radius + 2):
+      inside = box[0] >= 0 and box[1] >= 0 and box[2] <= bounds[0] and box[3] <= bounds[1]
+      cost = sum(_overlap(box, o) for o in placed + dots) + (0 if inside else w * h)
+      if cost < best_cost:
+        best, best_cost = box, cost
+      if cost == 0:
+        break
+    placed.append(best)
+    out.append(best[:2])
+  return out
+
+
+def _draw_labels(draw, points, font, radius: float, bounds) -> None:
+  """The index of each point in outlined white text, placed by `place_labels`."""
+  stroke = max(2, font.size // 6)
+  texts = [str(k) for k in range(len(points))]
+  sizes = []
+  for t in texts:
+    left, top, right, bottom = draw.textbbox((0, 0), t, font=font, stroke_width=stroke)
+    sizes.append((right - left, bottom - top))
+  for k, corner in enumerate(place_labels(points, sizes, bounds, radius)):
+    if corner is None:
+      continue
+    left, top, _, _ = draw.textbbox((0, 0), texts[k], font=font, stroke_width=stroke)
+    draw.text((corner[0] - left, corner[1] - top), texts[k], font=font, fill=LIGHT,
+              stroke_width=stroke, stroke_fill=OUTLINE)
+
+
+def _draw_box(draw, box, scale: float, width: int) -> None:
+  """The query's bbox (x, y, w, h in image px): a white line on a dark casing."""
+  x, y, w, h = (float(v) * scale for v in box)
+  draw.rectangle([x, y, x + w, y + h], outline=OUTLINE, width=width + 2)
+  draw.rectangle([x + 1, y + 1, x + w - 1, y + h - 1], outline=LIGHT, width=max(1, width - 1))
+
+
+def outside_image(keypoints, width: int, height: int) -> np.ndarray:
+  """bool [K]: predictions that fall outside [0, width] x [0, height] (image pixels)."""
+  k = np.asarray(keypoints, np.float64).reshape(-1, 2)
+  return ~((k[:, 0] >= 0) & (k[:, 0] <= width) & (k[:, 1] >= 0) & (k[:, 1] <= height))
 
 
 def _legend_panel(descriptions, colors, height: int, font, title: str) -> Image.Image:
@@ -109,7 +228,8 @@ def _legend_panel(descriptions, colors, height: int, font, title: str) -> Image.
 def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
                  descriptions: Sequence[str] | None = None, gt=None, *,
                  visible=None, gt_visible=None, title: str | None = None,
-                 min_side: int = 768, legend: bool = True) -> Image.Image:
+                 min_side: int = 768, legend: bool = True, bbox=None,
+                 error_lines: bool = True) -> Image.Image:
   """Draw predicted (and optionally ground-truth) keypoints on an image.
 
   Args:
@@ -122,6 +242,8 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
     title: legend heading (default 'keypoints', or 'dot: prediction, ring: ground truth').
     min_side: the photo is upscaled until its longer side has at least this many pixels.
     legend: False returns the (scaled) photo alone.
+    bbox: optional (x, y, w, h) of the object box, drawn as a rectangle.
+    error_lines: with `gt`, join each prediction to its ground truth (False: rings only).
   Returns:
     PIL RGB image of height H*s and width W*s (+ the legend panel), s = the display scale.
   """
@@ -147,13 +269,22 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
     return [tuple(p * scale) if m and np.isfinite(p).all() else None
             for p, m in zip(points, mask)]
 
-  points = placed(kpts, visible)
+  # Predictions off the image are drawn where they cross its border, pointing outwards.
+  width0, height0 = photo.width / scale, photo.height / scale
+  off = outside_image(kpts, width0, height0)
+  clamped = np.stack([np.clip(kpts[:, 0], 0, width0), np.clip(kpts[:, 1], 0, height0)], 1)
+  outside = [tuple(kpts[i] - clamped[i]) if off[i] and np.isfinite(kpts[i]).all() else None
+             for i in range(k)]
+  points = placed(np.where(off[:, None], clamped, kpts), visible)
   draw = ImageDraw.Draw(photo)
+  if bbox is not None:
+    _draw_box(draw, bbox, scale, width)
   _draw_skeleton(draw, points, [(int(i), int(j)) for i, j in skeleton], colors, width)
   if gt is not None:
     gt_points = placed(np.asarray(gt, np.float64).reshape(k, 2), gt_visible)
-    _draw_gt(draw, points, gt_points, colors, radius * 1.6, width)
-  _draw_points(draw, points, colors, radius, font)
+    _draw_gt(draw, points, gt_points, colors, radius * 1.6, width, error_lines)
+  _draw_points(draw, points, colors, radius, outside)
+  _draw_labels(draw, points, font, radius, photo.size)
   if not legend:
     return photo
   if title is None:
@@ -166,27 +297,47 @@ def draw_overlay(image, keypoints, skeleton: Sequence[Sequence[int]] = (),
   return canvas
 
 
-def write_overlays(pred: np.ndarray, pairs, dataset, out_dir: str, per_category: int
-                   ) -> list[str]:
-  """PNG overlays (prediction dots, ground-truth rings) of the first `per_category` pairs of
-  every category, named `<category>_<pair>.png` in `out_dir`. Returns the paths written.
+def pair_overlay(pred: np.ndarray, pairs, dataset, i: int, **kwargs) -> Image.Image:
+  """The overlay of eval pair `i`: its query photo, box, prediction dots and ground-truth rings.
 
   pred: [N, 100, 2] original-image px, aligned with `pairs` (an `EvalPairs` of `dataset`).
+  kwargs: passed to `draw_overlay`.
   """
   from capenext_jax.mp100.images import load_rgb
+  a = pairs.arrays
+  q = a['pairs'][i, -1]
+  row, k = dataset.category_index[q], int(a['num_keypoints'][i])
+  photo = load_rgb(dataset.image_path[q], tuple(dataset.image_size[q]))
+  return draw_overlay(photo, pred[i, :k], dataset.skeletons[row], dataset.descriptions[row][:k],
+                      gt=a['gt_keypoints'][i, :k], gt_visible=a['mask'][i, :k],
+                      bbox=dataset.bbox[q], **kwargs)
+
+
+def write_overlays(pred: np.ndarray, pairs, dataset, out_dir: str, per_category: int
+                   ) -> list[str]:
+  """PNG overlays (`pair_overlay`) of the first `per_category` pairs of every category, named
+  `<category>_<pair>.png` in `out_dir`. Returns the paths written."""
   os.makedirs(out_dir, exist_ok=True)
   a = pairs.arrays
-  q = a['pairs'][:, -1]
   paths = []
   for c in np.unique(a['category_id']):
     for i in np.flatnonzero(a['category_id'] == c)[:per_category]:
-      row = dataset.category_index[q[i]]
-      k = int(a['num_keypoints'][i])
-      photo = load_rgb(dataset.image_path[q[i]], tuple(dataset.image_size[q[i]]))
-      image = draw_overlay(photo, pred[i, :k], dataset.skeletons[row],
-                           dataset.descriptions[row][:k], gt=a['gt_keypoints'][i, :k],
-                           gt_visible=a['mask'][i, :k])
+      row = dataset.category_index[a['pairs'][i, -1]]
       name = dataset.raw_category_names[row].replace('/', '_').replace(' ', '_')
       paths.append(os.path.join(out_dir, f'{name}_{i}.png'))
-      image.save(paths[-1])
+      pair_overlay(pred, pairs, dataset, i).save(paths[-1])
   return paths
+
+
+def overlay_grid(pred: np.ndarray, pairs, dataset, count: int, size: int = 320) -> np.ndarray:
+  """uint8 [n, size, size, 3]: overlays (no legend) of the first pair of up to `count`
+  categories, each letterboxed into a square, for TensorBoard's image dashboard."""
+  a = pairs.arrays
+  first = [int(np.flatnonzero(a['category_id'] == c)[0]) for c in np.unique(a['category_id'])]
+  out = np.zeros((min(count, len(first)), size, size, 3), np.uint8)
+  for n, i in enumerate(first[:count]):
+    image = pair_overlay(pred, pairs, dataset, i, legend=False, min_side=size)
+    image.thumbnail((size, size), Image.Resampling.LANCZOS)
+    x, y = (size - image.width) // 2, (size - image.height) // 2
+    out[n, y:y + image.height, x:x + image.width] = np.asarray(image)
+  return out

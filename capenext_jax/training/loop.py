@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
 from typing import Protocol
@@ -30,16 +31,20 @@ import ml_collections
 
 from capenext_jax import forward as forward_lib
 from capenext_jax import losses
+from capenext_jax import params as params_lib
 from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
+from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
 from capenext_jax.mp100 import episodes as ep
+from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
 from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
 from capenext_jax.training import workdir as workdir_lib
 
 metric_writers = require('clu.metric_writers', 'train', 'training (metric writers)')
+periodic_actions = require('clu.periodic_actions', 'train', 'training (progress reports)')
 
 
 def log(msg: str) -> None:
@@ -51,10 +56,40 @@ def _every(steps: int, epochs: int, steps_per_epoch: int) -> int:
   return steps if steps > 0 else max(1, epochs * steps_per_epoch)
 
 
-def _format_eta(seconds: float) -> str:
-  m, s = divmod(int(seconds), 60)
-  h, m = divmod(m, 60)
-  return f'{h}:{m:02d}:{s:02d}'
+def _count(tree) -> int:
+  return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def _millions(n: int) -> str:
+  return f'{n / 1e6:.2f}M'
+
+
+def start_banner(config, workdir: str, mesh, state, data: 'RunData', steps_per_epoch: int,
+                 total: int, source: str) -> list[str]:
+  """What the run is about to do, in a few lines: devices and mesh, parameter counts, data
+  sizes, length, config source and workdir."""
+  devices = jax.devices()
+  mesh_text = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
+  lines = [f'devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}) in '
+           f'{jax.process_count()} process(es); mesh {mesh_text}',
+           f'params: {_millions(_count(state.trainable))} trainable, '
+           f'{_millions(_count(state.frozen))} frozen (CLIP)']
+  for name, split in (('train', data.train), ('val', data.val), ('test', data.test)):
+    if split is not None:
+      d = split.dataset
+      lines.append(f'data {name}: {len(d.ann_id)} instances of {len(d.category_ids)} '
+                   f'categories ({d.ann_file})')
+  lines.append(f'run: {total} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch)'
+               f', workdir {os.path.abspath(workdir)}')
+  if source:
+    lines.append(f'config: {source}')
+  return lines
+
+
+def hparams(config: ml_collections.ConfigDict) -> dict:
+  """The config as TensorBoard hparams: flat dotted names, scalars (anything else as text)."""
+  scalar = lambda v: v if isinstance(v, (bool, int, float, str)) else str(v)  # noqa: E731
+  return params_lib.flatten(config.to_dict(), sep='.', leaf=scalar)
 
 
 class TrainData(EvalData, Protocol):
@@ -71,6 +106,10 @@ class RunData(Protocol):
   test: EvalData | None
 
 
+def eval_progress(evaluator: Evaluator, label: str) -> Progress:
+  return Progress(len(evaluator.pairs), label, unit='pairs', stream=sys.stdout)
+
+
 def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
   """The jitted, state-donating train step of `config`: cached text, official losses."""
   size = config.model.swin.img_size
@@ -79,15 +118,20 @@ def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimiz
                                   shardings=shardings)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
-  """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}."""
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
+                       source: str = '') -> dict:
+  """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}.
+
+  source: where the config came from (file and overrides), for the start banner.
+  """
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       jax.default_matmul_precision(config.precision):
-    return _train_and_evaluate(config, workdir, data)
+    return _train_and_evaluate(config, workdir, data, source)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData,
+                        source: str) -> dict:
   workdir_lib.check_resume_config(config, workdir)
   init.check_pretrained(config)
   steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
@@ -119,6 +163,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         f.write(config.to_json(indent=1))
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
+    for line in start_banner(config, workdir, mesh, state, data, steps_per_epoch, total, source):
+      log(line)
+    if start == 0:
+      writer.write_hparams(hparams(config))
+    # clu's progress report: steps/s and uptime to TensorBoard. Its first call (after the
+    # first step, which compiles) is its time origin, so rates and ETA exclude compilation.
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
 
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
     train_step = build_train_step(config, graphdef, cache, tx, shardings)
@@ -128,7 +180,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         for name, split in (('val', data.val), ('test', data.test)))
 
     if test is not None and config.test_at_start and start == 0:
-      results['test_start'] = test.run(state)
+      results['test_start'] = test.run(state, eval_progress(test, 'test (before training)'))
       results['test_pck_start'] = pck_at(results['test_start'])
       log(f'test PCK@0.2 before training (step 0): {100 * results["test_pck_start"]:.2f}')
       writer.write_scalars(0, {'test/pck': results['test_pck_start']})
@@ -148,34 +200,50 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
           results.update(step=step, preempted=True)
           return results
         ckpt.check()   # a failed background save stops the run now, not at the next save
+        if step == start:
+          log('compiling train step ...')
+          t_compile = time.perf_counter()
         state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh))
         history.append((step, metrics))
         done = step + 1
+        if step == start:   # steps/s and ETA count from here: compilation is not training
+          jax.block_until_ready(metrics)
+          t_log, timed = time.perf_counter(), 0
+          log(f'compiled train step in {t_log - t_compile:.1f} s (with its first step)')
+        else:
+          timed += 1
+        report(done)
         if done % config.log_every_steps == 0 or done == total:
           fetched = jax.device_get(history)
           step_lib.check_finite(fetched)
           now = time.perf_counter()
-          rate = len(fetched) / (now - t_log)
-          t_log, history = now, []
+          timing = 'first step'
+          if timed:
+            rate = timed / (now - t_log)
+            timing = f'{rate:.2f} steps/s ETA {format_duration((total - done) / rate)}'
+          t_log, timed, history = now, 0, []
           means = {k: float(sum(m[k] for _, m in fetched) / len(fetched))
                    for k in fetched[0][1] if k != 'finite'}
           means['lr'] = float(lr_at(step))
           writer.write_scalars(done, {f'train/{k}': v for k, v in means.items()})
-          writer.write_scalars(done, {'train/steps_per_sec': rate})
           log(f'step {done}/{total} loss {means["loss"]:.4f} acc_pose {means["acc_pose"]:.3f} '
-              f'lr {means["lr"]:.2e} | {rate:.2f} steps/s ETA {_format_eta((total - done) / rate)}')
+              f'lr {means["lr"]:.2e} | {timing}')
         if val is not None and (done % eval_every == 0 or done == total):
-          pck = pck_at(val.run(state))
+          pred = val.predict(state, eval_progress(val, f'val at step {done}'))
+          pck = pck_at(val.pairs.score(pred))
           results['val_pck'] = pck
           writer.write_scalars(done, {'val/pck': pck})
+          if jax.process_index() == 0 and config.tensorboard_overlays:
+            writer.write_images(done, {'val/overlays': overlay_grid(
+                pred, val.pairs, val.data.dataset, config.tensorboard_overlays)})
           log(f'step {done}: val PCK@0.2 {100 * pck:.2f}')
           ckpt.save(done, state, {'step': done}, metrics={'pck': pck})
-          t_log = time.perf_counter()   # steps/s counts training only
+          t_log, timed = time.perf_counter(), 0   # steps/s counts training only
         elif done % ckpt_every == 0 or done == total:
           ckpt.save(done, state, {'step': done})
       step = total
       if test is not None and config.test_at_end:
-        results['test_end'] = test.run(state)
+        results['test_end'] = test.run(state, eval_progress(test, 'test (after training)'))
         results['test_pck_end'] = pck_at(results['test_end'])
         log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
         writer.write_scalars(total, {'test/pck': results['test_pck_end']})
