@@ -143,6 +143,12 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
   overall = json.loads(report.read_text())['overall']
   loop = {k: v for k, v in saved['test_end'].items() if k != 'per_category'}
   assert overall == pytest.approx(loop, rel=1e-5, abs=1e-6)
+  # capenext-convert --best finds the best val checkpoint on disk and records its val PCK.
+  from capenext_jax.convert import cli
+  assert cli.main([str(wd), str(tmp_path / 'best'), '--best']) == 0
+  prov = json.loads((tmp_path / 'best' / 'config.json').read_text())['provenance']
+  assert prov['step'] in best and 100 * prov['val_pck'] == pytest.approx(val[prov['step']],
+                                                                         abs=0.006)
 
 
 class _SigtermWhileReading:
