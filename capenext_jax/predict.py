@@ -121,6 +121,7 @@ def predict_image(args, predictor: Predictor) -> list[Path]:
             'keypoints': keypoints_record(points, query),
             'skeleton': [list(e) for e in query.skeleton], 'checkpoint': str(args.checkpoint)}
   written = [Path(args.output or f'{stem}_keypoints.json')]
+  written[0].parent.mkdir(parents=True, exist_ok=True)
   written[0].write_text(json.dumps(result, indent=1) + '\n')
   if not args.no_overlay:   # by default next to the JSON
     written.append(Path(args.overlay or written[0].with_name(f'{stem}_overlay.png')))
@@ -188,6 +189,7 @@ def predict_coco(args, predictor: Predictor) -> list[Path]:
       has_gt = len(gt) == len(points)
       overlay(query, points, gt[:, :2] if has_gt else None, gt[:, 2] > 0 if has_gt else None,
               error_lines=not args.no_error_lines).save(written[-1])
+  written[0].parent.mkdir(parents=True, exist_ok=True)
   written[0].write_text(json.dumps(results) + '\n')
   return written
 

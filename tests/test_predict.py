@@ -28,13 +28,17 @@ def _display_height(height: int, width: int, min_side: int = 768) -> int:
 
 def test_single_image_cli(tmp_path):
   image = sorted((MP100_MINI / 'images' / TIGER).glob('*.jpg'))[0]
-  out, png = tmp_path / 'tiger.json', tmp_path / 'tiger.png'
+  # The overlay's default path is next to --output, not in the current directory.
+  out, png = tmp_path / 'tiger.json', tmp_path / f'{image.stem}_overlay.png'
   rc = predict.main([str(image), '--checkpoint', str(FIXTURES / 'tiny_capenext.npz'),
                      '--category', 'tiger', '--keypoints', DESCRIPTIONS,
                      '--skeleton', '0-2,1-2,2-3,3-4,3-5', '--bbox', '100,150,700,800',
-                     '--output', str(out), '--overlay', str(png)])
+                     '--output', str(out)])
   assert rc == 0
   result = json.loads(out.read_text())
+  for k in result['keypoints']:
+    off = not (0 <= k['x'] <= result['width'] and 0 <= k['y'] <= result['height'])
+    assert k['outside_image'] is off
   width, height = Image.open(image).size
   assert (result['width'], result['height']) == (width, height)
   assert [k['description'] for k in result['keypoints']] == DESCRIPTIONS.split(',')

@@ -125,9 +125,10 @@ def _draw_points(draw, points, colors, radius: float, outside) -> None:
 
 
 # Directions in which a label may sit from its point, in order of preference (upper right
-# first, as a reader expects), tried on a near ring and then on a far one.
+# first, as a reader expects), tried on a near ring and then on farther ones (those get a
+# leader line to their point).
 _DIRECTIONS = ((1, -1), (1, 0), (-1, -1), (-1, 0), (0, -1), (0, 1), (1, 1), (-1, 1))
-_RINGS = (1.0, 2.5)
+_RINGS = (1.0, 2.5, 4.0)
 
 
 def _label_boxes(p, w: float, h: float, gap: float):
@@ -184,6 +185,13 @@ def _draw_labels(draw, points, font, radius: float, bounds) -> None:
   for k, corner in enumerate(place_labels(points, sizes, bounds, radius)):
     if corner is None:
       continue
+    w, h = sizes[k]
+    # The box's point nearest to the keypoint; a label beyond the near ring gets a leader.
+    near = (min(max(points[k][0], corner[0]), corner[0] + w),
+            min(max(points[k][1], corner[1]), corner[1] + h))
+    if np.hypot(near[0] - points[k][0], near[1] - points[k][1]) > 2 * (radius + 2):
+      draw.line([points[k], near], fill=OUTLINE, width=3)
+      draw.line([points[k], near], fill=LIGHT, width=1)
     left, top, _, _ = draw.textbbox((0, 0), texts[k], font=font, stroke_width=stroke)
     draw.text((corner[0] - left, corner[1] - top), texts[k], font=font, fill=LIGHT,
               stroke_width=stroke, stroke_fill=OUTLINE)
