@@ -17,8 +17,12 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-# A user's input is wrong: exit 2. (Not OSError in general: a failing disk is not the user's.)
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+from capenext_jax.extras import MissingExtra
+
+# A user's input is wrong, or an optional dependency it needs is not installed: exit 2. (Not
+# OSError in general: a failing disk is not the user's.)
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                MissingExtra)
 
 
 class RunError(RuntimeError):

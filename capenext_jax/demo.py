@@ -17,8 +17,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from capenext_jax import loading
-from capenext_jax.extras import MissingExtra, require
+from capenext_jax import cli, loading
+from capenext_jax.extras import require
 from capenext_jax.predict import (keypoints_record, overlay, parse_bbox, parse_descriptions,
                                   parse_skeleton)
 from capenext_jax.predictor import Predictor, Query, clean_bbox
@@ -99,9 +99,7 @@ def build_app(model: DemoModel, presets: dict[str, dict]):
   # module's annotations are strings, which it does not resolve).
   clicked.__annotations__['evt'] = gr.SelectData
 
-  # System fonts: the default theme's web fonts would be fetched from the internet.
-  theme = gr.themes.Default(font=['system-ui', 'sans-serif'], font_mono=['monospace'])
-  with gr.Blocks(title='CapeNext keypoints', theme=theme) as app:
+  with gr.Blocks(title='CapeNext keypoints') as app:
     gr.Markdown('# CapeNext: keypoints of any category\nUpload a photo, describe the '
                 'keypoints (or pick a category), and press **Predict**. Click two corners on '
                 'the photo to set the box.')
@@ -126,6 +124,14 @@ def build_app(model: DemoModel, presets: dict[str, dict]):
   return app
 
 
+def launch(app, **kwargs) -> None:
+  """Serve `app` (kwargs: Gradio's `launch`, e.g. server_name, server_port) with system fonts:
+  the default theme's web fonts would be fetched from the internet."""
+  gr = require('gradio', 'demo', 'the web demo')
+  theme = gr.themes.Default(font=['system-ui', 'sans-serif'], font_mono=['monospace'])
+  app.launch(theme=theme, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='capenext-demo', description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -136,22 +142,28 @@ def build_parser() -> argparse.ArgumentParser:
                  help='MP-100 / COCO keypoint json whose categories fill the picker (repeatable)')
   p.add_argument('--host', default='127.0.0.1', help='address to serve on (0.0.0.0: everyone)')
   p.add_argument('--port', type=int, default=7860)
+  p.add_argument('-v', '--verbose', action='store_true', help='tracebacks for errors')
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
-    require('gradio', 'demo', 'the web demo')
-    config = loading.read_config(args.config) if args.config else None
-    model = DemoModel(Predictor(loading.load_model(args.checkpoint, config), batch_size=1),
-                      args.checkpoint)
-    app = build_app(model, read_category_presets(args.categories))
-  except (ValueError, MissingExtra) as e:
-    print(f'capenext-demo: error: {e}', file=sys.stderr)
-    return 2
-  app.launch(server_name=args.host, server_port=args.port)
+    app = cli.guarded(parser.prog, build, verbose=lambda: args.verbose)(args)
+  except SystemExit as e:
+    return e.code
+  launch(app, server_name=args.host, server_port=args.port)
   return 0
+
+
+def build(args):
+  """The page for the command line's checkpoint and category files."""
+  require('gradio', 'demo', 'the web demo')   # before the model loads
+  config = loading.read_config(args.config) if args.config else None
+  model = DemoModel(Predictor(loading.load_model(args.checkpoint, config), batch_size=1),
+                    args.checkpoint)
+  return build_app(model, read_category_presets(args.categories))
 
 
 if __name__ == '__main__':

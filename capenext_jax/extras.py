@@ -31,5 +31,5 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     top = module.split('.')[0]
     if e.name is not None and e.name.split('.')[0] != top:
       raise
-    raise MissingExtra(f'{purpose} needs the Python package {top!r}, which is not installed: '
-                       f'pip install "{PACKAGE}[{extra}]"') from e
+    raise MissingExtra(f'{purpose} needs the Python package {top!r}, which is not installed '
+                       f'(pip install "{PACKAGE}[{extra}]")') from e

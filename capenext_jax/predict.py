@@ -115,18 +115,25 @@ def predict_image(args, predictor: Predictor) -> list[Path]:
                 skeleton=parse_skeleton(args.skeleton, len(descriptions)))
   points = predictor([query])[0]
   check_finite(points, str(args.image), args.checkpoint)
-  stem = Path(args.image).stem
   result = {'image': str(args.image), 'width': image.shape[1], 'height': image.shape[0],
             'bbox': query.bbox.tolist(), 'category': query.category,
             'keypoints': keypoints_record(points, query),
             'skeleton': [list(e) for e in query.skeleton], 'checkpoint': str(args.checkpoint)}
-  written = [Path(args.output or f'{stem}_keypoints.json')]
-  written[0].parent.mkdir(parents=True, exist_ok=True)
+  written = single_image_outputs(args)
   written[0].write_text(json.dumps(result, indent=1) + '\n')
-  if not args.no_overlay:   # by default next to the JSON
-    written.append(Path(args.overlay or written[0].with_name(f'{stem}_overlay.png')))
+  if len(written) > 1:
     overlay(query, points).save(written[1])
   return written
+
+
+def single_image_outputs(args) -> list[Path]:
+  """[JSON path, overlay path unless --no_overlay]: by default IMAGE_keypoints.json, and the
+  overlay IMAGE_overlay.png next to the JSON."""
+  stem = Path(args.image).stem
+  paths = [Path(args.output or f'{stem}_keypoints.json')]
+  if not args.no_overlay:
+    paths.append(Path(args.overlay or paths[0].with_name(f'{stem}_overlay.png')))
+  return paths
 
 
 def coco_queries(ann_file: str, image_root: str) -> tuple[list[Query], list[dict]]:
@@ -189,7 +196,6 @@ def predict_coco(args, predictor: Predictor) -> list[Path]:
       has_gt = len(gt) == len(points)
       overlay(query, points, gt[:, :2] if has_gt else None, gt[:, 2] > 0 if has_gt else None,
               error_lines=not args.no_error_lines).save(written[-1])
-  written[0].parent.mkdir(parents=True, exist_ok=True)
   written[0].write_text(json.dumps(results) + '\n')
   return written
 
@@ -230,10 +236,8 @@ def _positive_int(text: str) -> int:
 def check_outputs(args) -> None:
   """Every output is writable before the model is loaded."""
   if args.image is not None:
-    stem = Path(args.image).stem
-    cli.check_writable('--output', args.output or f'{stem}_keypoints.json')
-    if not args.no_overlay:
-      cli.check_writable('--overlay', args.overlay or f'{stem}_overlay.png')
+    for flag, path in zip(('--output', '--overlay'), single_image_outputs(args)):
+      cli.check_writable(flag, path)
   else:
     cli.check_writable('--output', args.output or 'predictions.json')
     cli.check_writable('--overlay_dir', args.overlay_dir, directory=True)

@@ -14,7 +14,7 @@ import socket
 import numpy as np
 
 from capenext_jax import loading
-from capenext_jax.demo import (DemoModel, box_from_clicks, build_app, main,
+from capenext_jax.demo import (DemoModel, box_from_clicks, build_app, launch, main,
                                read_category_presets)
 from capenext_jax.mp100.images import load_rgb
 from capenext_jax.predictor import Predictor
@@ -56,7 +56,7 @@ def test_demo_in_headless_chromium(tmp_path):
   tiger = presets['tiger_body']
   app = build_app(model, presets)
   port = _free_port()
-  app.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
+  launch(app, server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True)
   ARTIFACTS.mkdir(exist_ok=True)
   try:
     with sync_playwright() as p:

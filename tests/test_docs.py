@@ -82,6 +82,7 @@ COVERAGE = {
     '.venv/bin/python eval.py --checkpoint runs/mine --num_episodes 5 --num_queries 1':
         ('guide', 'eval'),
     'capenext-convert runs/mine my_capenext/': ('guide', 'export'),
+    'mkdir -p out': ('guide', 'predict'),
     'capenext-predict images/okapi_0.jpg --checkpoint my_capenext/ --category okapi --keypoints '
     '"nose,left ear,right ear,tail" --skeleton "0-1,0-2" --output out/okapi_0.json':
         ('guide', 'predict'),
@@ -190,6 +191,10 @@ def write_my_keypoints(root) -> dict:
   return coco
 
 
+CONSOLE_SCRIPTS = {'capenext-convert': 'capenext_jax.convert.cli',
+                   'capenext-predict': 'capenext_jax.predict'}
+
+
 def run_documented(command: str, cwd) -> str:
   """A documented command as written, from `cwd`: our programs from this checkout."""
   words = shlex.split(command)
@@ -199,10 +204,9 @@ def run_documented(command: str, cwd) -> str:
       words[1] = str(REPO / words[1])
     words = [w.replace('configs/', f'{REPO}/configs/', 1) if w.startswith('configs/') else w
              for w in words]
-  else:
-    module = {'capenext-convert': 'capenext_jax.convert.cli',
-              'capenext-predict': 'capenext_jax.predict'}[words[0]]
-    words = [sys.executable, '-m', module, *words[1:]]
+  elif words[0] in CONSOLE_SCRIPTS:
+    words = [sys.executable, '-m', CONSOLE_SCRIPTS[words[0]], *words[1:]]
+  # anything else (mkdir) runs as written
   proc = subprocess.run(words, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, f'{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}'
   return proc.stdout + proc.stderr
@@ -258,7 +262,8 @@ def test_custom_data_guide_train_eval_export_predict(tmp_path):
   run_documented(guide('export')[0], tmp_path)
   prov = json.loads((tmp_path / 'my_capenext' / 'config.json').read_text())['provenance']
   assert prov['step'] == 4 and prov['kind'] == 'workdir'
-  single, batch = guide('predict')
+  make_out, single, batch = guide('predict')
+  run_documented(make_out, tmp_path)
   run_documented(single, tmp_path)
   result = json.loads((tmp_path / 'out' / 'okapi_0.json').read_text())
   assert [k['description'] for k in result['keypoints']] == ['nose', 'left ear', 'right ear',

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from capenext_jax import export, loading
-from capenext_jax.extras import MissingExtra, require
+from capenext_jax import cli, export, loading
+from capenext_jax.extras import require
 
 OFFICIAL_OUTPUTS = ('.pth', '.npz')
 
@@ -177,21 +177,26 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f'comma-separated export formats: {", ".join(export.PARAM_FILES)}')
   p.add_argument('--config', help='model config JSON for an official checkpoint that is not '
                  'the headline size')
+  p.add_argument('-v', '--verbose', action='store_true', help='tracebacks for errors')
   return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  parser = build_parser()
+  args = parser.parse_args(argv)
   try:
-    record = convert(args.src, args.dst, step=args.step, best=args.best, dtype=args.dtype,
-                     formats=tuple(f for f in args.formats.split(',') if f),
-                     config_file=args.config)
-  except (ValueError, MissingExtra) as e:
-    print(f'capenext-convert: error: {e}', file=sys.stderr)
-    return 2
+    cli.guarded(parser.prog, run, verbose=lambda: args.verbose)(args)
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
+def run(args) -> None:
+  record = convert(args.src, args.dst, step=args.step, best=args.best, dtype=args.dtype,
+                   formats=tuple(f for f in args.formats.split(',') if f),
+                   config_file=args.config)
   what = f'step {record["step"]} of ' if 'step' in record else ''
   print(f'wrote {args.dst} from {what}{args.src} ({record["kind"]})')
-  return 0
 
 
 if __name__ == '__main__':
