@@ -210,7 +210,7 @@ def _invert(m: np.ndarray) -> np.ndarray:
 
 def decode(raw):
   """Encoded bytes -> uint8 [H, W, 3] as stored."""
-  tf = _tf()
+  tf = import_tf()
   # JPEG with the accurate integer IDCT, as libjpeg's default used by cv2 and PIL (TF's own
   # default, the fast IDCT, differs by up to ~20 grey levels); other formats via decode_image.
   img = tf.cond(tf.io.is_jpeg(raw),
@@ -225,7 +225,7 @@ def decode_upright(raw):
   The tag is read on the host from the header alone; TF has no EXIF reader. Orientations
   2-8 are the flips / quarter turns / (anti-)transposes of the EXIF specification.
   """
-  tf = _tf()
+  tf = import_tf()
   img = decode(raw)
   # numpy_function hands the string over as a 0-d object array.
   orientation = tf.numpy_function(lambda b: np.int64(exif_orientation(np.asarray(b).item())),
