@@ -1,11 +1,11 @@
 """Process-level settings for the programs (train.py, eval.py, benchmarks); the library
 itself never calls this.
 
-`quiet_startup()` keeps TensorFlow's C++ start-up INFO lines off the console: the CPU feature
-banner through TF_CPP_MIN_LOG_LEVEL=1 (unless the caller set it), and the oneDNN notice, which
-TF's two shared libraries each print through absl before any log level applies, by importing
-TensorFlow once with the process's stderr captured (`import_tensorflow_quietly`; other lines
-are passed on).
+TensorFlow's C++ start-up INFO lines stay off the console: `quiet_startup()` hides the CPU
+feature banner (TF_CPP_MIN_LOG_LEVEL=1 unless the caller set it); the oneDNN notice, which TF's
+two shared libraries each print through absl before any log level applies, is dropped by
+`import_tensorflow_quietly()`, which imports TensorFlow once with the process's stderr captured
+(other lines are passed on).
 
 XLA:CPU allocates each step's temporaries (~2.3 GB for a full-size training step) afresh.
 glibc hands such blocks back to the kernel on free, so every step page-faults them in again:

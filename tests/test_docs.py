@@ -62,6 +62,22 @@ COVERAGE = {
         ('test', 'tests/test_convert.py::test_official_to_export_to_official_round_trip'),
     'capenext-demo --checkpoint my_capenext/ --categories mp100_split1_test.json':
         ('test', 'tests/test_demo.py::test_demo_in_headless_chromium'),
+    'ROOT=/data/mp100 ; INIT="--config.init.swin_path=swinv2_tiny_patch4_window16_256.pth ; '
+    '--config.init.clip_path=clip-vit-base-patch32/model.safetensors" ; for shots in 1 5; do '
+    'for split in 1 2 3 4 5; do ; run=runs/paper/split${split}_${shots}shot ; .venv/bin/python '
+    'train.py --workdir $run $INIT --config '
+    'configs/mp100.py:split=$split,shots=$shots,root=$ROOT ; .venv/bin/python eval.py '
+    '--checkpoint $run --output $run/eval_test.json ; done; done ; .venv/bin/python -m '
+    'capenext_jax.tools.mp100_table runs/paper/*/eval_test.json --markdown runs/paper/table.md '
+    '--json runs/paper/table.json':
+        ('test', 'tests/test_mp100_table.py::test_means_and_missing_split'),
+    '.venv/bin/python eval.py --checkpoint $run --descriptions synonyms':
+        ('test', 'tests/test_oracles.py::test_eval_text_options_change_only_their_cache_rows'),
+    '.venv/bin/python eval.py --checkpoint $run --descriptions my_names.json':
+        ('test', 'tests/test_oracles.py::test_eval_text_options_change_only_their_cache_rows'),
+    '.venv/bin/python eval.py --checkpoint $run --category_prompt wrong '
+    '--category_prompt_seed 0':
+        ('test', 'tests/test_oracles.py::test_eval_text_options_change_only_their_cache_rows'),
     # docs/EXPORT.md
     'capenext-convert runs/split1 my_capenext_bf16/ --step 4000 --dtype bfloat16':
         ('test', 'tests/test_eval.py::test_mp100_mini_train_then_eval_with_overlays'),
@@ -93,14 +109,19 @@ COVERAGE = {
 
 
 def documented_commands() -> dict[str, str]:
-  """{command (continuations joined, whitespace collapsed): doc file} of every ```bash block."""
+  """{command (continuations joined, whitespace collapsed): doc file} of every ```bash block;
+  a block holding a shell loop is one script (its lines joined with ' ; ')."""
   out = {}
   for doc in DOCS:
     for block in re.findall(r'```bash\n(.*?)```', doc.read_text(), re.S):
+      commands = []
       for command in re.sub(r'\\\n', ' ', block).splitlines():
         command = re.sub(r'\s+#.*$', '', command).strip()   # trailing comments
         if command and not command.startswith('#'):
-          out[' '.join(command.split())] = doc.name
+          commands.append(' '.join(command.split()))
+      if any(c.startswith('for ') for c in commands):
+        commands = [' ; '.join(commands)]
+      out.update((c, doc.name) for c in commands)
   return out
 
 
@@ -118,8 +139,14 @@ def test_every_documented_command_is_covered():
   assert readme_tests in ci
 
 
+# The README's shell variables, as its paper script sets them.
+SHELL_VARIABLES = {'$run': 'runs/paper/split1_1shot'}
+
+
 def _argv(command: str) -> list[str]:
   """The arguments after the program, of a command that runs one of ours."""
+  for name, value in SHELL_VARIABLES.items():
+    command = command.replace(name, value)
   words = shlex.split(command.split(' && ')[-1])
   return words[2:] if words[0].endswith('python') else words[1:]
 
@@ -139,7 +166,9 @@ flags.FLAGS.config      # the config file ran and every --config.* override foun
 @pytest.mark.parametrize('program', ['train', 'eval'])
 def test_documented_absl_flags_parse(program):
   """train.py / eval.py commands: the program's flags and its config (file, arg, overrides)."""
-  argvs = [_argv(c) for c in COVERAGE if re.search(rf'\b{program}\.py\b', c)]
+  # (the paper script's loop runs the same programs with the README's other flags)
+  argvs = [_argv(c) for c in COVERAGE
+           if re.search(rf'\b{program}\.py\b', c) and not c.startswith('ROOT=')]
   assert argvs
   procs = [subprocess.Popen([sys.executable, '-c', PARSE_ABSL.format(module=program),
                              json.dumps([f'{program}.py', *argv])], env=ENV, cwd=REPO,
