@@ -68,6 +68,15 @@ def guarded(prog: str, main: Callable, *, verbose: Callable[[], bool]) -> Callab
   return run
 
 
+def run_parsed(prog: str, run: Callable, args) -> tuple[int, object]:
+  """`run(args)` of an argparse program behind the boundary (`args.verbose` keeps the
+  traceback): (exit status, what `run` returned, or None when it failed)."""
+  try:
+    return 0, guarded(prog, run, verbose=lambda: args.verbose)(args)
+  except SystemExit as e:
+    return e.code, None
+
+
 # ----------------------------------------------------------------------------- absl programs
 def absl_verbose() -> bool:
   from absl import flags

@@ -149,10 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
-  try:
-    app = cli.guarded(parser.prog, build, verbose=lambda: args.verbose)(args)
-  except SystemExit as e:
-    return e.code
+  status, app = cli.run_parsed(parser.prog, build, args)
+  if status:
+    return status
   launch(app, server_name=args.host, server_port=args.port)
   return 0
 

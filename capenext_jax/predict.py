@@ -250,11 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error('give either an IMAGE or --coco ANNOTATIONS.json')
   if args.image is not None and not args.category:
     parser.error('--category is required with an image')
-  try:
-    cli.guarded(parser.prog, run, verbose=lambda: args.verbose)(args)
-  except SystemExit as e:
-    return e.code
-  return 0
+  return cli.run_parsed(parser.prog, run, args)[0]
 
 
 def run(args) -> None:

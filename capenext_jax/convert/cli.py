@@ -183,12 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
-  args = parser.parse_args(argv)
-  try:
-    cli.guarded(parser.prog, run, verbose=lambda: args.verbose)(args)
-  except SystemExit as e:
-    return e.code
-  return 0
+  return cli.run_parsed(parser.prog, run, parser.parse_args(argv))[0]
 
 
 def run(args) -> None:
