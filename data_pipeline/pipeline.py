@@ -253,14 +253,15 @@ def _decode_fn(source: Source, config: PipelineConfig):
   table = source._table
   mean = tf.constant(IMAGENET_MEAN)
   std = tf.constant(IMAGENET_STD)
+  # Plain graph code: AutoGraph would try (and warn) to convert the lazy TensorFlow import.
+  decode_query = tf.autograph.experimental.do_not_convert(
+      decode_upright if source.kind == 'json' else decode)
 
   def fn(e):
     raw = tf.gather(table, e['query_db'])
     if source.kind == 'json':
       raw = tf.io.read_file(raw)
-    # JPEG with the accurate integer IDCT, as libjpeg's default used by cv2 and PIL (TF's own
-    # default, the fast IDCT, differs by up to ~20 grey levels); other formats via decode_image.
-    img = decode_upright(raw) if source.kind == 'json' else decode(raw)
+    img = decode_query(raw)
     out = {k: v for k, v in e.items()
            if k not in ('query_db', 'query_inverse', 'crop_box', 'image_hw', 'mask_box')}
     if source.kind == 'json':
