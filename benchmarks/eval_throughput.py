@@ -23,6 +23,7 @@ import jax  # noqa: E402
 
 from capenext_jax.evaluation.evaluator import Evaluator  # noqa: E402
 from capenext_jax.evaluation.pairs import EvalProtocol  # noqa: E402
+from capenext_jax.models.capenext import image_size_of  # noqa: E402
 from capenext_jax.runtime import tune_allocator  # noqa: E402
 from capenext_jax.training import init, partition, schedule  # noqa: E402
 from configs import mp100  # noqa: E402
@@ -51,7 +52,7 @@ def measure(model: str, annotations: str, image_root: str, batch: int, episodes:
     state = state.replace(opt_state=())   # eval needs no optimizer state
     evaluator = Evaluator(graphdef, eval_split(c, annotations, image_root),
                           EvalProtocol.from_config(c, 'test'), mesh,
-                          image_size=c.model.swin.img_size)
+                          image_size=image_size_of(c.model))
     setup_s = time.perf_counter() - t0
     out = []
     for i in range(repeats + 1):
@@ -59,7 +60,7 @@ def measure(model: str, annotations: str, image_root: str, batch: int, episodes:
       pred = evaluator.predict(state)
       seconds = time.perf_counter() - t0
       out.append(dict(benchmark='eval_throughput', model=model,
-                      image_size=c.model.swin.img_size, run='compile' if i == 0 else 'timed',
+                      image_size=image_size_of(c.model), run='compile' if i == 0 else 'timed',
                       pairs=len(pred), batch=batch, seconds=round(seconds, 3),
                       pairs_per_s=round(len(pred) / seconds, 2),
                       setup_s=round(setup_s, 1), device=str(jax.devices()[0].platform),

@@ -49,8 +49,9 @@ def _string_keys(params: Mapping) -> dict:
 
 # ----------------------------------------------------------------------------- export
 def model_params(model: CapeNext) -> dict:
-  """The model's params pure dict (nested, int list indices), as host numpy arrays."""
-  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  """The model's weights pure dict (params and BatchNorm statistics, `params_lib.WEIGHTS`;
+  nested, int list indices), as host numpy arrays."""
+  return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, params_lib.WEIGHTS)))
 
 
 def config_digest(config: dict) -> str:
@@ -256,11 +257,11 @@ def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
   concrete, each from its own `fold_in(key(seed), i)`.
   """
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(seed)))
-  state = nnx.state(model, nnx.Param)
+  state = nnx.state(model, params_lib.WEIGHTS)
   params_lib.check_structure(nnx.to_pure_dict(state), params)
   params_lib.check_finite(params)
   state.replace_by_pure_dict(jax.tree.map(lambda a: jnp.asarray(a, dtype), params))
-  rng_state = nnx.state(model, nnx.Not(nnx.Param))
+  rng_state = nnx.state(model, nnx.Not(params_lib.WEIGHTS))
   leaves, treedef = jax.tree.flatten(rng_state)
   nnx.update(model, state, jax.tree.unflatten(treedef, [
       _concrete(leaf, jax.random.fold_in(jax.random.key(seed), i))

@@ -6,8 +6,8 @@
     ckpt = load('tiny_capenext.npz')        # a parity fixture (official weights + its config)
     model = load_model(path)                # any of them as a CapeNext in eval mode
 
-and, for training from public releases, `init_from_pretrained(model, swin_path, clip_path)`
-(ImageNet Swin V2, OpenAI / Hugging Face CLIP).
+and, for training from public releases, `init_from_pretrained(model, backbone_path, clip_path)`
+(ImageNet backbones in their own layouts, OpenAI / Hugging Face CLIP).
 
 Weight files are read by `convert.torch_io` (torch's weights-only unpickler for `.pth`, no
 pickles for `.npz`, plain `.safetensors`); a file whose pickle would build anything but
@@ -106,9 +106,9 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
          ) -> Checkpoint:
   """The weights and sizes at `path` (see the module docstring for the kinds).
 
-  config: the sizes of an official checkpoint (default: the headline model with the fusion
-    variant its keys show, or CapeX when it has no fusion weights); refused for the kinds that
-    carry their own.
+  config: the sizes of an official checkpoint (default: the official size of its backbone
+    architecture with the fusion variant its keys show, or CapeX when it has no fusion
+    weights); refused for the kinds that carry their own.
   mesh, step: a workdir's checkpoint `step` (default: the latest) is restored sharded on
     `mesh` (default: the first device).
   run_config: a workdir's `config.json` when the caller has already read it.
@@ -172,7 +172,7 @@ def model_params(ckpt: Checkpoint) -> dict:
     return ckpt.params
   from capenext_jax.training.partition import to_host
   graphdef = _graphdef(ckpt.config)
-  state = to_host((ckpt.state.trainable, ckpt.state.frozen))
+  state = to_host((ckpt.state.trainable, ckpt.state.batch_stats, ckpt.state.frozen))
   return export.model_params(nnx.merge(graphdef, *state))
 
 
@@ -204,27 +204,42 @@ def eval_state(ckpt: Checkpoint, mesh, rules=()):
   graphdef = _graphdef(ckpt.config)
   if ckpt.state is not None:
     return graphdef, ckpt.state
-  _, trainable, frozen = partition.split_model(export.build_model(ckpt.config, ckpt.params))
-  state = TrainState(trainable=trainable, frozen=frozen, opt_state=(), step=np.int32(0),
+  _, trainable, batch_stats, frozen = partition.split_model(
+      export.build_model(ckpt.config, ckpt.params))
+  state = TrainState(trainable=trainable, batch_stats=batch_stats, frozen=frozen, opt_state=(),
+                     step=np.int32(0),
                      rng=np.zeros(2, np.uint32))
   return graphdef, jax.device_put(state, partition.param_shardings(state, mesh, rules))
 
 
 # ----------------------------------------------------------------------------- pretrained parts
-def init_from_pretrained(model: CapeNext, swin_path: str | os.PathLike | None = None,
+def init_from_pretrained(model: CapeNext, backbone_path: str | os.PathLike | None = None,
                          clip_path: str | os.PathLike | None = None) -> CapeNext:
-  """Overwrite the backbone and / or CLIP params of `model` in place; returns `model`.
+  """Overwrite the backbone and / or CLIP weights of `model` in place; returns `model`.
 
-  swin_path: Microsoft's Swin V2 release (`swinv2_tiny_patch4_window16_256.pth`, a
-    `{'model': state_dict}`), or any file with those names. Its classifier head is ignored.
+  backbone_path: the public release of the model's backbone architecture, in its own layout
+    (`convert/backbones.py`): Microsoft's Swin V2 (`swinv2_tiny_patch4_window16_256.pth`),
+    torchvision's ResNet-50 (`resnet50-0676ba61.pth`), the HRNet-W32 ImageNet checkpoint
+    (`hrnet_w32-36af842e.pth`; CapeNext's `conv_block1/2` keep their init), or any file with
+    those names. Classifier heads are ignored.
   clip_path: CLIP ViT weights in the OpenAI layout (`.pt` state dict / `.npz`) or the Hugging
     Face layout (`model.safetensors`, or its directory with `config.json`).
-  Raises ValueError naming the file and the first key or shape that does not fit the model.
+  Raises ValueError naming the backbone, the file and the first key or shape that does not fit.
   """
+  from capenext_jax.convert import backbones as backbone_convert
   from capenext_jax.convert import clip as clip_convert
-  from capenext_jax.convert import swin as swin_convert
-  if swin_path is not None:
-    _load_part(model.backbone, swin_convert.load_microsoft_swinv2(swin_path), swin_path)
+  from capenext_jax.models import backbones
+  if backbone_path is not None:
+    arch = backbones.arch_of(model.config.backbone)
+    converter = backbone_convert.CONVERTERS[arch]
+    target = model.backbone
+    if converter.release_part is not None:
+      target = getattr(target, converter.release_part)
+    try:   # the release readers name the file in their errors
+      weights = converter.load_release(backbone_path, model.config.backbone)
+    except ValueError as e:
+      raise ValueError(f'{arch} backbone: {e}') from e
+    _load_part(target, weights, f'{arch} backbone: {backbone_path}')
   if clip_path is not None:
     _, params = clip_convert.load_clip(clip_path, model.config.clip)
     _load_part(model.clip, params, clip_path)

@@ -1,6 +1,8 @@
 """Params pure dicts: flat '/'-joined names, and checked writes into a module.
 
-A pure dict is `nnx.to_pure_dict(nnx.state(model, nnx.Param))`: nested dicts whose list
+A model's weights are its params and its BatchNorm statistics (`WEIGHTS`): what converters,
+exports and pretrained files carry. A pure dict is `nnx.to_pure_dict(nnx.state(model,
+WEIGHTS))` (for a model without BatchNorm, exactly its `nnx.Param`s): nested dicts whose list
 indices (Swin stages and blocks, CLIP residual blocks, head layers) are int keys. Flat names
 join the path with '/', indices as decimal strings; no other path segment is all digits, so
 the mapping is invertible. Only numpy and flax are imported (no TensorFlow, torch, orbax).
@@ -11,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 from flax import nnx
+
+WEIGHTS = (nnx.Param, nnx.BatchStat)   # what a weights file holds: params + BatchNorm statistics
 
 
 def flatten(tree: Mapping, prefix: str = '', *, sep: str = '/', leaf=np.asarray) -> dict:
@@ -71,8 +75,9 @@ def check_finite(params: Mapping, path: str = '') -> None:
 
 
 def load_into(model: nnx.Module, params: Mapping) -> None:
-  """Write a params pure dict into `model`; the structure and shapes must match exactly."""
-  state = nnx.state(model, nnx.Param)
+  """Write a weights pure dict (`WEIGHTS`) into `model`; structure and shapes must match
+  exactly."""
+  state = nnx.state(model, WEIGHTS)
   check_structure(nnx.to_pure_dict(state), params)
   state.replace_by_pure_dict(params)
   nnx.update(model, state)

@@ -29,10 +29,11 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def model_config(backbone: str = 'swinv2_t', image_size: int = 256,
+def model_config(backbone: str = 'swinv2_t', image_size: int | None = None,
                  fusion: bool = True) -> ml_collections.ConfigDict:
   """`config.model`: `CapeNextConfig.variant(...).to_dict()` (the model reads it back with
-  `CapeNextConfig.from_dict`; the widths where the parts meet are derived there)."""
+  `CapeNextConfig.from_dict`; the widths where the parts meet are derived there). image_size:
+  default the backbone's official input size."""
   return ml_collections.ConfigDict(
       CapeNextConfig.variant(backbone, image_size=image_size, fusion=fusion).to_dict())
 
@@ -46,7 +47,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.allow_config_change = False
   # Pretrained weights, as the official recipe starts (ImageNet Swin V2, OpenAI CLIP). Empty
   # paths are refused unless from_scratch=True (a random backbone and CLIP: tests, toy runs).
-  c.init = dict(swin_path='', clip_path='', from_scratch=False)
+  c.init = dict(backbone_path='', clip_path='', from_scratch=False)
 
   c.data = ml_collections.ConfigDict(dict(
       root='', image_root='', train_ann='', val_ann='', test_ann='',

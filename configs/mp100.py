@@ -1,17 +1,23 @@
 """CapeNext on MP-100 (the headline run and its variants).
 
   train.py --config configs/mp100.py:split=1,shots=1 --workdir runs/split1
-Args: split=1..5, shots=1|5, backbone=swinv2_t|swinv2_s|swinv2_b|tiny, capex (no fusion
-module: plain CapeX), fusion=<official fusion class> (the ablations, models/fusion.py MODULES,
-e.g. SimpleMultiModalDoubleEncoder), mask (zero the image outside the instance box, the official
-configs/clip_mask), runlocal (a few steps of a tiny model on CPU, to check the wiring),
-root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
+Args: split=1..5, shots=1|5,
+backbone=swinv2_t|swinv2_s|swinv2_b|resnet50|hrnet_w32|... (`models/backbones.py` PRESETS,
+including the CPU test sizes tiny|resnet_tiny|hrnet_tiny|...; the input size is the backbone's
+official one, e.g. 224 for vit_b16), capex (no fusion module: plain CapeX),
+fusion=<official fusion class> (the ablations, models/fusion.py MODULES, e.g.
+SimpleMultiModalDoubleEncoder), mask (zero the image outside the instance box, the official
+configs/clip_mask), runlocal (a few steps of the backbone's test size at 64 px on CPU, to check
+the wiring), root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
 Pretrained weights (docs/MODEL.md §4) are required, as the official recipe starts from them:
-  --config.init.swin_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=clip-vit-base-patch32/model.safetensors
+init.backbone_path (the backbone's public release in its own layout, see docs/DESIGN.md
+"Backbones") and init.clip_path, e.g.
+  --config.init.backbone_path=swinv2_tiny_patch4_window16_256.pth --config.init.clip_path=clip-vit-base-patch32/model.safetensors
 (--config.init.from_scratch=True trains from random weights instead.)
 """
 from __future__ import annotations
 
+from capenext_jax.models import backbones
 from configs import common
 
 
@@ -27,8 +33,9 @@ def get_config(arg: str | None = None):
     c.data[f'{part}_ann'] = f'{a.root}/annotations/mp100_split{a.split}_{part}.json'
   c.data.shots = a.shots
   c.data.mask_outside_bbox = a.mask
-  c.model = common.model_config('tiny' if a.runlocal else a.backbone,
-                                image_size=64 if a.runlocal else 256, fusion=not a.capex)
+  backbone = backbones.test_size_of(a.backbone) if a.runlocal else a.backbone
+  c.model = common.model_config(backbone, image_size=64 if a.runlocal else None,
+                                fusion=not a.capex)
   if a.fusion:
     if a.capex:
       raise ValueError('capex has no fusion module: drop fusion= or capex')

@@ -74,7 +74,8 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
 
 def pipeline_config(config: ml_collections.ConfigDict, *, train: bool) -> PipelineConfig:
   """The pipeline settings of a run config, for training (augmented) or evaluation."""
-  size = config.model.swin.img_size
+  from capenext_jax.models.capenext import image_size_of  # lazy: jax, flax
+  size = image_size_of(config.model)
   return PipelineConfig(shots=config.data.shots, image_size=size, heatmap_size=size // 4,
                         warp=config.data.warp, crop_size=size * 3 // 2,
                         augment=train and config.data.augment, seed=config.seed,

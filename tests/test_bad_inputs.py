@@ -430,8 +430,8 @@ def test_headline_recipe_refuses_random_pretrained_parts(tmp_path):
   c.data.update(root=str(MP100_MINI), image_root=str(MP100_MINI / 'images'),
                 train_ann=str(MP100_MINI / 'annotations' / 'mini_train.json'),
                 val_ann=str(MINI_TEST), test_ann=str(MINI_TEST))
-  with pytest.raises(ValueError, match=r'config.init.swin_path empty: the recipe starts from '
-                     r'ImageNet Swin V2 .* --config.init.from_scratch=True'):
+  with pytest.raises(ValueError, match=r'config.init.backbone_path empty: the recipe starts from '
+                     r'the ImageNet backbone .* --config.init.from_scratch=True'):
     train(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   assert mp100.get_config('runlocal').init.from_scratch

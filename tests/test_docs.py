@@ -44,7 +44,7 @@ COVERAGE = {
         ('test', 'tests/test_train.py::test_resume_continues_exactly'),
     '.venv/bin/python train.py --workdir runs/split1 --config '
     'configs/mp100.py:split=1,shots=1,root=/data/mp100 '
-    '--config.init.swin_path=swinv2_tiny_patch4_window16_256.pth '
+    '--config.init.backbone_path=swinv2_tiny_patch4_window16_256.pth '
     '--config.init.clip_path=clip-vit-base-patch32/model.safetensors':
         ('test', 'tests/test_eval.py::test_mp100_mini_train_then_eval_with_overlays'),
     '.venv/bin/python eval.py --checkpoint runs/split1 --config '
@@ -62,7 +62,7 @@ COVERAGE = {
         ('test', 'tests/test_convert.py::test_official_to_export_to_official_round_trip'),
     'capenext-demo --checkpoint my_capenext/ --categories mp100_split1_test.json':
         ('test', 'tests/test_demo.py::test_demo_in_headless_chromium'),
-    'ROOT=/data/mp100 ; INIT="--config.init.swin_path=swinv2_tiny_patch4_window16_256.pth ; '
+    'ROOT=/data/mp100 ; INIT="--config.init.backbone_path=swinv2_tiny_patch4_window16_256.pth ; '
     '--config.init.clip_path=clip-vit-base-patch32/model.safetensors" ; for shots in 1 5; do '
     'for split in 1 2 3 4 5; do ; run=runs/paper/split${split}_${shots}shot ; .venv/bin/python '
     'train.py --workdir $run $INIT --config '

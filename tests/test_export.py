@@ -215,7 +215,7 @@ def test_init_from_pretrained(tmp_path, tiny):
   torch.save({'model': {k: torch.from_numpy(np.asarray(v)) for k, v in swin_sd.items()}},
              tmp_path / 'swinv2.pth')
   np.savez(tmp_path / 'clip.npz', **clip_convert.clip_to_openai(params['clip']))
-  loading.init_from_pretrained(model, swin_path=tmp_path / 'swinv2.pth',
+  loading.init_from_pretrained(model, backbone_path=tmp_path / 'swinv2.pth',
                                   clip_path=tmp_path / 'clip.npz')
   got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   assert _same_params(got['backbone'], params['backbone'])
@@ -224,7 +224,7 @@ def test_init_from_pretrained(tmp_path, tiny):
   del swin_sd['norm.weight']
   np.savez(tmp_path / 'broken.npz', **swin_sd)
   with pytest.raises(ValueError, match=r'broken\.npz.*norm\.weight'):
-    loading.init_from_pretrained(model, swin_path=tmp_path / 'broken.npz')
+    loading.init_from_pretrained(model, backbone_path=tmp_path / 'broken.npz')
 
 
 class _Evil:
@@ -247,7 +247,7 @@ def test_malicious_pickle_is_refused(tmp_path, tiny):
   model = export.build_model(*tiny)
   for path in (raw, zipped):
     with pytest.raises(ValueError, match='refused'):
-      loading.init_from_pretrained(model, swin_path=path)
+      loading.init_from_pretrained(model, backbone_path=path)
     with pytest.raises(ValueError, match='refused'):
       official.load_official(path)
   assert not marker.exists()

@@ -14,9 +14,9 @@ from conftest import REPO
 from configs import mp100, synthetic
 
 
-def tiny_config(steps=4):
+def tiny_config(steps=4, backbone='tiny'):
   """The synthetic config shrunk to seconds: 3/2/2 categories of 6 drawn 48-px images."""
-  c = synthetic.get_config(f'steps={steps},batch=4')
+  c = synthetic.get_config(f'steps={steps},batch=4,backbone={backbone}')
   c.data.synthetic.update(categories=(3, 2, 2), instances=6, image_size=48)
   c.data.val_episodes = c.data.test_episodes = 1
   c.data.num_queries = 2
@@ -27,7 +27,8 @@ def tiny_config(steps=4):
   c.async_checkpoints = False
   # The synthetic run trains without noise; keep dropout and drop path on here so the exact
   # resume and layout tests cover the per-step RNG too.
-  c.model.swin.drop_path_rate = 0.1
+  if 'drop_path_rate' in c.model.backbone:
+    c.model.backbone.drop_path_rate = 0.1
   c.model.head.dropout = 0.1
   c.model.fusion = dict(dropout=0.1)
   return c
@@ -37,12 +38,12 @@ def test_configs_build_models():
   from capenext_jax.models.capenext import CapeNextConfig
   for arg in ('split=3,shots=5', 'backbone=swinv2_b', 'capex', 'runlocal'):
     m = CapeNextConfig.from_dict(mp100.get_config(arg).model.to_dict())
-    assert m.head.img_in_channels == m.swin.embed_dim * 8
+    assert m.head.img_in_channels == m.backbone.embed_dim * 8
     assert m.head.text_in_channels == m.clip.embed_dim and m.head.num_feats == m.head.d_model // 2
   assert CapeNextConfig.from_dict(mp100.get_config('capex').model.to_dict()).fusion is None
   # Derived widths follow an override of the parts they derive from.
   c = mp100.get_config('')
-  c.model.swin.embed_dim, c.model.clip.embed_dim, c.model.head.d_model = 48, 128, 64
+  c.model.backbone.embed_dim, c.model.clip.embed_dim, c.model.head.d_model = 48, 128, 64
   m = CapeNextConfig.from_dict(c.model.to_dict())
   assert (m.head.img_in_channels, m.head.text_in_channels, m.head.num_feats,
           m.fusion.embed_dim) == (384, 128, 32, 128)

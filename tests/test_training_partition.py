@@ -27,7 +27,8 @@ def test_clip_is_frozen_and_has_no_optimizer_state():
 
 def test_trainable_filter_takes_other_frozen_keys():
   model = ToyCapeNext(rngs=nnx.Rngs(0))
-  _, trainable, _ = partition.split_model(model, partition.trainable_filter(('clip', 'layers')))
+  _, trainable, _, _ = partition.split_model(model,
+                                             partition.trainable_filter(('clip', 'layers')))
   assert sorted(trainable) == ['backbone', 'text_proj']
 
 

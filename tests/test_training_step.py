@@ -54,7 +54,7 @@ def test_dropout_key_depends_on_step_and_eval_is_deterministic():
   assert loss_at(0) != loss_at(1)
   eval_step = step_lib.make_eval_step(graphdef)
   out = eval_step(st, batch)
-  model = nnx.merge(graphdef, st.trainable, st.frozen)
+  model = state_lib.merge_model(graphdef, st)
   model.eval()
   want = step_lib.default_forward(model, batch)
   np.testing.assert_allclose(out['keypoints'], want['keypoints'], rtol=1e-6)

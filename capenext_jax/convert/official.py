@@ -1,19 +1,22 @@
 """Official CapeNext checkpoints (mmcv `.pth`, or `.npz` of the same keys) <-> our params.
 
-The official state dict has four groups (docs/MODEL.md §7): `backbone.` (Swin V2), `text_backbone.` (CLIP,
-OpenAI layout), `keypoint_head.` and `additional_module.` (the fusion module). Each group is
-converted by its own pure-dict function; this module only routes keys by prefix. Every key must
-be consumed: the group converters skip the known-unused ones (Swin `head`, fusion `non_linear`,
-buffers) by explicit lists and raise on anything else.
+The official state dict has four groups (docs/MODEL.md §7): `backbone.` (the image backbone:
+Swin V2, ResNet, HRNet, ... recognised by its names, `convert/backbones.py`), `text_backbone.`
+(CLIP, OpenAI layout), `keypoint_head.` and `additional_module.` (the fusion module). Model-level
+keys of a backbone's own extra layers (HRNet's `conv_block1/2.*`) join the backbone group under
+their own names. Each group is converted by its own pure-dict function; this module only routes
+keys by prefix. Every key must be consumed: the group converters skip the known-unused ones
+(Swin `head`, fusion `non_linear`, buffers) by explicit lists and raise on anything else.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+from capenext_jax.convert import backbones as backbone_convert
 from capenext_jax.convert import clip as clip_convert
 from capenext_jax.convert import head as head_convert
-from capenext_jax.convert import swin as swin_convert
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.models.clip import CLIPConfig
@@ -22,9 +25,19 @@ from capenext_jax.models.fusion import (CROSS_ATTENTION_ENCODER, CROSS_ATTENTION
 from capenext_jax.models.head import HeadConfig
 from capenext_jax.models.swin_v2 import SwinV2Config
 
+def _backbone_from_official(sd: Mapping[str, np.ndarray]) -> dict:
+  arch = backbone_convert.official_arch(set(sd))
+  return backbone_convert.CONVERTERS[arch].from_official(sd)
+
+
+def _backbone_to_official(weights: Mapping) -> dict[str, np.ndarray]:
+  """Backbone names without `backbone.`; model-level (neck) names start with their prefix."""
+  return backbone_convert.CONVERTERS[backbone_convert.our_arch(weights)].to_official(weights)
+
+
 # prefix -> (our sub-module name, official -> ours, ours -> official)
 GROUPS = {
-    'backbone.': ('backbone', swin_convert.swin_from_torch, swin_convert.swin_to_torch),
+    'backbone.': ('backbone', _backbone_from_official, _backbone_to_official),
     'text_backbone.': ('clip', clip_convert.clip_from_openai, clip_convert.clip_to_openai),
     'keypoint_head.': ('head', head_convert.head_from_torch, head_convert.head_to_torch),
     'additional_module.': ('fusion', head_convert.fusion_from_torch,
@@ -37,11 +50,15 @@ KNOWN_UNUSED_GRADS = ()
 def split_groups(state_dict: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
   """Official flat names -> {prefix: {name without prefix: array}}; unknown prefixes raise."""
   groups: dict[str, dict[str, np.ndarray]] = {p: {} for p in GROUPS}
+  necks = backbone_convert.neck_prefixes()
   for key, value in state_dict.items():
+    if key.startswith(necks):
+      groups['backbone.'][key] = np.asarray(value)
+      continue
     prefix = next((p for p in GROUPS if key.startswith(p)), None)
     if prefix is None:
       raise ValueError(f'unexpected key {key!r} in the CapeNext state dict (expected one of the '
-                       f'groups {", ".join(GROUPS)})')
+                       f'groups {", ".join(tuple(GROUPS) + necks)})')
     groups[prefix][key[len(prefix):]] = np.asarray(value)
   return groups
 
@@ -74,6 +91,7 @@ def capenext_to_official(params: Mapping, config: CapeNextConfig | None = None
   (the double and triple encoders share one layout: those need the config).
   """
   out = {}
+  necks = backbone_convert.neck_prefixes()
   for prefix, (name, _, to_torch) in GROUPS.items():
     if name not in params:
       continue
@@ -81,7 +99,7 @@ def capenext_to_official(params: Mapping, config: CapeNextConfig | None = None
       part = to_torch(params[name], config.fusion if config else _fusion_config_of(params[name]))
     else:
       part = to_torch(params[name])
-    out.update({prefix + k: v for k, v in part.items()})
+    out.update({k if k.startswith(necks) else prefix + k: v for k, v in part.items()})
   return out
 
 
@@ -101,13 +119,17 @@ def _fusion_config_of(params: Mapping) -> FusionConfig:
 
 
 def official_model_config(state_dict: Mapping[str, np.ndarray]) -> CapeNextConfig:
-  """The headline sizes with the fusion variant the checkpoint's keys show (CapeX without
-  `additional_module.*` keys)."""
+  """The official sizes of the checkpoint's backbone architecture (the checkpoint does not
+  say its sizes) with the fusion variant its keys show (CapeX without `additional_module.*`)."""
+  backbone_names = {k[len('backbone.'):] for k in state_dict if k.startswith('backbone.')}
+  arch = backbone_convert.official_arch(backbone_names)
+  config = CapeNextConfig.variant(backbone_convert.CONVERTERS[arch].official_preset)
   fusion_names = [k[len('additional_module.'):] for k in state_dict
                   if k.startswith('additional_module.')]
   if not fusion_names:
-    return CapeNextConfig(fusion=None)
-  return CapeNextConfig(fusion=FusionConfig(module=head_convert.fusion_module_of(fusion_names)))
+    return dataclasses.replace(config, fusion=None)
+  return dataclasses.replace(
+      config, fusion=FusionConfig(module=head_convert.fusion_module_of(fusion_names)))
 
 
 def load_official(path: str) -> dict:
@@ -123,7 +145,7 @@ def config_from_fixture(cfg: Mapping) -> CapeNextConfig:
                       depths=tuple(enc['depths']), num_heads=tuple(enc['num_heads']),
                       window_size=enc['window_size'], drop_path_rate=enc['drop_path_rate'])
   config = CapeNextConfig(
-      swin=swin,
+      backbone=swin,
       clip=CLIPConfig(**{k: clip[k] for k in (
           'embed_dim', 'image_resolution', 'vision_layers', 'vision_width', 'vision_patch_size',
           'context_length', 'vocab_size', 'transformer_width', 'transformer_heads',

@@ -1,4 +1,4 @@
-"""CapeNext: CapeX (Swin V2 + text-described keypoints + graph decoder) with CLIP fusion.
+"""CapeNext: CapeX (image backbone + text-described keypoints + graph decoder) with CLIP fusion.
 
 docs/MODEL.md §0. The support images are never used: the support enters only
 through the category's keypoint descriptions and the support-visibility mask.
@@ -6,28 +6,23 @@ through the category's keypoint descriptions and the support-visibility mask.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from capenext_jax.models import backbones
 from capenext_jax.models.clip import CLIP, CLIPConfig
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.head import HeadConfig, PoseHead
-from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config
+from capenext_jax.models.swin_v2 import SwinV2Config
 
 NUM_SLOTS = 100          # keypoint slots of MP-100 (max_kpt_num)
 CONTEXT_LENGTH = 77      # CLIP text context
 
 
-# Swin V2 sizes by name: Microsoft's releases, and a CPU-sized test model.
-SWIN_VARIANTS = {
-    'swinv2_t': dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24)),
-    'swinv2_s': dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24)),
-    'swinv2_b': dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32)),
-    'tiny': dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4),
-}
-# The 'tiny' variant's text tower and head: random CLIP weights at CPU test sizes.
+# The test-size variants' text tower and head: random CLIP weights at CPU test sizes.
 TINY_CLIP = CLIPConfig(embed_dim=64, image_resolution=64, vision_layers=1, vision_width=64,
                        vision_patch_size=16, transformer_width=64, transformer_heads=2,
                        transformer_layers=1)
@@ -39,20 +34,22 @@ TINY_HEAD = HeadConfig(d_model=32, nhead=4, num_encoder_layers=1, num_decoder_la
 class CapeNextConfig:
   """Sizes of the whole model. The defaults are the headline CapeNext (Swin V2-T, CLIP B/32).
 
-  fusion=None gives plain CapeX (keypoint text goes straight to the head); `fusion.module`
-  picks the official fusion variant (models/fusion.py). The widths where
-  the parts meet are derived, not free: the head reads the backbone's last-stage channels and
+  backbone: any config of `backbones.ARCHS` (Swin V2, ResNet, HRNet, ...); its `img_size` is
+  the model's input size. fusion=None gives plain CapeX (keypoint text goes straight to the
+  head); `fusion.module` picks the official fusion variant (models/fusion.py). The widths where
+  the parts meet are derived, not free: the head reads the backbone's feature channels
+  (`num_features`) and
   the CLIP embedding, the fusion module works at the CLIP width, and the head's sine encoding
   has d_model / 2 features per axis (whatever `head` / `fusion` say, these are overwritten).
   """
-  swin: SwinV2Config = SwinV2Config()
+  backbone: Any = SwinV2Config()
   clip: CLIPConfig = CLIPConfig()
   fusion: FusionConfig | None = FusionConfig()
   head: HeadConfig = HeadConfig()
 
   def __post_init__(self):
     head = dataclasses.replace(
-        self.head, img_in_channels=self.swin.embed_dim * 2 ** (len(self.swin.depths) - 1),
+        self.head, img_in_channels=self.backbone.num_features,
         text_in_channels=self.clip.embed_dim, num_feats=self.head.d_model // 2)
     object.__setattr__(self, 'head', head)
     if self.fusion is not None:
@@ -60,37 +57,54 @@ class CapeNextConfig:
                          dataclasses.replace(self.fusion, embed_dim=self.clip.embed_dim))
 
   @classmethod
-  def variant(cls, backbone: str = 'swinv2_t', *, image_size: int = 256,
+  def variant(cls, backbone: str = 'swinv2_t', *, image_size: int | None = None,
               fusion: bool = True) -> CapeNextConfig:
-    """A named size: 'swinv2_t' (the headline), 'swinv2_s', 'swinv2_b' (Swin V2 window 16,
-    drop path 0.2, CLIP ViT-B/32, the official head), or 'tiny' (a CPU test model: tiny Swin,
-    CLIP and head). fusion=False gives plain CapeX."""
-    if backbone not in SWIN_VARIANTS:
-      raise ValueError(f'backbone {backbone!r}: expected one of {sorted(SWIN_VARIANTS)}')
-    swin = SwinV2Config(**{'img_size': image_size, 'window_size': 16, 'drop_path_rate': 0.2,
-                           **SWIN_VARIANTS[backbone]})
-    tiny = backbone == 'tiny'
-    return cls(swin=swin, clip=TINY_CLIP if tiny else CLIPConfig(),
+    """A named size (`backbones.PRESETS`): 'swinv2_t' (the headline), 'swinv2_s', 'swinv2_b',
+    'resnet50', 'hrnet_w32', ... with CLIP ViT-B/32 and the official head, or a CPU test size
+    ('tiny' (Swin), 'resnet_tiny', 'hrnet_tiny', ...) with a tiny CLIP and head.
+    image_size: default the backbone's official input size. fusion=False gives plain CapeX."""
+    preset = backbones.preset(backbone)
+    tiny = preset.test_size
+    return cls(backbone=preset.config(image_size), clip=TINY_CLIP if tiny else CLIPConfig(),
                fusion=FusionConfig() if fusion else None, head=TINY_HEAD if tiny else HeadConfig())
 
   @property
   def image_size(self) -> int:
-    return self.swin.img_size
+    return self.backbone.img_size
 
   def to_dict(self) -> dict:
-    """JSON-able nested dict (tuples become lists); `from_dict` inverts it."""
-    return dataclasses.asdict(self)
+    """JSON-able nested dict (tuples become lists when dumped); `from_dict` inverts it. The
+    backbone is `{'arch': ..., **its fields}`."""
+    return {'backbone': backbones.config_to_dict(self.backbone),
+            **{f.name: None if getattr(self, f.name) is None else
+               dataclasses.asdict(getattr(self, f.name))
+               for f in dataclasses.fields(self) if f.name != 'backbone'}}
 
   @classmethod
   def from_dict(cls, d: dict) -> CapeNextConfig:
     """Inverse of `to_dict`. Missing fields take their defaults (so files written before a
-    field was added still load); unknown fields raise ValueError naming them."""
-    parts = {'swin': SwinV2Config, 'clip': CLIPConfig, 'fusion': FusionConfig,
-             'head': HeadConfig}
+    field was added still load; a `swin` entry, from before backbones had a choice, is a Swin
+    V2 backbone); unknown fields raise ValueError naming them."""
+    d = dict(d)
+    if 'swin' in d:
+      if 'backbone' in d:
+        raise ValueError("config: both 'swin' (the old name) and 'backbone' are given")
+      d['backbone'] = {'arch': 'swin_v2', **d.pop('swin')}
+    parts = {'clip': CLIPConfig, 'fusion': FusionConfig, 'head': HeadConfig}
     _check_fields(cls, d, 'config')
     d = {**d, 'fusion': FusionConfig.upgrade(d['fusion'])} if d.get('fusion') else d
-    return cls(**{k: (None if d[k] is None else _sub_config(parts[k], d[k], k))
-                  for k in parts if k in d})
+    out = {k: (None if d[k] is None else _sub_config(parts[k], d[k], k))
+           for k in parts if k in d}
+    if 'backbone' in d:
+      out['backbone'] = backbones.config_from_dict(d['backbone'])
+    return cls(**out)
+
+
+def image_size_of(model_section) -> int:
+  """The input size of a run config's `model` section (a `to_dict()` as ConfigDict or dict,
+  including ones written before backbones had a choice)."""
+  d = model_section.to_dict() if hasattr(model_section, 'to_dict') else dict(model_section)
+  return CapeNextConfig.from_dict(d).image_size
 
 
 def _check_fields(cls, d: dict, where: str) -> None:
@@ -116,7 +130,7 @@ class CapeNext(nnx.Module):
 
   def __init__(self, config: CapeNextConfig = CapeNextConfig(), *, rngs: nnx.Rngs):
     self.config = config
-    self.backbone = SwinTransformerV2(config.swin, rngs=rngs)
+    self.backbone = backbones.build(config.backbone, rngs=rngs)
     self.clip = CLIP(config.clip, rngs=rngs)
     self.fusion = (build_fusion(config.fusion, rngs=rngs)
                    if config.fusion is not None else None)
@@ -132,7 +146,7 @@ class CapeNext(nnx.Module):
   def encode_query_image(self, query_image: jax.Array) -> jax.Array:
     """CLIP image embedding of the (ImageNet-normalised) query, no gradient.
 
-    The official code feeds the Swin input, bilinearly resized to CLIP's resolution without
+    The official code feeds the backbone input, bilinearly resized to CLIP's resolution without
     antialiasing, and never applies CLIP's own normalisation (docs/MODEL.md §1.3).
     query_image [B, S, S, 3] -> [B, E].
     """

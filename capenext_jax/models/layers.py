@@ -263,3 +263,70 @@ class DropPath(Dropout):
 
   def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+# ----------------------------------------------------------------------------- convolutions
+BN_EPS, BN_MOMENTUM = 1e-5, 0.1   # torch.nn.BatchNorm2d defaults
+
+
+def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs,
+           stride: int = 1, padding: int | None = None, use_bias: bool = False,
+           kernel_init=None) -> nnx.Conv:
+  """`torch.nn.Conv2d` on NHWC maps: symmetric zero padding (default (k - 1) // 2), kernel
+  `[kh, kw, in, out]` (a torch weight `[out, in, kh, kw]` converts as `.transpose(2, 3, 1, 0)`).
+
+  kernel_init: default torch's (uniform +-1/sqrt(fan_in)), which the bias always uses.
+  """
+  pad = (kernel_size - 1) // 2 if padding is None else padding
+  bound = _uniform(1.0 / math.sqrt(in_channels * kernel_size * kernel_size))
+  return nnx.Conv(in_channels, out_channels, kernel_size=(kernel_size, kernel_size),
+                  strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
+                  kernel_init=kernel_init or bound, bias_init=bound, rngs=rngs)
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """`nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')` of a conv kernel
+  `[kh, kw, in, out]` (torchvision's and mmpose's ResNet init)."""
+  kh, kw, _, out = shape
+  return math.sqrt(2.0 / (out * kh * kw)) * jax.random.normal(key, shape, dtype)
+
+
+class BatchNorm(nnx.Module):
+  """`torch.nn.BatchNorm2d` over the last (channel) axis of NHWC maps.
+
+  Training mode (`use_running_average=False`, set by `model.train()`; the default, as torch):
+  normalise with the mean and biased variance over every axis but the channels. Under jit with
+  the batch sharded over a mesh these are means over the *global* batch (GSPMD adds the
+  cross-device sums), so data parallelism does not change the statistics. The running
+  statistics then move by `momentum` toward the batch mean and the *unbiased* variance.
+  Eval mode (`model.eval()`): normalise with the running statistics.
+
+  Params `scale` (torch `weight`), `bias`; statistics `mean`, `var` (`running_mean`,
+  `running_var`) are `nnx.BatchStat`: model state outside the optimiser (training/state.py).
+  """
+
+  def __init__(self, num_features: int, *, momentum: float = BN_MOMENTUM,
+               epsilon: float = BN_EPS):
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+    self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+    self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+    self.momentum, self.epsilon = momentum, epsilon
+    self.use_running_average = False
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.use_running_average:
+      mean, var = self.mean[...], self.var[...]
+    else:
+      axes = tuple(range(x.ndim - 1))
+      count = x.size // x.shape[-1]
+      if count < 2:
+        raise ValueError(f'BatchNorm in training mode needs more than one value per channel, '
+                         f'got input {x.shape}')
+      mean = jnp.mean(x, axes)
+      var = jnp.mean(jnp.square(x - mean), axes)
+      m = self.momentum
+      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (
+          count / (count - 1))
+    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]

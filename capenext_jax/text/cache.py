@@ -102,7 +102,7 @@ def replicated_text_cache(graphdef: nnx.GraphDef, state, dataset, mesh) -> TextC
   Encoded from a host copy of the model so the same code serves one or several processes;
   this runs once per dataset, not per step.
   """
-  model = nnx.merge(graphdef, *to_host((state.trainable, state.frozen)))
+  model = nnx.merge(graphdef, *to_host((state.trainable, state.batch_stats, state.frozen)))
   cache = build_text_cache(model, category_texts(dataset))
   replicated = NamedSharding(mesh, P())
 

@@ -14,10 +14,12 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
   that it does not (`init.from_scratch`); ValueError naming the empty field otherwise."""
   if config.init.get('from_scratch', False):
     return
-  missing = [f'init.{k}' for k in ('swin_path', 'clip_path') if not config.init.get(k)]
+  backbone_path, clip_path = pretrained_paths(config)
+  missing = [f'init.{k}' for k, v in (('backbone_path', backbone_path), ('clip_path', clip_path))
+             if not v]
   if missing:
     raise ValueError(f'config.{" and config.".join(missing)} empty: the recipe starts from '
-                     f'ImageNet Swin V2 and OpenAI CLIP weights (docs/MODEL.md §4); give '
+                     f'the ImageNet backbone and OpenAI CLIP weights (docs/MODEL.md §4); give '
                      f'their files (--config.{missing[0]}=...), or set '
                      f'--config.init.from_scratch=True to train from random weights')
 
@@ -27,7 +29,7 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
   """(graphdef, state, shardings) of `config.model`, seeded by `config.seed`.
 
   The init runs under jit with `out_shardings`, so no device ever holds a full unsharded copy
-  (eval_shape -> shardings -> jit(init)). Pretrained Swin / CLIP weights, when configured
+  (eval_shape -> shardings -> jit(init)). Pretrained backbone / CLIP weights, when configured
   (`config.init`), are then read on the host and placed with the same shardings.
   """
   model_config = CapeNextConfig.from_dict(config.model.to_dict())
@@ -37,17 +39,28 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
     return state_lib.init_train_state(model, optimizer, rng)[1]
 
   rng = jax.random.PRNGKey(config.seed)
-  graphdef, _, _ = partition.split_model(nnx.eval_shape(
-      lambda: CapeNext(model_config, rngs=nnx.Rngs(config.seed))))
+  graphdef = partition.split_model(nnx.eval_shape(
+      lambda: CapeNext(model_config, rngs=nnx.Rngs(config.seed))))[0]
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(abstract, optimizer, mesh,
                                         partition.rules_from_config(config.sharding_rules))
   state = jax.jit(init, out_shardings=shardings)(rng)
-  if config.init.swin_path or config.init.clip_path:
+  backbone_path, clip_path = pretrained_paths(config)
+  if backbone_path or clip_path:
     from capenext_jax.loading import init_from_pretrained
-    model = nnx.merge(graphdef, *partition.to_host((state.trainable, state.frozen)))
-    init_from_pretrained(model, config.init.swin_path or None, config.init.clip_path or None)
-    _, trainable, frozen = partition.split_model(model)
+    model = nnx.merge(graphdef, *partition.to_host((state.trainable, state.batch_stats,
+                                                    state.frozen)))
+    init_from_pretrained(model, backbone_path, clip_path)
+    _, trainable, batch_stats, frozen = partition.split_model(model)
     state = state.replace(trainable=jax.device_put(trainable, shardings.trainable),
+                          batch_stats=jax.device_put(batch_stats, shardings.batch_stats),
                           frozen=jax.device_put(frozen, shardings.frozen))
   return graphdef, state, shardings
+
+
+def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
+  """(backbone, CLIP) weight files of `config.init` (None where unset). Run configs written
+  before backbones had a choice name the backbone file `swin_path`."""
+  init = config.init
+  return (init.get('backbone_path') or init.get('swin_path') or None,
+          init.get('clip_path') or None)

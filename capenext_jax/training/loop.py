@@ -36,6 +36,7 @@ from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
 from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
+from capenext_jax.models.capenext import image_size_of
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
@@ -112,7 +113,7 @@ def eval_progress(evaluator: Evaluator, label: str) -> Progress:
 
 def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
   """The jitted, state-donating train step of `config`: cached text, official losses."""
-  size = config.model.swin.img_size
+  size = image_size_of(config.model)
   return step_lib.make_train_step(graphdef, losses.batch_loss_fn(size), optimizer,
                                   forward=forward_lib.make_forward(cache, size),
                                   shardings=shardings)
@@ -174,7 +175,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
 
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
     train_step = build_train_step(config, graphdef, cache, tx, shardings)
-    size = config.model.swin.img_size
+    size = image_size_of(config.model)
     val, test = (None if split is None else Evaluator(
         graphdef, split, EvalProtocol.from_config(config, name), mesh, image_size=size)
         for name, split in (('val', data.val), ('test', data.test)))

@@ -1,7 +1,8 @@
 """Which parameters train, and where every array lives on the device mesh.
 
 * Trainable = every `nnx.Param` whose path has no frozen key ('clip' by default: the whole
-  CLIP model is frozen, docs/MODEL.md §4). Everything else (frozen params, buffers, RNG
+  CLIP model is frozen, docs/MODEL.md §4). BatchNorm statistics (`nnx.BatchStat`) are their own
+  part: written by the forward pass, not differentiated. Everything else (frozen params, RNG
   streams) is "frozen": never differentiated and given no optimizer state.
 * The mesh has axes ('data', 'fsdp'). The batch is split over both axes together; params
   follow big_vision-style rules `(regex over the '/'-joined path, spec)`, first match wins.
@@ -33,14 +34,17 @@ def trainable_filter(frozen_keys: Sequence[str] = ('clip',)) -> nnx.filterlib.Fi
 
 
 def split_model(model: nnx.Module, trainable: nnx.filterlib.Filter = trainable_filter()
-                ) -> tuple[nnx.GraphDef, dict, dict]:
-  """`model -> (graphdef, trainable, frozen)`, both states as pure nested dicts of arrays.
+                ) -> tuple[nnx.GraphDef, dict, dict, dict]:
+  """`model -> (graphdef, trainable, batch_stats, frozen)`, the states as pure nested dicts.
 
-  Pure dicts (no `Variable` wrappers) keep optimizer states and checkpoints plain;
-  `nnx.merge(graphdef, trainable, frozen)` rebuilds the model.
+  batch_stats: every `nnx.BatchStat` (BatchNorm running statistics): updated by the forward
+  pass in training mode, never by the optimizer. frozen: everything else (frozen params, RNG
+  streams). Pure dicts (no `Variable` wrappers) keep optimizer states and checkpoints plain;
+  `nnx.merge(graphdef, trainable, batch_stats, frozen)` rebuilds the model.
   """
-  graphdef, train_state, frozen_state = nnx.split(model, trainable, ...)
-  return graphdef, nnx.to_pure_dict(train_state), nnx.to_pure_dict(frozen_state)
+  graphdef, train_state, stats, frozen_state = nnx.split(model, trainable, nnx.BatchStat, ...)
+  return (graphdef, nnx.to_pure_dict(train_state), nnx.to_pure_dict(stats),
+          nnx.to_pure_dict(frozen_state))
 
 
 def make_mesh(mesh_shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None

@@ -16,14 +16,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from capenext_jax.training import partition
 
 # The fields a checkpoint holds. `frozen` is rebuilt by the run's init (pretrained CLIP and
-# buffers), so it is not saved again every time.
-CHECKPOINTED = ('trainable', 'opt_state', 'step', 'rng')
+# RNG streams), so it is not saved again every time.
+CHECKPOINTED = ('trainable', 'batch_stats', 'opt_state', 'step', 'rng')
 
 
 @struct.dataclass
 class TrainState:
   trainable: Any       # pure nested dict of the trainable params (differentiated, optimised)
-  frozen: Any          # pure nested dict of everything else: CLIP params, buffers, RNG streams
+  batch_stats: Any     # pure nested dict of BatchNorm running statistics (set by the forward)
+  frozen: Any          # pure nested dict of everything else: CLIP params, RNG streams
   opt_state: Any       # optax state over `trainable` only
   step: jax.Array      # int32 [], global iteration = number of updates applied
   rng: jax.Array       # uint32 [2], raw base key; step i uses fold_in(rng, i)
@@ -36,8 +37,8 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
 
   rng: raw uint32 [2] key (`jax.random.PRNGKey(seed)`), kept raw so it checkpoints as data.
   """
-  graphdef, train_params, frozen = partition.split_model(model, trainable)
-  state = TrainState(trainable=train_params, frozen=frozen,
+  graphdef, train_params, batch_stats, frozen = partition.split_model(model, trainable)
+  state = TrainState(trainable=train_params, batch_stats=batch_stats, frozen=frozen,
                      opt_state=optimizer.init(train_params),
                      step=jnp.zeros((), jnp.int32), rng=jnp.asarray(rng, jnp.uint32))
   return graphdef, state
@@ -50,6 +51,7 @@ def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, 
   train = partition.param_shardings(state.trainable, mesh, rules)
   return TrainState(
       trainable=train,
+      batch_stats=partition.param_shardings(state.batch_stats, mesh, rules),
       frozen=partition.param_shardings(state.frozen, mesh, rules),
       opt_state=partition.opt_state_shardings(optimizer, state.trainable, train),
       step=replicated, rng=replicated)
@@ -59,3 +61,9 @@ def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs carrying the target shardings (what a checkpoint restores into)."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
+
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState, trainable: Any = None) -> nnx.Module:
+  """The model a train state holds (with `trainable` in place of its own when given)."""
+  return nnx.merge(graphdef, state.trainable if trainable is None else trainable,
+                   state.batch_stats, state.frozen)

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capenext_jax.training.state import TrainState
+from capenext_jax.training.state import TrainState, merge_model
 
 Batch = Mapping[str, jax.Array]
 Forward = Callable[[nnx.Module, Batch], Any]
@@ -61,18 +61,21 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     def loss_of(trainable):
       # Frozen arrays enter as constants: no tangents flow through CLIP, so its backward
       # pass is never built.
-      model = nnx.merge(graphdef, trainable, state.frozen)
+      model = merge_model(graphdef, state, trainable)
       model.train()
       reseed_all(model, key)
       terms = dict(loss_fn(forward(model, batch), batch))
-      return terms['loss'], terms
+      # The forward pass in training mode moved the BatchNorm running statistics.
+      batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+      return terms['loss'], (terms, batch_stats)
 
-    grads, terms = jax.grad(loss_of, has_aux=True)(state.trainable)
+    grads, (terms, batch_stats) = jax.grad(loss_of, has_aux=True)(state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = dict(terms, grad_norm=global_norm(grads))
     metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in metrics.values()]))
-    new_state = state.replace(trainable=trainable, opt_state=opt_state, step=state.step + 1)
+    new_state = state.replace(trainable=trainable, batch_stats=batch_stats,
+                              opt_state=opt_state, step=state.step + 1)
     return new_state, metrics
 
   if shardings is None:
@@ -95,7 +98,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, forward: Forward = default_forward
   """
 
   def eval_step(state: TrainState, batch: Batch):
-    model = nnx.merge(graphdef, state.trainable, state.frozen)
+    model = merge_model(graphdef, state)
     model.eval()
     return forward(model, batch)
 
