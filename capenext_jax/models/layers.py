@@ -326,7 +326,7 @@ class BatchNorm(nnx.Module):
       mean = jnp.mean(x, axes)
       var = jnp.mean(jnp.square(x - mean), axes)
       m = self.momentum
-      self.mean[...] = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
-      self.var[...] = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (
+      self.mean.value = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
+      self.var.value = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (
           count / (count - 1))
     return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
