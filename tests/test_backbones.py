@@ -166,7 +166,7 @@ def test_torchvision_release_and_official_round_trip(tmp_path):
   again = official.capenext_from_official(sd)
   jax.tree.map(np.testing.assert_array_equal, params_lib.flatten(again),
                params_lib.flatten(ours))
-  assert backbones.arch_of(official.config_of(again).backbone) == 'hrnet'
+  assert backbones.arch_of(official.official_model_config(sd).backbone) == 'hrnet'
 
 
 def test_imagenet_hrnet_layout_skips_the_classifier_only(tmp_path):
