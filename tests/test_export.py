@@ -209,7 +209,7 @@ def test_init_from_pretrained(tmp_path, tiny):
   model = export.build_model(config, jax.tree.map(np.zeros_like, params))
   # Microsoft's release layout: {'model': state dict} with buffers and a classifier head
   swin_sd = swin_convert.swin_to_torch(params['backbone'])
-  swin_sd.update(swin_convert.swin_buffers(config.swin))
+  swin_sd.update(swin_convert.swin_buffers(config.backbone))
   swin_sd.update({'head.weight': np.zeros((10, 96), np.float32),
                   'head.bias': np.zeros(10, np.float32)})
   torch.save({'model': {k: torch.from_numpy(np.asarray(v)) for k, v in swin_sd.items()}},
