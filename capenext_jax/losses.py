@@ -115,13 +115,20 @@ def capenext_losses(outputs: dict, query_joints: jax.Array, query_weight: jax.Ar
   return losses
 
 
-def batch_loss_fn(image_size: int):
+def heatmap_side(image_size: int, configured: int = 0) -> int:
+  """Side of the MSRA heatmap targets: `configured` (a run config's `data.heatmap_size`; the
+  official configs use 64 at every input size, so ViT-B/16's 224 px crops have stride 3.5),
+  or a quarter of the crop side when it is 0."""
+  return configured or image_size // 4
+
+
+def batch_loss_fn(image_size: int, heatmap_size: int = 0):
   """The train step's `loss_fn(outputs, batch)`: `capenext_losses` of a pipeline batch
-  (`query_joints`, `query_weight`, `support_mask`), targets at a quarter of the crop side."""
+  (`query_joints`, `query_weight`, `support_mask`), targets of `heatmap_side`."""
 
   def loss_fn(outputs: dict, batch) -> dict[str, jax.Array]:
     return capenext_losses(outputs, batch['query_joints'], batch['query_weight'],
                            batch['support_mask'], image_size=image_size,
-                           heatmap_size=image_size // 4)
+                           heatmap_size=heatmap_side(image_size, heatmap_size))
 
   return loss_fn

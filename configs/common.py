@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
       warp='host',            # 'host': tf.data warps; 'device': the step warps uint8 crops
       augment=True,
       val_episodes=100, test_episodes=200, num_queries=15,
+      heatmap_size=0,         # MSRA target side; 0: a quarter of the input side
       on_bad_image='error',
       mask_outside_bbox=False,  # the official TopDownMaskImage (configs/clip_mask)
   ))

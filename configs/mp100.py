@@ -40,6 +40,8 @@ def get_config(arg: str | None = None):
     if a.capex:
       raise ValueError('capex has no fusion module: drop fusion= or capex')
     c.model.fusion.module = a.fusion
+  # The official configs' targets are 64 px at every input size (224 px for vit_b16).
+  c.data.heatmap_size = 0 if a.runlocal else 64
   if a.runlocal:
     c.init.from_scratch = True           # a wiring check: no weights to download
     c.precision = 'default'

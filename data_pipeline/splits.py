@@ -74,9 +74,11 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
 
 def pipeline_config(config: ml_collections.ConfigDict, *, train: bool) -> PipelineConfig:
   """The pipeline settings of a run config, for training (augmented) or evaluation."""
-  from capenext_jax.models.capenext import image_size_of  # lazy: jax, flax
+  from capenext_jax.losses import heatmap_side  # lazy: jax, flax
+  from capenext_jax.models.capenext import image_size_of
   size = image_size_of(config.model)
-  return PipelineConfig(shots=config.data.shots, image_size=size, heatmap_size=size // 4,
+  heatmap_size = heatmap_side(size, config.data.get('heatmap_size', 0))
+  return PipelineConfig(shots=config.data.shots, image_size=size, heatmap_size=heatmap_size,
                         warp=config.data.warp, crop_size=size * 3 // 2,
                         augment=train and config.data.augment, seed=config.seed,
                         # Run configs written before the option existed lack it.

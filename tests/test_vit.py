@@ -267,3 +267,127 @@ def test_config_rejects_inconsistent_sizes():
     vit.TimmViTConfig(img_size=230)
   with pytest.raises(ValueError, match='input_size 220 is not a multiple of patch_size 14'):
     vit.DinoV2Config(input_size=220)
+
+
+# ----------------------------------------------------------------------------- in CapeNext
+def test_presets_and_run_configs():
+  """vit_b16 runs at 224 px (the official clip_vit configs), with 64 px targets (stride 3.5);
+  dinov2_s14 at 256 px, resized to 224 inside; the head reads their channels."""
+  from capenext_jax import losses
+  from capenext_jax.models.capenext import CapeNextConfig
+  from configs import mp100
+  vit_b16, dino = CapeNextConfig.variant('vit_b16'), CapeNextConfig.variant('dinov2_s14')
+  assert (vit_b16.image_size, vit_b16.head.img_in_channels) == (224, 768)
+  assert vit_b16.backbone.vit == vit.ViTConfig()            # timm vit_base_patch16_224
+  assert (dino.image_size, dino.head.img_in_channels, dino.backbone.output_resolution) == (
+      256, 384, 16)
+  for name, size in (('vit_b16', 224), ('dinov2_s14', 256)):
+    c = mp100.get_config(f'backbone={name}')
+    model = CapeNextConfig.from_dict(c.model.to_dict())
+    assert model.image_size == size and c.data.heatmap_size == 64
+    assert losses.heatmap_side(size, c.data.heatmap_size) == 64
+    local = mp100.get_config(f'backbone={name},runlocal')
+    assert CapeNextConfig.from_dict(local.model.to_dict()).backbone.output_resolution == 4
+  assert losses.heatmap_side(64) == 16   # run configs without the field
+
+
+def _random_weights(model_config, seed: int) -> dict:
+  """Our params of a CapeNext of `model_config`, filled with noise (no model init)."""
+  from capenext_jax.models.capenext import CapeNext
+  model = nnx.eval_shape(lambda: CapeNext(model_config, rngs=nnx.Rngs(0)))
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                      nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+@pytest.mark.parametrize('backbone,official_keys', [
+    ('vit_tiny', {'backbone.vit_backbone.blocks.0.attn.qkv.weight': (96, 32),
+                  'backbone.vit_backbone.pos_embed': (1, 17, 32),
+                  'backbone.channel_adaptor.weight': (32, 32, 1, 1)}),
+    ('dinov2_tiny', {'backbone.mask_token': (1, 32), 'backbone.pos_embed': (1, 82, 32),
+                     'backbone.blocks.0.ls2.gamma': (32,)}),
+])
+def test_official_checkpoint_round_trip(backbone, official_keys):
+  """Our params -> the official CapeNext state dict names (as the official model names them:
+  `backbone.vit_backbone.*` + `backbone.channel_adaptor.*`, or the DINOv2 hub model's own
+  names under `backbone.`) -> ours again, unchanged."""
+  from capenext_jax.convert import official
+  from capenext_jax.models.capenext import CapeNextConfig
+  config = CapeNextConfig.variant(backbone)
+  params = _random_weights(config, 0)
+  sd = official.capenext_to_official(params)
+  for key, shape in official_keys.items():
+    assert sd[key].shape == shape, key
+  assert not any(k.startswith(('backbone.head', 'backbone.vit_backbone.head')) for k in sd)
+  back = official.capenext_from_official(sd)
+  jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
+  assert official.config_of(back).backbone == CapeNextConfig.variant(
+      {'vit_tiny': 'vit_b16', 'dinov2_tiny': 'dinov2_s14'}[backbone]).backbone
+
+
+def _episode_batch(rng: np.random.Generator, b: int, e: int, size: int) -> dict:
+  from capenext_jax.models.head import adjacency_from_skeleton
+  mask = np.zeros((b, 100), np.float32)
+  mask[:, :5] = 1
+  adjacency = adjacency_from_skeleton([[i, i + 1] for i in range(4)])
+  text = rng.normal(size=(b, 100, e)).astype(np.float32)
+  category = rng.normal(size=(b, e)).astype(np.float32)
+  return dict(query_image=rng.normal(size=(b, size, size, 3)).astype(np.float32),
+              support_mask=mask, adjacency=np.broadcast_to(adjacency, (b, 100, 100)).copy(),
+              keypoint_text=text / np.linalg.norm(text, axis=-1, keepdims=True),
+              category_text=category / np.linalg.norm(category, axis=-1, keepdims=True),
+              query_joints=rng.uniform(0, size, (b, 100, 2)).astype(np.float32),
+              query_weight=mask.copy())
+
+
+@pytest.mark.parametrize('backbone,release_part', [('vit_tiny', 'vit_backbone'),
+                                                   ('dinov2_tiny', None)])
+def test_capenext_trains_with_vit_backbone(tmp_path, backbone, release_part):
+  """A tiny CapeX with the backbone, initialised from a public-layout file via
+  `init_from_pretrained` (config.init.backbone_path), takes train steps: finite losses, the
+  backbone (and channel_adaptor) updated; DINOv2's mask token, never used, stays put."""
+  from capenext_jax import losses
+  from capenext_jax.loading import init_from_pretrained
+  from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+  from capenext_jax.training import schedule, state as state_lib, step as step_lib
+  # Plain CapeX (no fusion): the backbone's path is the same, and the step compiles in half the
+  # time without the CLIP image tower.
+  config = CapeNextConfig.variant(backbone, fusion=False)
+  model = CapeNext(config, rngs=nnx.Rngs(0))
+  # A release file in the reference layout (timm / DINOv2 names, plus a classifier head).
+  public = vit_convert.vit_to_torch(_random_weights(config, 1)['backbone'][release_part]
+                                    if release_part else _random_weights(config, 1)['backbone'])
+  public['head.weight'] = np.zeros((5, config.backbone.embed_dim), np.float32)
+  path = _save(public, tmp_path / 'release.safetensors')
+  adaptor_before = (np.asarray(model.backbone.channel_adaptor.kernel[...])
+                    if release_part else None)
+  init_from_pretrained(model, backbone_path=str(path))
+  loaded = model.backbone if release_part is None else getattr(model.backbone, release_part)
+  np.testing.assert_array_equal(np.asarray(loaded.pos_embed[...]), public['pos_embed'])
+  if release_part:   # CapeNext's own layer keeps its init
+    np.testing.assert_array_equal(model.backbone.channel_adaptor.kernel[...], adaptor_before)
+
+  optim = schedule.default_optim_config()
+  optim.update(lr=1e-3, warmup_steps=0)
+  tx = schedule.make_optimizer(optim, steps_per_epoch=10)
+  graphdef, st = state_lib.init_train_state(model, tx, jax.random.PRNGKey(0))
+  before = jax.tree.map(np.asarray, st.trainable['backbone'])
+  train_step = step_lib.make_train_step(graphdef, losses.batch_loss_fn(config.image_size), tx)
+  batch = {k: jnp.asarray(v) for k, v in _episode_batch(
+      np.random.default_rng(2), 2, config.clip.embed_dim, config.image_size).items()}
+  for _ in range(2):
+    st, metrics = train_step(st, batch)
+    assert bool(metrics['finite']), metrics
+  after = jax.tree.map(np.asarray, st.trainable['backbone'])
+  vit_before = before if release_part is None else before[release_part]
+  vit_after = after if release_part is None else after[release_part]
+  for path in (('blocks', 0, 'attn', 'qkv', 'kernel'), ('pos_embed',), ('cls_token',)):
+    a, b = vit_before, vit_after
+    for key in path:
+      a, b = a[key], b[key]
+    assert not np.array_equal(a, b), path
+  if release_part:
+    assert not np.array_equal(before['channel_adaptor']['kernel'],
+                              after['channel_adaptor']['kernel'])
+  else:
+    np.testing.assert_array_equal(before['mask_token'], after['mask_token'])

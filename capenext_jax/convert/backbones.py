@@ -24,6 +24,7 @@ import numpy as np
 from capenext_jax.convert import hrnet as hrnet_convert
 from capenext_jax.convert import resnet as resnet_convert
 from capenext_jax.convert import swin as swin_convert
+from capenext_jax.convert import vit as vit_convert
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,19 @@ CONVERTERS: dict[str, BackboneConverter] = {
         our_keys=frozenset({'hrnet', *hrnet_convert.NECK}),
         load_release=hrnet_convert.load_imagenet_hrnet, release_part='hrnet',
         neck_prefixes=tuple(f'{n}.' for n in hrnet_convert.NECK)),
+    'vit': BackboneConverter(
+        vit_convert.feature_extractor_from_torch, vit_convert.feature_extractor_to_torch,
+        recognise=lambda names: 'vit_backbone.cls_token' in names,
+        official_preset='vit_b16', our_keys=frozenset({'vit_backbone', 'channel_adaptor'}),
+        load_release=lambda path, config: vit_convert.load_backbone(config, path),
+        release_part='vit_backbone'),
+    'dinov2': BackboneConverter(
+        vit_convert.dinov2_from_torch, vit_convert.vit_to_torch,
+        recognise=lambda names: 'cls_token' in names and 'blocks.0.ls1.gamma' in names,
+        official_preset='dinov2_s14',
+        our_keys=frozenset({'cls_token', 'pos_embed', 'mask_token', 'patch_embed', 'blocks',
+                            'norm'}),
+        load_release=lambda path, config: vit_convert.load_backbone(config, path)),
 }
 
 

@@ -25,6 +25,7 @@ from flax import nnx
 from capenext_jax.models.hrnet import HRNetBackbone, HRNetConfig
 from capenext_jax.models.resnet import ResNet, ResNetConfig
 from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config
+from capenext_jax.models.vit import DinoV2Backbone, DinoV2Config, TimmViTConfig, ViTFeatureExtractor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,8 @@ ARCHS: dict[str, Arch] = {
     'swin_v2': Arch(SwinV2Config, SwinTransformerV2),
     'resnet': Arch(ResNetConfig, ResNet),
     'hrnet': Arch(HRNetConfig, HRNetBackbone),
+    'vit': Arch(TimmViTConfig, ViTFeatureExtractor),
+    'dinov2': Arch(DinoV2Config, DinoV2Backbone),
 }
 
 
@@ -62,6 +65,10 @@ PRESETS: dict[str, Preset] = {
                                        num_heads=(4, 8, 16, 32))),
     'resnet50': Preset('resnet', dict(stage_blocks=(3, 4, 6))),
     'hrnet_w32': Preset('hrnet', {}),
+    # timm vit_base_patch16_224 at 224 px (the official clip_vit configs crop 224), and DINOv2
+    # ViT-S/14 on the 256 px query resized to 224 inside the module.
+    'vit_b16': Preset('vit', {}, image_size=224),
+    'dinov2_s14': Preset('dinov2', {}),
     # CPU test sizes.
     'tiny': Preset('swin_v2', dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4),
                                    window_size=4, drop_path_rate=0.2), test_size=True),
@@ -71,6 +78,12 @@ PRESETS: dict[str, Preset] = {
                                        num_modules=(1, 1, 1), num_blocks=1,
                                        channels=(8, 16, 32, 64), neck_channels=(32, 64)),
                          test_size=True),
+    # 4x4 feature maps at 64 px, as the other test sizes: patch 16, and 64 -> 56 px, patch 14
+    # (position embedding laid out for 9x9 patches, so it is resampled as in DINOv2).
+    'vit_tiny': Preset('vit', dict(embed_dim=32, depth=1, num_heads=2, adaptor_channels=32),
+                       image_size=64, test_size=True),
+    'dinov2_tiny': Preset('dinov2', dict(input_size=56, pos_size=126, embed_dim=32, depth=1,
+                                         num_heads=2), image_size=64, test_size=True),
 }
 
 

@@ -114,7 +114,8 @@ def eval_progress(evaluator: Evaluator, label: str) -> Progress:
 def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
   """The jitted, state-donating train step of `config`: cached text, official losses."""
   size = image_size_of(config.model)
-  return step_lib.make_train_step(graphdef, losses.batch_loss_fn(size), optimizer,
+  loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
+  return step_lib.make_train_step(graphdef, loss_fn, optimizer,
                                   forward=forward_lib.make_forward(cache, size),
                                   shardings=shardings)
 
