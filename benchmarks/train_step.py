@@ -4,7 +4,8 @@ Headline model (Swin V2-T 256 px, CLIP ViT-B/32 image tower frozen, fusion, Cape
 1-shot, text from the frozen-text cache (random embeddings of the right shape: the cached text
 costs nothing per step), random weights and inputs. Prints one JSON line per measurement.
 
-usage: python benchmarks/train_step.py [--batch 4] [--steps 5] [--warp host|device]
+usage: python benchmarks/train_step.py [--batch 4] [--steps 5] [--backbone swinv2_t|vit_b16|...]
+(--backbone: any `models/backbones.py` preset at its official input size.)
 """
 import argparse
 import json
@@ -42,9 +43,10 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--steps', type=int, default=5)
+  parser.add_argument('--backbone', default='swinv2_t')
   args = parser.parse_args()
 
-  config = CapeNextConfig()
+  config = CapeNextConfig.variant(args.backbone)
   t0 = time.perf_counter()
   model = CapeNext(config, rngs=nnx.Rngs(0))
   tx = schedule.make_optimizer(schedule.default_optim_config(), steps_per_epoch=1000)
@@ -52,7 +54,8 @@ def main():
   del model
   build_s = time.perf_counter() - t0
 
-  train_step = step_lib.make_train_step(graphdef, losses.batch_loss_fn(config.image_size), tx)
+  # The official configs' targets are 64 px at every input size.
+  train_step = step_lib.make_train_step(graphdef, losses.batch_loss_fn(config.image_size, 64), tx)
   batch = {k: jnp.asarray(v) for k, v in
            random_batch(np.random.default_rng(0), args.batch, config.clip.embed_dim,
                         config.image_size).items()}
@@ -69,7 +72,7 @@ def main():
     times.append(time.perf_counter() - t0)
   step_s = float(np.median(times))
   print(json.dumps({
-      'benchmark': 'train_step', 'model': 'headline CapeNext (SwinV2-T 256, CLIP B/32)',
+      'benchmark': 'train_step', 'model': f'CapeNext ({args.backbone} {config.image_size}, CLIP B/32)',
       'batch': args.batch, 'shots': 1, 'dtype': 'float32', 'text': 'cached',
       'median_step_s': round(step_s, 4), 's_per_sample': round(step_s / args.batch, 4),
       'steps_timed': args.steps, 'first_step_incl_compile_s': round(compile_s, 2),
