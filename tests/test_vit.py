@@ -321,7 +321,7 @@ def test_official_checkpoint_round_trip(backbone, official_keys):
   assert not any(k.startswith(('backbone.head', 'backbone.vit_backbone.head')) for k in sd)
   back = official.capenext_from_official(sd)
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
-  assert official.config_of(back).backbone == CapeNextConfig.variant(
+  assert official.official_model_config(sd).backbone == CapeNextConfig.variant(
       {'vit_tiny': 'vit_b16', 'dinov2_tiny': 'dinov2_s14'}[backbone]).backbone
 
 
