@@ -14,6 +14,11 @@ from conftest import REPO
 from configs import mp100, synthetic
 
 
+# The CPU test size of every backbone architecture (models/backbones.py), Swin V2 first.
+BACKBONES = ('tiny', 'resnet_tiny', 'hrnet_tiny', 'vit_tiny', 'dinov2_tiny')
+BATCH_NORM = ('resnet_tiny', 'hrnet_tiny')
+
+
 def tiny_config(steps=4, backbone='tiny'):
   """The synthetic config shrunk to seconds: 3/2/2 categories of 6 drawn 48-px images."""
   c = synthetic.get_config(f'steps={steps},batch=4,backbone={backbone}')
@@ -60,7 +65,8 @@ def train(config, workdir):
 
 
 def restore_params(workdir, config):
-  """Trainable params and data position of the latest checkpoint in `workdir` (host numpy)."""
+  """(trainable params, BatchNorm statistics, optimizer state) and data position of the latest
+  checkpoint in `workdir` (host numpy)."""
   import jax
   from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
   tx = schedule.make_optimizer(config.optim, 1)
@@ -70,16 +76,18 @@ def restore_params(workdir, config):
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
     st, pos = ckpt.restore(state_lib.abstract_state(st, sh).replace(frozen=st.frozen))
     ckpt.close()
-  return jax.device_get((st.trainable, st.opt_state)), pos
+  return jax.device_get((st.trainable, st.batch_stats, st.opt_state)), pos
 
 
-def test_resume_continues_exactly(tmp_path):
+# Every backbone architecture: BatchNorm statistics (ResNet, HRNet) are checkpointed state too.
+@pytest.mark.parametrize('backbone', BACKBONES)
+def test_resume_continues_exactly(tmp_path, backbone):
   """Preempted (SIGTERM inside the real loop) right after a periodic checkpoint, then resumed:
-  the params equal an uninterrupted run's."""
+  the params, statistics and optimizer state equal an uninterrupted run's."""
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
-  c = tiny_config(4)
+  c = tiny_config(4, backbone)
   c.data.root = str(tmp_path / 'data')
   train(c, full)
   c.checkpoint_every_steps = 2   # step 2 is saved just before the loop sees the signal
@@ -91,7 +99,10 @@ def test_resume_continues_exactly(tmp_path):
   (a, pos_a), (b, pos_b) = restore_params(full, c), restore_params(part, c)
   assert pos_a == pos_b == {'step': 4}
   import jax
+  assert jax.tree.leaves(a[1]) or backbone not in BATCH_NORM, 'no BatchNorm statistics'
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  if backbone != 'tiny':
+    return   # the data position below does not depend on the model
   # The next batch a resumed run reads is the uninterrupted run's batch at that step.
   from data_pipeline.pipeline import json_source, make_train_iterator
   from data_pipeline.splits import data_files, pipeline_config
@@ -168,9 +179,10 @@ class _SigtermWhileReading:
 
 
 # ----------------------------------------------------------------------------- 2 devices
-def two_device_main(data_root):
+def two_device_main(data_root, backbone):
   """Subprocess: the real train step (training.loop.build_train_step) on 1 device vs
-  ('data', 'fsdp') = (2, 1) and (1, 2)."""
+  ('data', 'fsdp') = (2, 1) and (1, 2): params, BatchNorm statistics (of the global batch) and
+  metrics agree."""
   import jax
   from capenext_jax.forward import device_batch
   from capenext_jax.text.cache import replicated_text_cache
@@ -179,7 +191,7 @@ def two_device_main(data_root):
   from data_pipeline.pipeline import json_source, make_train_iterator
   from data_pipeline.splits import data_files, pipeline_config
   assert jax.device_count() == 2
-  c = tiny_config()
+  c = tiny_config(backbone=backbone)
   c.data.root = data_root
   c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split
   files = data_files(c, data_root)
@@ -201,7 +213,7 @@ def two_device_main(data_root):
       for b in batches:
         st, m = step(st, device_batch(b, mesh))
         metrics.append(m)
-      results[layout] = jax.device_get((st.trainable, metrics))
+      results[layout] = jax.device_get((st.trainable, st.batch_stats, metrics))
   bad = [f'{layout} {m}' for layout in ((2, 1), (1, 2))
          for m in mismatches(results[(1, 1)], results[layout])]
   assert not bad, '; '.join(bad)
@@ -229,10 +241,11 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
   return out
 
 
-def test_two_devices_match_one(tmp_path):
+@pytest.mark.parametrize('backbone', BACKBONES)
+def test_two_devices_match_one(tmp_path, backbone):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
              JAX_PLATFORMS='cpu')
-  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path)], env=env,
+  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone], env=env,
                         capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
 
@@ -330,4 +343,4 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
 if __name__ == '__main__':
   sys.path[:0] = [str(REPO), str(REPO / 'tests')]
   if sys.argv[1] == 'two_devices':
-    two_device_main(sys.argv[2])
+    two_device_main(sys.argv[2], sys.argv[3])

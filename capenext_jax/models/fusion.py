@@ -75,6 +75,12 @@ class FusionConfig:
   module: str = SIMPLE   # the official class name (one of MODULES)
 
   def __post_init__(self):
+    if self.module == 'SimpleTransformerEncoder':
+      raise ValueError('fusion module SimpleTransformerEncoder is not available: the official '
+                       'class raises on every input (its attention layer is built for '
+                       'embed_dim features but is fed the 2*embed_dim concatenation of the image '
+                       'and category embeddings), so no model of it exists to reproduce; '
+                       f'expected one of {", ".join(MODULES)}')
     if self.module not in MODULES:
       raise ValueError(f'fusion module {self.module!r}: expected one of {", ".join(MODULES)}')
 
