@@ -1,4 +1,6 @@
 """Shared layers against PyTorch: attention (packed, kdim/vdim, single key), dropout, drop path."""
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,59 @@ def test_contract_tokens_is_transposed_product(m, n):
   b = rng.normal(size=(2, 11, n)).astype(np.float32)
   ours = jax.jit(layers.contract_tokens)(a, b)
   np.testing.assert_allclose(ours, np.einsum('stm,stn->smn', a, b), rtol=1e-5, atol=1e-5)
+
+
+def test_hash_bits_below_2_32_elements_are_unchanged():
+  """The masks of every tensor under 2^32 elements are pinned (exact resume and the parity
+  runs depend on them): these values come from the flat-index hash before outer indices."""
+  for key, head, tail, total in (
+      (jax.random.key(0), [2856213345, 2435891543, 1917312890, 843944311],
+       [1448939334, 2508270441], 231837142813),
+      (jax.random.PRNGKey(7), [1220097424, 1167518321, 1248536807, 653066895],
+       [1905319647, 19262550], 226122211548)):
+    bits = np.asarray(layers.hash_bits(key, (3, 5, 7))).reshape(-1)
+    assert bits[:4].tolist() == head and bits[-2:].tolist() == tail
+    assert int(bits.astype(np.uint64).sum()) == total
+
+
+# A global batch of 4,300 through 16-head attention over 256 tokens: 4.5e9 > 2^32 weights.
+HUGE = (4300, 16, 256, 256)
+
+
+def test_dropout_builds_past_2_32_elements():
+  """Attention dropout of a batch over the old limit traces (abstractly: nothing allocated)."""
+  assert math.prod(HUGE) > 2**32
+  mha = layers.MultiHeadAttention(32, 16, dropout=0.1, rngs=nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((HUGE[0], HUGE[2], 32), jnp.float32)
+  out, weights = nnx.eval_shape(lambda m, q: m(q, q, q), mha, x)
+  assert out.shape == x.shape and weights.shape == (HUGE[0],) + HUGE[2:]
+
+
+def test_dropout_mask_past_2_32_elements_is_bernoulli():
+  """Rows of a dropout mask over 2^32 elements, computed alone (XLA slices the mask: nothing
+  of the full size is built): each keeps ~90%, independently of the other rows, and unlike a
+  wrapped uint32 index (flat index - 2^32) would."""
+  drop = layers.Dropout(0.1, rngs=nnx.Rngs(dropout=0))
+  graphdef, state = nnx.split(drop)
+  rows = jnp.asarray([0, 1, 104, 4095, 4096, 4200, 4299])
+
+  @jax.jit
+  def kept_rows(state):
+    return nnx.merge(graphdef, state)(jnp.ones(HUGE, jnp.float32))[rows] != 0
+
+  assert kept_rows.lower(state).compile().memory_analysis().temp_size_in_bytes < 2**30
+  kept = np.asarray(kept_rows(state)).reshape(len(rows), -1)    # [7, 2^20]
+  sigma = math.sqrt(0.9 * 0.1 / kept.shape[1])
+  np.testing.assert_allclose(kept.mean(axis=1), 0.9, atol=5 * sigma)
+  both = (kept[:, None] & kept[None]).mean(axis=-1)[np.triu_indices(len(rows), 1)]
+  np.testing.assert_allclose(both, 0.81, atol=5 * math.sqrt(0.81 * 0.19 / kept.shape[1]))
+  # Row 4200 starts at flat index 4200 * 2^20 = 2^32 + 104 * 2^20: a wrapped uint32 index
+  # would repeat the flat-index bits of 104 * 2^20 + j there; the folded outer index does not.
+  key = jax.random.key(3)
+  row = jax.jit(lambda k: layers.hash_bits(k, HUGE)[4200])(key).reshape(-1)
+  words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
+  flat = jnp.uint32(104 << 20) + jax.lax.iota(jnp.uint32, 1 << 20)
+  wrapped = layers.hash_block(words, jnp.uint32(0), flat)
+  np.testing.assert_array_equal(layers.hash_block(words, jnp.uint32(4200), flat - (104 << 20)),
+                                row)
+  assert (np.asarray(row) == np.asarray(wrapped)).mean() < 1e-3

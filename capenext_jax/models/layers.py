@@ -216,14 +216,38 @@ def _fmix32(x: jax.Array) -> jax.Array:
 
 
 def hash_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """uint32 [*shape] pseudo-random bits: two hash rounds of (element index, key words)."""
+  """uint32 [*shape] pseudo-random bits: two hash rounds of (element index, key words).
+
+  Indices are uint32, so a tensor of 2^32 or more elements is split at an axis into outer
+  axes and inner ones of fewer than 2^32 elements: the inner flat index is hashed, and the
+  outer flat index is folded into the key words (`_fold_outer`, the identity for outer index
+  0). Below 2^32 elements there are no outer axes, and every bit is the plain flat-index hash.
+  """
   words = jax.random.key_data(key).reshape(-1).astype(jnp.uint32)
-  size = math.prod(shape)
-  if size >= 2**32:
-    raise ValueError(f'hash_bits supports fewer than 2^32 elements, got shape {shape}')
-  index = jax.lax.iota(jnp.uint32, size).reshape(shape)
-  x = _fmix32(index ^ _fmix32(words[0]))
-  return _fmix32(x + _fmix32(words[-1] ^ jnp.uint32(0x9E3779B9)))
+  split = next((k for k in range(len(shape) + 1) if math.prod(shape[k:]) < 2**32), None)
+  if split is None or math.prod(shape[:split]) >= 2**32:
+    raise ValueError(f'hash_bits: shape {shape} cannot be split into two index ranges of '
+                     f'fewer than 2^32 elements each')
+  outer, inner = shape[:split], shape[split:]
+  index = jax.lax.iota(jnp.uint32, math.prod(inner)).reshape(inner)
+  outer_index = jax.lax.iota(jnp.uint32, math.prod(outer)).reshape(outer + (1,) * len(inner))
+  return hash_block(words, outer_index, index)
+
+
+def hash_block(words: jax.Array, outer_index: jax.Array, index: jax.Array) -> jax.Array:
+  """The bits of `hash_bits` at (outer flat index, inner flat index), both uint32 arrays that
+  broadcast together; words: the key's uint32 data. (Exposed so tests can look at slices of
+  tensors too large to build.)"""
+  w0, w1 = _fold_outer(words[0], words[-1], outer_index)
+  x = _fmix32(index ^ _fmix32(w0))
+  return _fmix32(x + _fmix32(w1 ^ jnp.uint32(0x9E3779B9)))
+
+
+def _fold_outer(w0: jax.Array, w1: jax.Array, outer_index: jax.Array):
+  """Key words of outer index o: both words xor-ed with a different hash of o. fmix32(0) is 0,
+  so outer index 0 keeps the key; changing both words (not only the first, which would just
+  xor-shift the inner indices) keeps the blocks of different o unrelated."""
+  return w0 ^ _fmix32(outer_index), w1 ^ _fmix32(outer_index * jnp.uint32(0x9E3779B9))
 
 
 class Dropout(nnx.Module):
