@@ -66,6 +66,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 32
   c.num_epochs = 200
   c.total_steps = 0              # > 0 overrides num_epochs (short runs, tests)
+  # optim.lr_scaling: 'none' keeps the recipe (lr 1e-5 at batch 32) for any batch_size;
+  # 'sqrt' (Adam's rule) / 'linear' scale lr by (batch_size / optim.base_batch_size) ** 1/2 or 1
+  # and keep the warmup's length in samples (capenext_jax/training/schedule.py).
   c.optim = default_optim_config()
 
   # Device mesh ('data', 'fsdp'); -1 takes the remaining devices. Sharding rules: (regex over

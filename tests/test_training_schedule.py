@@ -52,3 +52,30 @@ def test_first_adam_update_is_torch_adam():
 def test_bad_steps_per_epoch():
   with pytest.raises(ValueError, match='steps_per_epoch'):
     schedule.make_schedule(schedule.default_optim_config(), 0)
+
+
+@pytest.mark.parametrize('rule, batch, lr, warmup', [
+    ('none', 8192, 1e-5, 1000),              # the recipe in steps, whatever the batch
+    ('linear', 256, 8e-5, 125),
+    ('sqrt', 8192, 1.6e-4, 4),               # 256 chips x 32: lr x 16, warmup of 32,000 samples
+    ('sqrt', 16, 1e-5 / np.sqrt(2), 2000),   # smaller batches scale down
+    ('linear', 96, 3e-5, 334)])              # warmup rounded up: never shorter in samples
+def test_lr_scaling_with_the_global_batch(rule, batch, lr, warmup):
+  cfg = schedule.default_optim_config()
+  cfg.lr_scaling = rule
+  scaled = schedule.for_batch_size(cfg, batch)
+  assert cfg.lr == 1e-5 and cfg.warmup_steps == 1000          # the config is left as it is
+  assert scaled.lr == pytest.approx(lr, rel=1e-12) and scaled.warmup_steps == warmup
+  spe = 50                                     # milestones after the warmup
+  fn = schedule.make_schedule(scaled, spe)
+  steps = [0, warmup // 2, warmup - 1, warmup, 160 * spe, 180 * spe]
+  want = [reference_lr(i, spe, lr=lr, warmup=warmup) for i in steps]
+  np.testing.assert_allclose(np.asarray(jax.vmap(fn)(jnp.asarray(steps))), want, rtol=1e-6)
+  assert float(fn(warmup)) == pytest.approx(lr, rel=1e-6)     # the peak rate after warmup
+
+
+def test_lr_scaling_refuses_unknown_rules():
+  cfg = schedule.default_optim_config()
+  cfg.lr_scaling = 'cubic'
+  with pytest.raises(ValueError, match=r"optim.lr_scaling='cubic'"):
+    schedule.for_batch_size(cfg, 64)

@@ -66,9 +66,9 @@ def _millions(n: int) -> str:
 
 
 def start_banner(config, workdir: str, mesh, state, data: 'RunData', steps_per_epoch: int,
-                 total: int, source: str) -> list[str]:
+                 total: int, source: str, optim: ml_collections.ConfigDict) -> list[str]:
   """What the run is about to do, in a few lines: devices and mesh, parameter counts, data
-  sizes, length, config source and workdir."""
+  sizes, length, learning rate (as scaled to the batch), config source and workdir."""
   devices = jax.devices()
   mesh_text = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
   lines = [f'devices: {len(devices)} x {devices[0].platform} ({devices[0].device_kind}) in '
@@ -82,6 +82,9 @@ def start_banner(config, workdir: str, mesh, state, data: 'RunData', steps_per_e
                    f'categories ({d.ann_file})')
   lines.append(f'run: {total} steps of batch {config.batch_size} ({steps_per_epoch} steps/epoch)'
                f', workdir {os.path.abspath(workdir)}')
+  lines.append(f'lr {optim.lr:.3g}, warmup {optim.warmup_steps} steps (optim.lr_scaling='
+               f'{optim.get("lr_scaling", "none")!r}, base batch '
+               f'{optim.get("base_batch_size", config.batch_size)})')
   if source:
     lines.append(f'config: {source}')
   return lines
@@ -141,8 +144,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
   eval_every = _every(config.eval_every_steps, config.eval_every_epochs, steps_per_epoch)
   ckpt_every = _every(config.checkpoint_every_steps, config.checkpoint_every_epochs,
                       steps_per_epoch)
-  tx = schedule.make_optimizer(config.optim, steps_per_epoch)
-  lr_at = schedule.make_schedule(config.optim, steps_per_epoch)
+  optim = schedule.for_batch_size(config.optim, config.batch_size)
+  tx = schedule.make_optimizer(optim, steps_per_epoch)
+  lr_at = schedule.make_schedule(optim, steps_per_epoch)
   mesh = partition.make_mesh(config.mesh_shape)
   partition.check_batch_size('batch_size', config.batch_size, mesh)
   partition.check_batch_size('eval_batch_size', config.eval_batch_size, mesh)
@@ -165,7 +169,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         f.write(config.to_json(indent=1))
     writer = metric_writers.create_default_writer(workdir,
                                                   just_logging=jax.process_index() > 0)
-    for line in start_banner(config, workdir, mesh, state, data, steps_per_epoch, total, source):
+    for line in start_banner(config, workdir, mesh, state, data, steps_per_epoch, total, source,
+                             optim):
       log(line)
     if start == 0:
       writer.write_hparams(hparams(config))

@@ -8,8 +8,18 @@ number of updates already applied, which is optax's `count`):
 
 With the defaults the rate starts at 1e-8, reaches 1e-5 at i = 1000, and drops to 1e-6 / 1e-7
 at epochs 160 / 180. Adam has no weight decay and there is no gradient clipping.
+
+Other batch sizes (`for_batch_size`): the recipe is global batch `base_batch_size` = 32 at
+lr 1e-5. `lr_scaling` 'none' keeps it as it is in steps, whatever the batch; 'linear'
+multiplies lr by B / 32 (Goyal et al. 2017, for SGD) and 'sqrt' by sqrt(B / 32) (the rule
+for Adam: Malladi et al. 2022, "On the SDEs and Scaling Rules for Adaptive Gradient
+Algorithms"; the one to use for a pod-sized batch). With either, the warmup keeps its length
+in samples (1000 x 32, i.e. the same epochs, as Goyal et al. keep 5 epochs): warmup_steps
+becomes ceil(1000 * 32 / B). The milestones are epochs already, so they need no scaling.
 """
 from __future__ import annotations
+
+import math
 
 import jax.numpy as jnp
 import ml_collections
@@ -21,7 +31,27 @@ def default_optim_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
       warmup_steps=1000, warmup_ratio=1e-3,
-      milestones=(160, 180), gamma=0.1))
+      milestones=(160, 180), gamma=0.1,
+      lr_scaling='none', base_batch_size=32))
+
+
+LR_SCALING = {'none': lambda ratio: 1.0, 'linear': lambda ratio: ratio, 'sqrt': math.sqrt}
+
+
+def for_batch_size(config: ml_collections.ConfigDict, batch_size: int
+                   ) -> ml_collections.ConfigDict:
+  """`config` (as `default_optim_config()`) for global batch `batch_size`: lr and warmup_steps
+  scaled by `config.lr_scaling` (module docstring); a copy, `config` is left as it is."""
+  rule = config.get('lr_scaling', 'none')
+  if rule not in LR_SCALING:
+    raise ValueError(f'optim.lr_scaling={rule!r}: expected one of {sorted(LR_SCALING)}')
+  out = ml_collections.ConfigDict(config.to_dict())
+  if rule == 'none':
+    return out
+  ratio = batch_size / config.base_batch_size
+  out.lr = config.lr * LR_SCALING[rule](ratio)
+  out.warmup_steps = math.ceil(config.warmup_steps / ratio)
+  return out
 
 
 def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.Schedule:
