@@ -1,6 +1,8 @@
 """The device-side forward of a pipeline batch, shared by the train step and the Evaluator.
 
-Text comes from the frozen-text cache by `category_index`; when the host shipped uint8 crops
+Text comes from the frozen-text cache by `category_index`. The cache is an argument of the
+jitted steps, not a constant closed over: a new cache of the same shape (another split, other
+descriptions) reuses the compiled step, and the executable does not carry the embeddings; when the host shipped uint8 crops
 and their 2x3 matrices (`warp='device'`) the warp and ImageNet normalisation run here, inside
 the jitted step.
 """
@@ -15,10 +17,11 @@ DEVICE_KEYS = ('query_image', 'query_crop', 'query_affine', 'query_joints', 'que
                'support_mask', 'adjacency', 'category_index')
 
 
-def make_forward(cache: TextCache, image_size: int):
-  """`forward(model, batch) -> outputs`: cached text by category; device warp if crops given."""
+def make_forward(image_size: int):
+  """`forward(model, batch, cache) -> outputs`: text rows of `cache` (a TextCache) by
+  category; device warp if crops given."""
 
-  def forward(model, batch):
+  def forward(model, batch, cache: TextCache):
     if 'query_crop' in batch:
       image = warp_and_normalize(batch['query_crop'], batch['query_affine'], image_size)
     else:

@@ -33,11 +33,10 @@ def oracle_forward(shift=(0.0, 0.0)):
   """`forward.make_forward` stand-in: the true query keypoints (crop px, from the batch) moved
   by `shift` crop px, as the model's last decoder layer would give them (in [0, 1] units)."""
 
-  def make_forward(cache, image_size):
-    del cache
+  def make_forward(image_size):
 
-    def forward(model, batch):
-      del model
+    def forward(model, batch, cache):
+      del model, cache
       return {'keypoints': ((batch['query_joints'] + np.float32(shift)) / image_size)[None]}
 
     return forward
@@ -246,13 +245,16 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   table changes, --category_prompt wrong exactly the category rows (both in one run: neither
   touches the other's rows); the reports say which."""
   from capenext_jax import forward
+  from capenext_jax.evaluation import evaluator
   caches = []
 
-  def recording(cache, image_size):
-    caches.append(cache)
-    return oracle_forward()(cache, image_size)
+  def recording(*args):
+    caches.append(evaluator_cache(*args))
+    return caches[-1]
 
-  monkeypatch.setattr(forward, 'make_forward', recording)
+  evaluator_cache = evaluator.replicated_text_cache
+  monkeypatch.setattr(evaluator, 'replicated_text_cache', recording)
+  monkeypatch.setattr(forward, 'make_forward', oracle_forward())
   reports = {}
   for name, extra in (('regular', []), ('varied', ['--descriptions=synonyms',
                                                   '--category_prompt=wrong',

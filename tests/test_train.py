@@ -208,10 +208,10 @@ def two_device_main(data_root, backbone):
       if layout == (1, 2):
         assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
       cache = replicated_text_cache(graphdef, st, src.dataset, mesh)
-      step = build_train_step(c, graphdef, cache, tx, sh)
+      step = build_train_step(c, graphdef, tx, sh)
       metrics = []
       for b in batches:
-        st, m = step(st, device_batch(b, mesh))
+        st, m = step(st, device_batch(b, mesh), cache)
         metrics.append(m)
       results[layout] = jax.device_get((st.trainable, st.batch_stats, metrics))
   bad = [f'{layout} {m}' for layout in ((2, 1), (1, 2))

@@ -61,6 +61,32 @@ def test_dropout_key_depends_on_step_and_eval_is_deterministic():
   np.testing.assert_array_equal(eval_step(st, batch)['keypoints'], out['keypoints'])
 
 
+def test_text_cache_is_an_argument_not_a_constant():
+  """The frozen-text cache enters the steps as a jit argument: a new cache of the same shape
+  reuses the compiled step (one compilation) and changes the result."""
+  from capenext_jax import forward as forward_lib
+  from capenext_jax.text.cache import TextCache
+  from training_toy import E, K, S
+  graphdef, st, tx = setup()
+  train_step = step_lib.make_train_step(graphdef, toy_loss, tx,
+                                        forward=forward_lib.make_forward(S))
+  batch = {k: v for k, v in toy_batch().items() if not k.endswith('_text')}
+  batch['category_index'] = np.array([0, 2, 1, 2], np.int32)
+  r = np.random.default_rng(0)
+  caches = [TextCache(keypoint=jnp.asarray(r.standard_normal((3, K, E)), jnp.float32),
+                      category=jnp.asarray(r.standard_normal((3, E)), jnp.float32))
+            for _ in range(2)]
+  losses = []
+  for cache in caches:
+    fresh = jax.tree.map(jnp.copy, st)     # the step donates its state
+    losses.append(float(train_step(fresh, batch, cache)[1]['loss']))
+  assert train_step._cache_size() == 1
+  assert losses[0] != losses[1]
+  eval_step = step_lib.make_eval_step(graphdef, forward=forward_lib.make_forward(S))
+  outs = [eval_step(st, batch, cache)['keypoints'] for cache in caches]
+  assert eval_step._cache_size() == 1 and not np.array_equal(outs[0], outs[1])
+
+
 def test_non_finite_loss_names_step_and_term():
   graphdef, st, tx = setup()
   train_step = step_lib.make_train_step(graphdef, toy_loss, tx)

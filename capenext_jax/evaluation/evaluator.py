@@ -54,17 +54,18 @@ class Evaluator:
     self._step = None
 
   def _eval_step(self, state: TrainState):
+    """(jitted `step(state, batch, cache)`, the split's text cache), built on first use."""
     if self._step is None:
       cache = replicated_text_cache(self.graphdef, state, self.data.dataset, self.mesh)
-      forward = forward_lib.make_forward(cache, self.image_size)
+      forward = forward_lib.make_forward(self.image_size)
 
-      def last_layer(model, batch):
+      def last_layer(model, batch, cache):
         # pair_index / valid ride along through the device so that the gathered outputs of
         # every host carry their own bookkeeping (hosts hold different rows).
-        return {'keypoints': forward(model, batch)['keypoints'][-1],
+        return {'keypoints': forward(model, batch, cache)['keypoints'][-1],
                 'pair_index': batch['pair_index'], 'valid': batch['valid']}
 
-      self._step = step_lib.make_eval_step(self.graphdef, forward=last_layer)
+      self._step = step_lib.make_eval_step(self.graphdef, forward=last_layer), cache
     return self._step
 
   def predict(self, state: TrainState, progress=None) -> np.ndarray:
@@ -73,11 +74,11 @@ class Evaluator:
     progress: optional `progress.Progress` over the pairs, told of each batch once it is
     computed (one batch stays in flight, so reporting does not stall the device).
     """
-    step = self._eval_step(state)
+    step, cache = self._eval_step(state)
     keys = forward_lib.DEVICE_KEYS + ('pair_index', 'valid')
     batch_size, outputs = self.protocol.batch_size, []
     for b in self.data.eval_batches(self.pairs.pairs, batch_size):
-      outputs.append(step(state, forward_lib.device_batch(b, self.mesh, keys)))
+      outputs.append(step(state, forward_lib.device_batch(b, self.mesh, keys), cache))
       if progress is not None and len(outputs) > 1:
         jax.block_until_ready(outputs[-2])
         progress.update(batch_size)

@@ -36,9 +36,12 @@ class CategoryText:
   descriptions: Sequence[str]
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TextCache:
-  """keypoint [C, 100, E] (zero rows past each category's keypoints), category [C, E]."""
+  """keypoint [C, 100, E] (zero rows past each category's keypoints), category [C, E].
+
+  A pytree, so the jitted steps take it as an argument (forward.make_forward)."""
   keypoint: jax.Array
   category: jax.Array
 

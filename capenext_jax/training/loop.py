@@ -114,12 +114,13 @@ def eval_progress(evaluator: Evaluator, label: str) -> Progress:
   return Progress(len(evaluator.pairs), label, unit='pairs', stream=sys.stdout)
 
 
-def build_train_step(config: ml_collections.ConfigDict, graphdef, cache, optimizer, shardings):
-  """The jitted, state-donating train step of `config`: cached text, official losses."""
+def build_train_step(config: ml_collections.ConfigDict, graphdef, optimizer, shardings):
+  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config`: text from
+  the cache (`replicated_text_cache`), official losses."""
   size = image_size_of(config.model)
   loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
   return step_lib.make_train_step(graphdef, loss_fn, optimizer,
-                                  forward=forward_lib.make_forward(cache, size),
+                                  forward=forward_lib.make_forward(size),
                                   shardings=shardings)
 
 
@@ -180,7 +181,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
                                              every_steps=config.log_every_steps, every_secs=None)
 
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
-    train_step = build_train_step(config, graphdef, cache, tx, shardings)
+    train_step = build_train_step(config, graphdef, tx, shardings)
     size = image_size_of(config.model)
     val, test = (None if split is None else Evaluator(
         graphdef, split, EvalProtocol.from_config(config, name), mesh, image_size=size)
@@ -210,7 +211,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         if step == start:
           log('compiling train step ...')
           t_compile = time.perf_counter()
-        state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh))
+        state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh), cache)
         history.append((step, metrics))
         done = step + 1
         if step == start:   # steps/s and ETA count from here: compilation is not training

@@ -1,6 +1,9 @@
 """Jitted train and eval steps, generic over the model and the loss.
 
-* `forward(model, batch) -> outputs` calls the model; the default follows DESIGN.md's call.
+* `forward(model, batch, *context) -> outputs` calls the model; the default follows DESIGN.md's
+  call. `context`: further arguments the steps take after the batch and hand to `forward`
+  (the frozen-text cache): jit arguments, so new values of the same shapes reuse the compiled
+  step, and large arrays are not baked into it as constants.
 * `loss_fn(outputs, batch) -> {name: scalar}` must contain 'loss' (the differentiated total);
   every entry is logged.
 The step never syncs with the host. It reports a `finite` flag per step; the loop checks it
@@ -20,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from capenext_jax.training.state import TrainState, merge_model
 
 Batch = Mapping[str, jax.Array]
-Forward = Callable[[nnx.Module, Batch], Any]
+Forward = Callable[..., Any]   # (model, batch, *context) -> outputs
 LossFn = Callable[[Any, Batch], Mapping[str, jax.Array]]
 TEXT_KEYS = ('keypoint_text', 'category_text', 'keypoint_tokens', 'category_tokens')
 
@@ -47,15 +50,16 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
                     optimizer: optax.GradientTransformation, *,
                     forward: Forward = default_forward,
                     shardings: TrainState | None = None
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, dict]]:
-  """`train_step(state, batch) -> (state, metrics)`, jitted, donating the input state.
+                    ) -> Callable[..., tuple[TrainState, dict]]:
+  """`train_step(state, batch, *context) -> (state, metrics)`, jitted, donating the input
+  state; `context` goes to `forward`.
 
   metrics: every `loss_fn` term, 'grad_norm' (global L2 norm of the grads) and 'finite'
   (bool: all of them finite). shardings: the state's NamedShardings; when given the output
   state is pinned to them, so the layout cannot drift between steps.
   """
 
-  def train_step(state: TrainState, batch: Batch):
+  def train_step(state: TrainState, batch: Batch, *context):
     key = jax.random.fold_in(state.rng, state.step)
 
     def loss_of(trainable):
@@ -64,7 +68,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
       model = merge_model(graphdef, state, trainable)
       model.train()
       reseed_all(model, key)
-      terms = dict(loss_fn(forward(model, batch), batch))
+      terms = dict(loss_fn(forward(model, batch, *context), batch))
       # The forward pass in training mode moved the BatchNorm running statistics.
       batch_stats = nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
       return terms['loss'], (terms, batch_stats)
@@ -90,17 +94,18 @@ def global_norm(tree: Any) -> jax.Array:
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, forward: Forward = default_forward
-                   ) -> Callable[[TrainState, Batch], Any]:
-  """`eval_step(state, batch) -> forward(model, batch)` in eval mode (no dropout), jitted.
+                   ) -> Callable[..., Any]:
+  """`eval_step(state, batch, *context) -> forward(model, batch, *context)` in eval mode (no
+  dropout), jitted.
 
   `forward` may reduce the outputs (e.g. keep only the last layer's keypoints) to cut the
   device-to-host transfer.
   """
 
-  def eval_step(state: TrainState, batch: Batch):
+  def eval_step(state: TrainState, batch: Batch, *context):
     model = merge_model(graphdef, state)
     model.eval()
-    return forward(model, batch)
+    return forward(model, batch, *context)
 
   return jax.jit(eval_step)
 
