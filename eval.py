@@ -10,8 +10,12 @@
 
 Without --annotations the config's test split is used (for a workdir: the one it trained
 with). Prints a per-category table and writes JSON (--output, default <checkpoint or .>/
-eval_<split>.json). The episodes .npz and predictions formats are described in
-capenext_jax/evaluation/pairs.py (EPISODE_KEYS_DOC) and capenext_jax/evaluation/predictions.py.
+eval_<split>.json). Several hosts: start one eval.py per host with --num_processes/
+--process_id/--coordinator_address (or --distributed), as train.py; every host evaluates its
+rows of each batch, the outputs are gathered once at the end, and process 0 alone prints and
+writes the report, predictions and overlays. The episodes .npz and predictions formats are
+described in capenext_jax/evaluation/pairs.py (EPISODE_KEYS_DOC) and
+capenext_jax/evaluation/predictions.py.
 """
 import os
 
@@ -48,6 +52,7 @@ flags.DEFINE_enum('category_prompt', 'true', ['true', 'wrong'], 'wrong: "a photo
                   'names another category, drawn with --category_prompt_seed (the official '
                   'use_wrong_catName)')
 flags.DEFINE_integer('category_prompt_seed', 0, 'seed of the --category_prompt wrong draw')
+cli.define_distributed_flags()
 FLAGS = flags.FLAGS
 
 
@@ -72,7 +77,15 @@ def protocol_and_files(config):
   return protocol, files[FLAGS.split], files['image_root']
 
 
+def is_main_process() -> bool:
+  """Process 0 writes everything (all processes hold the same gathered results)."""
+  import jax
+  return jax.process_index() == 0
+
+
 def report(scores, category_names, output, info):
+  if not is_main_process():
+    return
   from capenext_jax.evaluation import report as report_lib
   report_lib.print_report(scores, category_names)
   report_lib.write_report(output, scores, category_names, info)
@@ -83,6 +96,7 @@ def main(argv):
   del argv
   if FLAGS.verbosity < 1:   # orbax's INFO lines would drown the report (-v keeps them)
     logging.set_verbosity(logging.WARNING)
+  cli.initialize_distributed()
   import ml_collections
   from capenext_jax import loading
   from capenext_jax.evaluation import pairs as pairs_lib
@@ -96,6 +110,8 @@ def main(argv):
               num_queries=protocol.num_queries, checkpoint=FLAGS.checkpoint)
 
   if FLAGS.export_episodes:
+    if not is_main_process():
+      return
     cli.check_writable('--export_episodes', FLAGS.export_episodes)
     n = pairs_lib.export_episodes(annotations, FLAGS.export_episodes, protocol)
     print(f'wrote {n} pairs to {FLAGS.export_episodes}')
@@ -150,11 +166,13 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
     data.source.dataset, text = apply_text_options(
         data.dataset, FLAGS.descriptions, FLAGS.category_prompt, FLAGS.category_prompt_seed)
     evaluator = Evaluator(graphdef, data, protocol, mesh, image_size=ckpt.config.image_size)
-    pred = evaluator.predict(state, Progress(len(evaluator.pairs), 'eval', unit='pairs'))
+    progress = Progress(len(evaluator.pairs), 'eval', unit='pairs')
+    # Every pair, gathered once from all processes (each ran its rows of every batch).
+    pred = evaluator.predict(state, progress if is_main_process() else None)
   pairs = evaluator.pairs
-  if FLAGS.predictions_out:
+  if FLAGS.predictions_out and is_main_process():
     pairs.write_predictions(FLAGS.predictions_out, pred)
-  if FLAGS.visualize and jax.process_index() == 0:
+  if FLAGS.visualize and is_main_process():
     paths = write_overlays(pred, pairs, data.dataset, overlays, FLAGS.visualize)
     print(f'wrote {len(paths)} overlays to {overlays}')
   return pairs.score(pred), pairs.category_names, text

@@ -17,22 +17,8 @@ PROG = 'train.py'
 cli.define_config_flag(PROG, os.path.join(_HERE, 'configs', 'synthetic.py'),
                        'ml_collections config file[:arg]', lock_config=True)
 flags.DEFINE_string('workdir', None, 'checkpoints, TensorBoard logs, config.json', required=True)
-flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() with auto-detection')
-flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
-flags.DEFINE_integer('num_processes', 1, 'processes in the run')
-flags.DEFINE_integer('process_id', 0, 'this process')
+cli.define_distributed_flags()
 FLAGS = flags.FLAGS
-
-
-def initialize_distributed():
-  """jax.distributed.initialize when the run spans several processes (CPU: gloo collectives)."""
-  import jax
-  if FLAGS.num_processes > 1:
-    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
-  elif FLAGS.distributed:
-    jax.distributed.initialize()
 
 
 def main(argv):
@@ -42,7 +28,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   from capenext_jax.runtime import import_tensorflow_quietly
   import_tensorflow_quietly()
-  initialize_distributed()
+  cli.initialize_distributed()
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
   os.makedirs(FLAGS.workdir, exist_ok=True)

@@ -98,6 +98,28 @@ def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
   return parse
 
 
+def define_distributed_flags() -> None:
+  """--distributed, --coordinator_address, --num_processes, --process_id (train.py, eval.py)."""
+  from absl import flags
+  flags.DEFINE_bool('distributed', False, 'jax.distributed.initialize() with auto-detection')
+  flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process)')
+  flags.DEFINE_integer('num_processes', 1, 'processes in the run', lower_bound=1)
+  flags.DEFINE_integer('process_id', 0, 'this process', lower_bound=0)
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from the `define_distributed_flags` flags when the program
+  spans several processes (CPU: gloo collectives). Before anything else touches a device."""
+  import jax
+  from absl import flags
+  f = flags.FLAGS
+  if f.num_processes > 1:
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
+  elif f.distributed:
+    jax.distributed.initialize()
+
+
 def define_config_flag(prog: str, default: str, help_text: str, **kwargs):
   """`config_flags.DEFINE_config_file('config', ...)`. ml_collections applies the
   `--config.a.b=value` overrides of sys.argv while defining the flag, so a misspelt field

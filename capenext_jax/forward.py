@@ -2,9 +2,10 @@
 
 Text comes from the frozen-text cache by `category_index`. The cache is an argument of the
 jitted steps, not a constant closed over: a new cache of the same shape (another split, other
-descriptions) reuses the compiled step, and the executable does not carry the embeddings; when the host shipped uint8 crops
-and their 2x3 matrices (`warp='device'`) the warp and ImageNet normalisation run here, inside
-the jitted step.
+descriptions) reuses the compiled step, and the executable does not carry the embeddings.
+When the host shipped uint8 crops and their 2x3 matrices (`warp='device'`) the warp and
+ImageNet normalisation run here, inside the jitted step. The model's inputs keep the batch
+split over the mesh (`partition.constrain_batch`, for FSDP).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ def make_forward(image_size: int):
     else:
       image = batch['query_image']
     keypoint_text, category_text = cache.lookup(batch['category_index'])
-    return model(image, batch['support_mask'], batch['adjacency'],
-                 keypoint_text=keypoint_text, category_text=category_text)
+    inputs = partition.constrain_batch((image, batch['support_mask'], batch['adjacency'],
+                                        keypoint_text, category_text))
+    return model(*inputs[:3], keypoint_text=inputs[3], category_text=inputs[4])
 
   return forward
 

@@ -76,6 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
   # axis names / None per dim; () replicates. First match wins, implicit final rule 'fsdp'.
   c.mesh_shape = dict(data=-1, fsdp=1)
   c.sharding_rules = (('clip/.*', ()),)     # frozen CLIP replicated: only read, never updated
+  c.fsdp_min_bytes = 4 * 2**20  # 'fsdp' replicates tensors smaller than this (big_vision: 4 MiB)
   c.precision = 'highest'        # jax_default_matmul_precision: 'highest' | 'high' | 'default'
 
   c.log_every_steps = 50

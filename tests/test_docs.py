@@ -53,7 +53,8 @@ COVERAGE = {
     '.venv/bin/python eval.py --checkpoint split1_epoch_200.pth --annotations '
     'mp100_split1_test.json --image_root /data/mp100 --shots 1 --num_episodes 200 '
     '--num_queries 15 --visualize 3':
-        ('test', 'tests/test_eval.py::test_eval_official_fixture_checkpoint'),
+        ('test',
+         'tests/test_eval.py::test_eval_official_fixture_checkpoint_on_one_and_two_processes'),
     'capenext-convert split1_epoch_200.pth my_capenext/':
         ('test', 'tests/test_convert.py::test_official_to_export_to_official_round_trip'),
     'capenext-convert runs/split1 my_capenext/ --best':

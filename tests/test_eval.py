@@ -152,11 +152,37 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert cli.main([str(wd), str(tmp_path / 'best'), '--best']) == 2   # this run has no val split
 
 
-def test_eval_official_fixture_checkpoint(tmp_path):
-  """The official-weights path: tiny_capenext.npz through the converter (64 px, its config)."""
-  report = tmp_path / 'fixture.json'
-  out = run('eval.py', f'--checkpoint={FIXTURES / "tiny_capenext.npz"}',
-            f'--annotations={TEST_ANN}', f'--image_root={IMAGES}', '--shots=1',
-            '--num_episodes=1', '--num_queries=1', '--batch_size=3', f'--output={report}')
-  assert 'PCK@0.2' in out
-  assert report.exists()
+def test_eval_official_fixture_checkpoint_on_one_and_two_processes(tmp_path):
+  """The official-weights path: tiny_capenext.npz through the converter (64 px, its config);
+  on 2 processes (jax.distributed, a localhost coordinator) the same report, written once."""
+  import socket
+  args = [f'--checkpoint={FIXTURES / "tiny_capenext.npz"}', f'--annotations={TEST_ANN}',
+          f'--image_root={IMAGES}', '--shots=1', '--num_episodes=1', '--num_queries=1']
+  one = tmp_path / 'one' / 'fixture.json'
+  out = run('eval.py', *args, '--batch_size=3', f'--output={one}')
+  assert 'PCK@0.2' in out and one.exists()
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  two = tmp_path / 'two' / 'fixture.json'
+  # Global batches of 4 (2 rows per process), the last one padded.
+  procs = [subprocess.Popen(
+      [sys.executable, str(REPO / 'eval.py'), *args, '--batch_size=4', f'--output={two}',
+       f'--predictions_out={two}.predictions', '--visualize=1', '--num_processes=2',
+       f'--process_id={i}', f'--coordinator_address=localhost:{port}'],
+      env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+      for i in range(2)]
+  outs = [p.communicate(timeout=600) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-4000:]
+  assert 'PCK@0.2' in outs[0][0] and 'PCK@0.2' not in outs[1][0]   # process 0 reports
+  a, b = (json.loads(p.read_text()) for p in (one, two))
+  assert a['info'] == b['info'] and a.keys() == b.keys()
+  assert b['overall'] == pytest.approx(a['overall'], rel=1e-5, abs=1e-6)
+  assert len(a['per_category']) == len(b['per_category']) > 1
+  for x, y in zip(a['per_category'], b['per_category']):
+    assert (x['category_id'], x['name']) == (y['category_id'], y['name'])
+    numbers = lambda d: {k: v for k, v in d.items() if k not in ('category_id', 'name')}  # noqa: E731
+    assert numbers(y) == pytest.approx(numbers(x), rel=1e-5, abs=1e-6)
+  assert sorted(os.listdir(tmp_path / 'two')) == ['fixture.json', 'fixture.json.predictions',
+                                                  'overlays']

@@ -120,7 +120,7 @@ def multi_device_main():
   for layout, devices in [((1, 1), jax.devices()[:1]), ((2, 1), None), ((1, 2), None)]:
     mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
     with jax.set_mesh(mesh):
-      shardings = state_lib.state_shardings(host, tx, mesh, rules)
+      shardings = state_lib.state_shardings(host, tx, mesh, rules, min_shard_bytes=0)
       st = jax.device_put(fresh(), shardings)
       train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings)
       metrics = []
@@ -134,6 +134,15 @@ def multi_device_main():
         assert st.opt_state[0].mu['backbone']['kernel'].sharding.spec == P(None, 'fsdp')
         assert st.trainable['layers'][0]['bias'].sharding.spec == P('fsdp')
       results[layout] = jax.device_get((st.trainable, st.opt_state, metrics))
+  # The default threshold: 'fsdp' leaves under 4 MiB stay replicated, explicit rules apply.
+  shardings = partition.param_shardings(
+      {'small': jax.ShapeDtypeStruct((1024, 1023), jnp.float32),
+       'large': jax.ShapeDtypeStruct((1024, 1024), jnp.float32),
+       'layers': host.trainable['layers']},
+      mesh, rules)
+  assert shardings['small'].spec == P() and shardings['large'].spec == P('fsdp', None)
+  assert shardings['layers'][0]['kernel'].spec == P('fsdp', None)
+  assert shardings['layers'][0]['bias'].spec == P()
   for layout in [(2, 1), (1, 2)]:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  results[(1, 1)], results[layout])

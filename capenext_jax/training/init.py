@@ -42,8 +42,9 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
   graphdef = partition.split_model(nnx.eval_shape(
       lambda: CapeNext(model_config, rngs=nnx.Rngs(config.seed))))[0]
   abstract = jax.eval_shape(init, rng)
-  shardings = state_lib.state_shardings(abstract, optimizer, mesh,
-                                        partition.rules_from_config(config.sharding_rules))
+  shardings = state_lib.state_shardings(
+      abstract, optimizer, mesh, partition.rules_from_config(config.sharding_rules),
+      config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES))
   state = jax.jit(init, out_shardings=shardings)(rng)
   backbone_path, clip_path = pretrained_paths(config)
   if backbone_path or clip_path:

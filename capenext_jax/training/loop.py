@@ -1,8 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir, data)` (train.py builds `data` with
 `data_pipeline.splits.run_splits` and is otherwise a thin flag wrapper).
 
-One readable loop (big_vision style). Per step: the host pipeline yields a batch for global
-step i, the jitted step (state donated) applies one Adam update and returns metrics as device
+One readable loop (big_vision style). Per step: the host pipeline's batch for global step i,
+read and placed on the mesh two steps ahead by a background thread (prefetch.py), goes through
+the jitted step (state donated), which applies one Adam update and returns metrics as device
 arrays. Every `log_every_steps` the accumulated metrics are fetched in one transfer, checked
 for non-finite values (naming the step and the term) and written (TensorBoard + log) with a
 progress line (steps/s, ETA). Validation PCK@0.2 and checkpoints follow their cadences.
@@ -40,7 +41,8 @@ from capenext_jax.models.capenext import image_size_of
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
-from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
+from capenext_jax.training import checkpoint, init, partition, prefetch, schedule
+from capenext_jax.training import state as state_lib
 from capenext_jax.training import step as step_lib
 from capenext_jax.training import workdir as workdir_lib
 
@@ -193,7 +195,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
       log(f'test PCK@0.2 before training (step 0): {100 * results["test_pck_start"]:.2f}')
       writer.write_scalars(0, {'test/pck': results['test_pck_start']})
 
-    batches = data.train.train_batches(config.batch_size, start_step=start)
+    # Read and placed on the mesh two steps ahead, by a background thread (prefetch.py).
+    batches = prefetch.DevicePrefetch(
+        data.train.train_batches(config.batch_size, start_step=start),
+        lambda batch: forward_lib.device_batch(batch, mesh), size=2)
     stop = checkpoint.StopSignal()
     history, t_log = [], time.perf_counter()
     step = start
@@ -211,7 +216,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         if step == start:
           log('compiling train step ...')
           t_compile = time.perf_counter()
-        state, metrics = train_step(state, forward_lib.device_batch(next(batches), mesh), cache)
+        state, metrics = train_step(state, next(batches), cache)
         history.append((step, metrics))
         done = step + 1
         if step == start:   # steps/s and ETA count from here: compilation is not training
@@ -259,6 +264,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         log(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
             f'trained {100 * results["test_pck_end"]:.2f}')
     finally:
+      batches.close()
       ckpt.wait()
       ckpt.close()
       stop.uninstall()

@@ -7,11 +7,19 @@
 * The mesh has axes ('data', 'fsdp'). The batch is split over both axes together; params
   follow big_vision-style rules `(regex over the '/'-joined path, spec)`, first match wins.
   A spec is a `PartitionSpec` or the string 'fsdp': shard the largest dim divisible by the
-  fsdp axis size (replicate when there is none, or the fsdp axis has size 1). An implicit
-  final rule applies 'fsdp' to everything.
+  fsdp axis size (replicate when there is none, the fsdp axis has size 1, or the tensor is
+  under `min_shard_bytes`, 4 MiB by default as big_vision: sharding small tensors saves
+  little memory and costs a collective each). An implicit final rule applies 'fsdp' to
+  everything.
+* FSDP in the steps: parameters rest sharded (with their Adam moments) and are gathered where
+  the step uses them (`gather`); activations keep the batch split over ('data', 'fsdp')
+  (`constrain_batch`). Together they leave no all-to-all of activations in the compiled step
+  (tests/test_train.py checks its HLO): left alone, GSPMD split activations like the weights
+  they met and moved them back and forth.
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Mapping, Sequence
 
@@ -24,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp')
 BATCH_SPEC = P(MESH_AXES)
+FSDP_MIN_BYTES = 4 * 2**20   # big_vision's fsdp threshold (4 MiB)
 Rules = Sequence[tuple[str, 'P | str']]
 PyTree = Any
 
@@ -83,15 +92,18 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int) -> P:
   return P(*(('fsdp' if d == best else None) for d in range(len(shape))))
 
 
-def param_shardings(params: PyTree, mesh: Mesh, rules: Rules = ()) -> PyTree:
-  """A NamedSharding per leaf of `params` (arrays or ShapeDtypeStructs) by the first rule."""
+def param_shardings(params: PyTree, mesh: Mesh, rules: Rules = (),
+                    min_shard_bytes: int = FSDP_MIN_BYTES) -> PyTree:
+  """A NamedSharding per leaf of `params` (arrays or ShapeDtypeStructs) by the first rule;
+  'fsdp' replicates leaves under `min_shard_bytes`."""
   compiled = [(re.compile(rx), spec) for rx, spec in rules]
 
   def one(path, x):
     name = path_name(path)
     spec = next((s for rx, s in compiled if rx.fullmatch(name)), 'fsdp')
     if spec == 'fsdp':
-      spec = fsdp_spec(x.shape, mesh.shape['fsdp'])
+      small = math.prod(x.shape) * x.dtype.itemsize < min_shard_bytes
+      spec = P() if small else fsdp_spec(x.shape, mesh.shape['fsdp'])
     return NamedSharding(mesh, spec)
 
   return jax.tree_util.tree_map_with_path(one, params)
@@ -109,6 +121,26 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params: PyTree,
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) dim split over every device: ('data', 'fsdp') together."""
   return NamedSharding(mesh, BATCH_SPEC)
+
+
+def constrain_batch(tree: PyTree) -> PyTree:
+  """Every array of `tree` with its leading (batch) axis split over ('data', 'fsdp'): inside a
+  jitted step under `jax.set_mesh`; the identity without that mesh."""
+  return _constrain(tree, BATCH_SPEC)
+
+
+def gather(tree: PyTree) -> PyTree:
+  """Every array of `tree` replicated (FSDP's all-gather of the parameters a step uses; their
+  gradients are summed over the batch and go back to the parameters' sharded layout): inside
+  a jitted step under `jax.set_mesh`; the identity without that mesh."""
+  return _constrain(tree, P())
+
+
+def _constrain(tree: PyTree, spec: P) -> PyTree:
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or set(mesh.axis_names) != set(MESH_AXES):
+    return tree
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, spec), tree)
 
 
 def check_batch_size(name: str, batch_size: int, mesh: Mesh) -> None:

@@ -45,14 +45,17 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
 
 
 def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    rules: partition.Rules = ()) -> TrainState:
-  """A TrainState of NamedShardings (state may be abstract); step and rng are replicated."""
+                    rules: partition.Rules = (),
+                    min_shard_bytes: int = partition.FSDP_MIN_BYTES) -> TrainState:
+  """A TrainState of NamedShardings (state may be abstract); step and rng are replicated.
+  rules, min_shard_bytes: as `partition.param_shardings`."""
   replicated = NamedSharding(mesh, P())
-  train = partition.param_shardings(state.trainable, mesh, rules)
+  shard = lambda tree: partition.param_shardings(tree, mesh, rules, min_shard_bytes)  # noqa: E731
+  train = shard(state.trainable)
   return TrainState(
       trainable=train,
-      batch_stats=partition.param_shardings(state.batch_stats, mesh, rules),
-      frozen=partition.param_shardings(state.frozen, mesh, rules),
+      batch_stats=shard(state.batch_stats),
+      frozen=shard(state.frozen),
       opt_state=partition.opt_state_shardings(optimizer, state.trainable, train),
       step=replicated, rng=replicated)
 

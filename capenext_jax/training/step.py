@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from capenext_jax.training import partition
 from capenext_jax.training.state import TrainState, merge_model
 
 Batch = Mapping[str, jax.Array]
@@ -65,7 +66,7 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
     def loss_of(trainable):
       # Frozen arrays enter as constants: no tangents flow through CLIP, so its backward
       # pass is never built.
-      model = merge_model(graphdef, state, trainable)
+      model = merge_model(graphdef, gathered(state), partition.gather(trainable))
       model.train()
       reseed_all(model, key)
       terms = dict(loss_fn(forward(model, batch, *context), batch))
@@ -88,6 +89,14 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
   return jax.jit(train_step, donate_argnums=0, out_shardings=(shardings, replicated))
 
 
+def gathered(state: TrainState) -> TrainState:
+  """The model part of `state` (params, batch statistics, frozen) gathered where a step uses
+  it (`partition.gather`: FSDP), the optimizer state left as it is."""
+  return state.replace(**partition.gather(dict(trainable=state.trainable,
+                                               batch_stats=state.batch_stats,
+                                               frozen=state.frozen)))
+
+
 def global_norm(tree: Any) -> jax.Array:
   """L2 norm over all leaves (optax.global_norm is deprecated, its successor is recent)."""
   return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
@@ -103,7 +112,7 @@ def make_eval_step(graphdef: nnx.GraphDef, *, forward: Forward = default_forward
   """
 
   def eval_step(state: TrainState, batch: Batch, *context):
-    model = merge_model(graphdef, state)
+    model = merge_model(graphdef, gathered(state))
     model.eval()
     return forward(model, batch, *context)
 

@@ -32,6 +32,7 @@ RESUMABLE_CHANGES = (
     'eval_every_epochs', 'checkpoint_every_steps', 'checkpoint_every_epochs',
     'keep_checkpoints', 'async_checkpoints', 'test_at_start', 'test_at_end', 'eval_batch_size',
     'data.val_episodes', 'data.test_episodes', 'mesh_shape.*', 'sharding_rules',
+    'fsdp_min_bytes',
     'allow_config_change',
 )
 
