@@ -154,10 +154,10 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
   from capenext_jax.progress import Progress
   from capenext_jax.runtime import import_tensorflow_quietly
   import_tensorflow_quietly()   # the eval data pipeline is tf.data
-  from capenext_jax.training import partition
+  from capenext_jax.training import init, partition
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
-  with jax.set_mesh(mesh), jax.default_matmul_precision(config.precision):
+  with jax.set_mesh(mesh), jax.default_matmul_precision(init.matmul_precision(config)):
     ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step, run_config=run_config)
     config.model = ml_collections.ConfigDict(ckpt.config.to_dict())   # the pipeline's sizes
     graphdef, state = loading.eval_state(ckpt, mesh,

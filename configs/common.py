@@ -30,12 +30,14 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_config(backbone: str = 'swinv2_t', image_size: int | None = None,
-                 fusion: bool = True) -> ml_collections.ConfigDict:
+                 fusion: bool = True, **compute) -> ml_collections.ConfigDict:
   """`config.model`: `CapeNextConfig.variant(...).to_dict()` (the model reads it back with
   `CapeNextConfig.from_dict`; the widths where the parts meet are derived there). image_size:
-  default the backbone's official input size."""
+  default the backbone's official input size. compute: `dtype` ('float32' | 'bfloat16'),
+  `remat` ('none' | 'blocks' | a jax.checkpoint_policies name), `attention` (CapeNextConfig)."""
   return ml_collections.ConfigDict(
-      CapeNextConfig.variant(backbone, image_size=image_size, fusion=fusion).to_dict())
+      CapeNextConfig.variant(backbone, image_size=image_size, fusion=fusion,
+                             **compute).to_dict())
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -77,7 +79,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh_shape = dict(data=-1, fsdp=1)
   c.sharding_rules = (('clip/.*', ()),)     # frozen CLIP replicated: only read, never updated
   c.fsdp_min_bytes = 4 * 2**20  # 'fsdp' replicates tensors smaller than this (big_vision: 4 MiB)
-  c.precision = 'highest'        # jax_default_matmul_precision: 'highest' | 'high' | 'default'
+  # jax_default_matmul_precision: 'highest' | 'high' | 'default', or 'auto': 'highest' for a
+  # float32 model (the parity mode; CPU runs and fp32 baselines), 'default' (native) for
+  # model.dtype=bfloat16, the setting for GPUs and TPUs (training/init.py matmul_precision).
+  c.precision = 'auto'
 
   c.log_every_steps = 50
   c.validate = True              # periodic val PCK@0.2 (data.val_ann); best checkpoint by it

@@ -7,7 +7,8 @@ including the CPU test sizes tiny|resnet_tiny|hrnet_tiny|...; the input size is 
 official one, e.g. 224 for vit_b16), capex (no fusion module: plain CapeX),
 fusion=<official fusion class> (the ablations, models/fusion.py MODULES, e.g.
 SimpleMultiModalDoubleEncoder), mask (zero the image outside the instance box, the official
-configs/clip_mask), runlocal (a few steps of the backbone's test size at 64 px on CPU, to check
+configs/clip_mask), dtype=float32|bfloat16 (model compute dtype: bfloat16 with precision
+'auto' is the GPU / TPU setting; float32 'highest' the parity mode), runlocal (a few steps of the backbone's test size at 64 px on CPU, to check
 the wiring), root=data/mp100 (holds annotations/mp100_split{n}_{train,val,test}.json and images/).
 Pretrained weights (docs/MODEL.md §4) are required, as the official recipe starts from them:
 init.backbone_path (the backbone's public release in its own layout, see docs/DESIGN.md
@@ -23,7 +24,7 @@ from configs import common
 
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, split=1, shots=1, backbone='swinv2_t', capex=False, fusion='',
-                       mask=False, runlocal=False, root='data/mp100')
+                       mask=False, runlocal=False, root='data/mp100', dtype='float32')
   if a.split not in range(1, 6) or a.shots not in (1, 5):
     raise ValueError(f'split must be 1..5 and shots 1 or 5, got {a.split}, {a.shots}')
   c = common.base_config()
@@ -35,7 +36,7 @@ def get_config(arg: str | None = None):
   c.data.mask_outside_bbox = a.mask
   backbone = backbones.test_size_of(a.backbone) if a.runlocal else a.backbone
   c.model = common.model_config(backbone, image_size=64 if a.runlocal else None,
-                                fusion=not a.capex)
+                                fusion=not a.capex, dtype=a.dtype)
   if a.fusion:
     if a.capex:
       raise ValueError('capex has no fusion module: drop fusion= or capex')

@@ -17,7 +17,8 @@ embeddings still tell the colours apart, and what the model learns (colour word 
 that colour) carries over to unseen categories.
 Args: steps=N (default 600), batch=B (16), image_size=S (64), stages=N Swin stages (2),
 lr (2e-3), backbone=tiny|resnet_tiny|hrnet_tiny|... (a CPU test size; the others keep their
-stride-16 feature map, 4x4 at 64 px).
+stride-16 feature map, 4x4 at 64 px), dtype=float32|bfloat16 (model compute dtype; bfloat16 is
+for GPUs / TPUs, XLA:CPU runs it slower than float32).
 """
 from __future__ import annotations
 
@@ -26,11 +27,11 @@ from configs import common
 
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, steps=600, batch=16, image_size=64, stages=2, lr=2e-3,
-                       backbone='tiny')
+                       backbone='tiny', dtype='float32')
   c = common.base_config()
   c.data.synthetic.enabled = True        # root '' -> <workdir>/data
   c.init.from_scratch = True             # random backbone and CLIP: the task needs no pretraining
-  c.model = common.model_config(a.backbone, image_size=a.image_size)
+  c.model = common.model_config(a.backbone, image_size=a.image_size, dtype=a.dtype)
   c.precision = 'default'
   if a.backbone == 'tiny':
     n = a.stages

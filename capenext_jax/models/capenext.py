@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from capenext_jax.models import backbones
+from capenext_jax.models import backbones, layers
 from capenext_jax.models.clip import CLIP, CLIPConfig
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.head import HeadConfig, PoseHead
@@ -20,6 +20,7 @@ from capenext_jax.models.swin_v2 import SwinV2Config
 
 NUM_SLOTS = 100          # keypoint slots of MP-100 (max_kpt_num)
 CONTEXT_LENGTH = 77      # CLIP text context
+DTYPES = ('float32', 'bfloat16')
 
 
 # The test-size variants' text tower and head: random CLIP weights at CPU test sizes.
@@ -41,13 +42,31 @@ class CapeNextConfig:
   (`num_features`) and
   the CLIP embedding, the fusion module works at the CLIP width, and the head's sine encoding
   has d_model / 2 features per axis (whatever `head` / `fusion` say, these are overwritten).
+
+  How it computes (none of these changes the parameters):
+  dtype: 'float32' (the parity mode) or 'bfloat16': the compute dtype of the model, CLIP image
+    tower included. Parameters (and so Adam state) stay float32 and are cast at use; softmax,
+    LayerNorm / BatchNorm statistics, the similarity logits and soft-argmaxes, the keypoints
+    and the losses are float32 (models/layers.py). Text embeddings are read in float32 and cast.
+  remat: 'none', 'blocks' (recompute each backbone block and head layer in the backward pass,
+    keeping only its input) or a `jax.checkpoint_policies` name (what such a block may keep).
+  attention: the attention kernel of the Swin / ViT backbones (`layers.ATTENTIONS`): 'auto'
+    (hand-written on CPU, `jax.nn.dot_product_attention` elsewhere), 'reference', 'fused',
+    'xla', 'cudnn'.
   """
   backbone: Any = SwinV2Config()
   clip: CLIPConfig = CLIPConfig()
   fusion: FusionConfig | None = FusionConfig()
   head: HeadConfig = HeadConfig()
+  dtype: str = 'float32'
+  remat: str = layers.REMAT_NONE
+  attention: str = layers.ATTENTION_AUTO
 
   def __post_init__(self):
+    if self.dtype not in DTYPES:
+      raise ValueError(f'config dtype {self.dtype!r}: expected one of {DTYPES}')
+    layers.check_remat(self.remat)
+    layers.attention_implementation(self.attention)   # raises for an unknown name
     head = dataclasses.replace(
         self.head, img_in_channels=self.backbone.num_features,
         text_in_channels=self.clip.embed_dim, num_feats=self.head.d_model // 2)
@@ -58,15 +77,17 @@ class CapeNextConfig:
 
   @classmethod
   def variant(cls, backbone: str = 'swinv2_t', *, image_size: int | None = None,
-              fusion: bool = True) -> CapeNextConfig:
+              fusion: bool = True, **compute) -> CapeNextConfig:
     """A named size (`backbones.PRESETS`): 'swinv2_t' (the headline), 'swinv2_s', 'swinv2_b',
     'resnet50', 'hrnet_w32', ... with CLIP ViT-B/32 and the official head, or a CPU test size
     ('tiny' (Swin), 'resnet_tiny', 'hrnet_tiny', ...) with a tiny CLIP and head.
-    image_size: default the backbone's official input size. fusion=False gives plain CapeX."""
+    image_size: default the backbone's official input size. fusion=False gives plain CapeX.
+    compute: dtype / remat / attention."""
     preset = backbones.preset(backbone)
     tiny = preset.test_size
     return cls(backbone=preset.config(image_size), clip=TINY_CLIP if tiny else CLIPConfig(),
-               fusion=FusionConfig() if fusion else None, head=TINY_HEAD if tiny else HeadConfig())
+               fusion=FusionConfig() if fusion else None, head=TINY_HEAD if tiny else HeadConfig(),
+               **compute)
 
   @property
   def image_size(self) -> int:
@@ -75,10 +96,10 @@ class CapeNextConfig:
   def to_dict(self) -> dict:
     """JSON-able nested dict (tuples become lists when dumped); `from_dict` inverts it. The
     backbone is `{'arch': ..., **its fields}`."""
+    parts = {'clip': self.clip, 'fusion': self.fusion, 'head': self.head}
     return {'backbone': backbones.config_to_dict(self.backbone),
-            **{f.name: None if getattr(self, f.name) is None else
-               dataclasses.asdict(getattr(self, f.name))
-               for f in dataclasses.fields(self) if f.name != 'backbone'}}
+            **{k: None if v is None else dataclasses.asdict(v) for k, v in parts.items()},
+            **{k: getattr(self, k) for k in COMPUTE_FIELDS}}
 
   @classmethod
   def from_dict(cls, d: dict) -> CapeNextConfig:
@@ -95,9 +116,13 @@ class CapeNextConfig:
     d = {**d, 'fusion': FusionConfig.upgrade(d['fusion'])} if d.get('fusion') else d
     out = {k: (None if d[k] is None else _sub_config(parts[k], d[k], k))
            for k in parts if k in d}
+    out.update({k: str(d[k]) for k in COMPUTE_FIELDS if k in d})
     if 'backbone' in d:
       out['backbone'] = backbones.config_from_dict(d['backbone'])
     return cls(**out)
+
+
+COMPUTE_FIELDS = ('dtype', 'remat', 'attention')   # how the model computes, not what
 
 
 def image_size_of(model_section) -> int:
@@ -120,9 +145,11 @@ def _sub_config(cls, d: dict, where: str):
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
-  """x / ||x|| over the last axis, no epsilon (as the official code); all-zero rows stay 0."""
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.where(norm > 0, norm, 1.0)
+  """x / ||x|| over the last axis, no epsilon (as the official code); all-zero rows stay 0.
+  Computed in float32, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  norm = jnp.linalg.norm(xf, axis=-1, keepdims=True)
+  return (xf / jnp.where(norm > 0, norm, 1.0)).astype(x.dtype)
 
 
 class CapeNext(nnx.Module):
@@ -135,6 +162,17 @@ class CapeNext(nnx.Module):
     self.fusion = (build_fusion(config.fusion, rngs=rngs)
                    if config.fusion is not None else None)
     self.head = PoseHead(config.head, rngs=rngs)
+    self._set_compute()
+
+  def _set_compute(self):
+    """Hand `config.remat` to the modules with block loops and `config.attention` to the Swin /
+    ViT attentions (`dtype` is read in `__call__`)."""
+    self.set_attributes(remat=self.config.remat, attention=self.config.attention,
+                        raise_if_not_found=False)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.config.dtype)
 
   # ------------------------------------------------------------------ frozen CLIP encoders
   def encode_text(self, tokens: jax.Array) -> jax.Array:
@@ -163,7 +201,7 @@ class CapeNext(nnx.Module):
     """Predict every keypoint slot of a batch of episodes.
 
     Args:
-      query_image: float32 [B, S, S, 3], ImageNet-normalised RGB.
+      query_image: float [B, S, S, 3], ImageNet-normalised RGB.
       support_mask: [B, 100], 1 where the support (shot 0) keypoint is visible and in bounds.
       adjacency: [B, 100, 100] 0/1 skeleton adjacency (see `head.adjacency_from_skeleton`).
       keypoint_text: [B, 100, E] L2-normalised CLIP text embedding of each slot's description
@@ -184,9 +222,12 @@ class CapeNext(nnx.Module):
     if keypoint_text is None:
       _check_tokens('keypoint_tokens', keypoint_tokens, (query_image.shape[0], NUM_SLOTS))
       keypoint_text = self.encode_text(keypoint_tokens)
-    mask = support_mask.astype(query_image.dtype)
+    # Everything below computes in the configured dtype (see CapeNextConfig).
+    dtype = self.dtype
+    query_image = query_image.astype(dtype)
+    mask = support_mask.astype(dtype)
     # Masked slots are exactly zero, as the official per-visible-keypoint encoding leaves them.
-    joint_text = jax.lax.stop_gradient(keypoint_text) * mask[..., None]
+    joint_text = jax.lax.stop_gradient(keypoint_text).astype(dtype) * mask[..., None]
 
     extras = {'joint_text': joint_text}
     fused_text = joint_text
@@ -199,7 +240,7 @@ class CapeNext(nnx.Module):
         _check_tokens('category_tokens', category_tokens, (query_image.shape[0],))
         category_text = self.encode_text(category_tokens)
       if category_text is not None:
-        category_text = jax.lax.stop_gradient(category_text)
+        category_text = jax.lax.stop_gradient(category_text).astype(dtype)
         extras['category_embedding'] = category_text
       image_text = None
       if self.config.fusion.uses_image:
@@ -207,7 +248,7 @@ class CapeNext(nnx.Module):
       fused_text = self.fusion(image_text, joint_text, category_text)
 
     feature = self.backbone(query_image)
-    out = self.head(feature, fused_text, mask, adjacency.astype(query_image.dtype))
+    out = self.head(feature, fused_text, mask, adjacency.astype(dtype))
     return {**out, **extras, 'fused_text': fused_text, 'backbone_feature': feature}
 
   def _check_inputs(self, query_image, support_mask, adjacency):
@@ -224,6 +265,18 @@ class CapeNext(nnx.Module):
     if adjacency.shape != (b, NUM_SLOTS, NUM_SLOTS):
       raise ValueError(f'adjacency must be [B={b}, {NUM_SLOTS}, {NUM_SLOTS}], '
                        f'got {tuple(adjacency.shape)}')
+
+
+def with_compute(model: CapeNext, **compute) -> CapeNext:
+  """A copy of `model` (same weights and mode) that computes as `compute` says: `dtype`,
+  `remat`, `attention` (CapeNextConfig fields)."""
+  unknown = sorted(set(compute) - set(COMPUTE_FIELDS))
+  if unknown:
+    raise ValueError(f'with_compute: unknown fields {unknown} (expected {COMPUTE_FIELDS})')
+  copy = nnx.merge(*nnx.split(model))
+  copy.config = dataclasses.replace(model.config, **compute)
+  copy._set_compute()
+  return copy
 
 
 def _check_tokens(name: str, tokens: jax.Array, lead: tuple[int, ...]):

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from capenext_jax.models.layers import MultiHeadAttention, layer_norm, linear, quick_gelu
+from capenext_jax.models.layers import (MultiHeadAttention, layer_norm, linear, quick_gelu,
+                                        to_input_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ class CLIPTextTower(nnx.Module):
     # The EOT id is the largest id, so argmax (first maximum) finds the first EOT even when
     # the padding is EOT (Hugging Face); the causal mask makes later tokens irrelevant to it.
     pooled = x[jnp.arange(n), jnp.argmax(tokens, axis=-1)]
-    features = pooled @ self.text_projection
+    features = pooled @ self.text_projection[...].astype(pooled.dtype)
     if not capture:
       return features
     return features, {**{f'block{i}': b for i, b in enumerate(blocks)}, 'ln_final': x}
@@ -143,7 +144,8 @@ class CLIPVisionTower(nnx.Module):
     width, patch = config.vision_width, config.vision_patch_size
     self.image_resolution = config.image_resolution
     self.conv1 = nnx.Conv(3, width, kernel_size=(patch, patch), strides=(patch, patch),
-                          padding='VALID', use_bias=False, rngs=rngs)
+                          padding='VALID', use_bias=False, promote_dtype=to_input_dtype,
+                          rngs=rngs)
     scale = width ** -0.5
     self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (width,)))
     self.positional_embedding = nnx.Param(
@@ -171,13 +173,13 @@ class CLIPVisionTower(nnx.Module):
     n = images.shape[0]
     patches = self.conv1(images)
     x = patches.reshape(n, -1, patches.shape[-1])  # row-major (y, x), as torch's flatten
-    cls = jnp.broadcast_to(self.class_embedding[...], (n, 1, x.shape[-1]))
-    x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype), (n, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1) + self.positional_embedding[...].astype(x.dtype)
     x = self.ln_pre(x)
     x_pre = x
     x, blocks = self.transformer(x)
     pooled = self.ln_post(x[:, 0])
-    features = pooled @ self.proj
+    features = pooled @ self.proj[...].astype(pooled.dtype)
     if not capture:
       return features
     return features, {'conv1': patches, 'ln_pre': x_pre,

@@ -172,6 +172,9 @@ class ProposalGenerator(nnx.Module):
     """img [B, h*w, d], kpt [B, N, d] ->
     (similarity [B, N, h, w], global proposals [B, N, 2], local proposals [B, N, 2])."""
     b, n = kpt.shape[:2]
+    # In float32 whatever the compute dtype: the arg-max below is not continuous, and these
+    # small products (under 1% of the model's FLOPs) decide where the decoder starts.
+    img, kpt = img.astype(jnp.float32), kpt.astype(jnp.float32)
     fs = self.support_proj(kpt)
     fq = self.query_proj(img)
     pattern = jnp.tanh(self.dynamic_proj_out(jax.nn.relu(self.dynamic_proj_in(fs))))
@@ -237,24 +240,28 @@ class GraphDecoderLayer(nnx.Module):
     y_self, y_nbr = y[..., :self.ffn_dim], y[..., self.ffn_dim:]
     # Node w receives neighbour v with weight A[v, w] = 1/deg(v): the official einsum
     # 'bkcv,bkvw->bcw' uses the row-normalised matrix transposed.
-    g = y_self * valid[..., None] + jnp.einsum('bvc,bvw->bwc', y_nbr, adjacency)
+    g = (y_self * valid[..., None].astype(y.dtype) +
+         jnp.einsum('bvc,bvw->bwc', y_nbr, adjacency.astype(y.dtype)))
     g = jax.nn.relu(g)   # ReLU inside the GCN and again as the activation: the same as once
     x = self.norm3(x + self.dropout(self.ffn2(self.dropout(g))))
     return x, attn_map
 
 
 class MLP(nnx.Module):
-  """Linear layers with exact GELU between them (none after the last)."""
+  """Linear layers with exact GELU between them (none after the last). float32_out: the last
+  layer computes in float32 (the keypoint offsets, added to reference logits)."""
 
-  def __init__(self, dims: list[int], *, rngs: nnx.Rngs, zero_last: bool = False):
+  def __init__(self, dims: list[int], *, rngs: nnx.Rngs, zero_last: bool = False,
+               float32_out: bool = False):
     inits = ['xavier'] * (len(dims) - 2) + ['zeros' if zero_last else 'xavier']
     self.layers = nnx.List([layers.linear(i, o, rngs=rngs, init=init)
                             for i, o, init in zip(dims[:-1], dims[1:], inits)])
+    self.float32_out = float32_out
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for layer in self.layers[:-1]:
       x = layers.gelu(layer(x))
-    return self.layers[-1](x)
+    return self.layers[-1](x.astype(jnp.float32) if self.float32_out else x)
 
 
 # ----------------------------------------------------------------------------- head
@@ -279,12 +286,15 @@ class PoseHead(nnx.Module):
         [GraphDecoderLayer(c, rngs=rngs) for _ in range(c.num_decoder_layers)])
     self.decoder_norm = layers.layer_norm(d, rngs=rngs)
     self.ref_point_head = MLP([d, d, d], rngs=rngs)
-    self.kpt_branch = nnx.List([MLP([d, d, d, d, 2], rngs=rngs, zero_last=True)
+    self.kpt_branch = nnx.List([MLP([d, d, d, d, 2], rngs=rngs, zero_last=True,
+                                    float32_out=True)
                                 for _ in range(c.num_decoder_layers)])
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat (per encoder / decoder layer)
 
-  def _pe(self, coords: jax.Array) -> jax.Array:
-    return self.ref_point_head(
-        coordinate_pos_embed(coords, self.config.num_feats, self.config.temperature))
+  def _pe(self, coords: jax.Array, dtype) -> jax.Array:
+    """Query position embedding of reference points [B, N, 2], computed in `dtype`."""
+    pe = coordinate_pos_embed(coords, self.config.num_feats, self.config.temperature)
+    return self.ref_point_head(pe.astype(dtype))
 
   def __call__(self, feature: jax.Array, text_emb: jax.Array, support_mask: jax.Array,
                adjacency: jax.Array) -> dict[str, jax.Array]:
@@ -295,6 +305,8 @@ class PoseHead(nnx.Module):
       text_emb: [B, N, C_text] fused keypoint texts, unmasked (masked here).
       support_mask: [B, N] float or bool, 1 = the slot is a valid keypoint query.
       adjacency: [B, N, N] 0/1 skeleton adjacency (symmetrised and normalised here).
+    The head computes in the dtype of `feature`; keypoints, proposals and similarity are
+    float32 whatever it is.
     Returns a dict (batch-first; L decoder layers, d = d_model):
       keypoints [L, B, N, 2]: (x, y) in [0, 1] per layer, [-1] is the prediction;
       proposals [B, N, 2]: global soft-argmax (proposal loss);
@@ -311,9 +323,10 @@ class PoseHead(nnx.Module):
     mask = jnp.asarray(support_mask, jnp.float32)
     padding = mask == 0
 
+    dtype = feature.dtype
     x = self.input_proj(feature)
-    pos = feature_map_pos_embed(h, w, c.num_feats, c.temperature)
-    text = self.text_proj(text_emb * mask[..., None])
+    pos = feature_map_pos_embed(h, w, c.num_feats, c.temperature).astype(dtype)
+    text = self.text_proj((text_emb * mask[..., None]).astype(dtype))
 
     # Encoder over [image tokens; keypoint tokens]; keypoints get a zero positional encoding.
     pos_img = pos.reshape(h * w, c.d_model)
@@ -321,7 +334,7 @@ class PoseHead(nnx.Module):
     enc_padding = jnp.concatenate([jnp.zeros((b, h * w), bool), padding], axis=1)
     s = jnp.concatenate([x.reshape(b, h * w, c.d_model), text], axis=1)
     for layer in self.encoder_layers:
-      s = layer(s, pos_full, enc_padding)
+      s = layers.run_block(layer, s, pos_full, enc_padding, remat=self.remat)
     img, enc_kpt = s[:, :h * w], s[:, h * w:]
 
     sim, global_prop, local_prop = self.proposal_generator(img, enc_kpt, h, w)
@@ -338,8 +351,9 @@ class PoseHead(nnx.Module):
     for l, layer in enumerate(self.decoder_layers):
       # Layer 0 embeds the non-detached proposals, so gradients reach the proposal generator
       # through the sine encoding; later layers embed the detached reference.
-      query_pos = self._pe(local_prop if l == 0 else ref)
-      kpt, attn_map = layer(kpt, img, query_pos, pos_img, tgt_padding, valid, adj)
+      query_pos = self._pe(local_prop if l == 0 else ref, dtype)
+      kpt, attn_map = layers.run_block(layer, kpt, img, query_pos, pos_img, tgt_padding, valid,
+                                       adj, remat=self.remat)
       outs.append(self.decoder_norm(kpt))
       maps.append(attn_map)
       new_ref = jax.nn.sigmoid(inverse_sigmoid(ref) + self.kpt_branch[l](kpt))

@@ -109,9 +109,10 @@ class HRModule(nnx.Module):
                                for k in range(i - j)]))
       fuse.append(nnx.List(row))
     self.fuse_layers = nnx.List(fuse)
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat (per residual block), set by CapeNext
 
   def __call__(self, xs: list[jax.Array]) -> list[jax.Array]:
-    xs = [_run(branch, x) for branch, x in zip(self.branches, xs)]
+    xs = [_run(branch, x, self.remat) for branch, x in zip(self.branches, xs)]
     out = []
     for i, row in enumerate(self.fuse_layers):
       y = xs[i]
@@ -127,9 +128,9 @@ class HRModule(nnx.Module):
     return out
 
 
-def _run(blocks, x):
+def _run(blocks, x, remat: str):
   for block in blocks:
-    x = block(x)
+    x = layers.run_block(block, x, remat=remat)
   return x
 
 
@@ -157,6 +158,7 @@ class HRNet(nnx.Module):
                    1 if (last_stage and m == modules - 1) else len(current), rngs=rngs)
           for m in range(modules)]))
       previous = current
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat (per residual block), set by CapeNext
 
   @staticmethod
   def _transition(previous: tuple[int, ...], current: tuple[int, ...], rngs) -> nnx.List:
@@ -176,7 +178,7 @@ class HRNet(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x = jax.nn.relu(self.bn1(self.conv1(x)))
     x = jax.nn.relu(self.bn2(self.conv2(x)))
-    ys = [_run(self.layer1, x)]
+    ys = [_run(self.layer1, x, self.remat)]
     for k in range(len(self.config.num_modules)):
       transition = getattr(self, f'transition{k + 1}')
       xs = []

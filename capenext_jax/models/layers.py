@@ -3,6 +3,12 @@
 All modules are batch-first. Linear layers are `Linear`, an `nnx.Linear` (kernel `[in, out]`)
 with a backward pass arranged for speed, so an official PyTorch weight `W [out, in]` converts
 as `kernel = W.T`.
+
+Mixed precision: every layer computes in the dtype of its input (its float32 parameters are
+cast at use, so their gradients come back float32), except where float32 is needed for
+accuracy: LayerNorm / BatchNorm statistics and softmax run in float32 and hand back the input
+dtype. A model therefore runs in bfloat16 when its inputs are bfloat16 (`CapeNext` casts them
+to `CapeNextConfig.dtype`). `remat` wraps a block call in `nnx.remat` (`CapeNextConfig.remat`).
 """
 from __future__ import annotations
 
@@ -51,11 +57,12 @@ def linear(in_features: int, out_features: int, *, rngs: nnx.Rngs, use_bias: boo
 # ----------------------------------------------------------------------------- linear
 class Linear(nnx.Linear):
   """`nnx.Linear` (same parameters, same forward) computed by `dense`, whose backward pass is
-  written for speed. For float32 models; nnx.Linear's dtype / dot_general options are not
-  used by CapeNext and are ignored here."""
+  written for speed, in the dtype of its input (the parameters are cast to it). nnx.Linear's
+  dtype / dot_general options are not used by CapeNext and are ignored here."""
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return dense(x, self.kernel[...], None if self.bias is None else self.bias[...])
+    return dense(x, self.kernel[...].astype(x.dtype),
+                 None if self.bias is None else self.bias[...].astype(x.dtype))
 
 
 @jax.custom_vjp
@@ -110,9 +117,70 @@ def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
                                     default=lambda a, b: jnp.swapaxes(a, -1, -2) @ b)
 
 
-def layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def to_input_dtype(args, *, dtype=None, inexact=True):
+  """A `promote_dtype` for nnx layers (Conv): cast the parameters to the input's dtype
+  (args[0]) instead of promoting the input to float32."""
+  del dtype, inexact
+  return tuple(None if a is None else jnp.asarray(a, args[0].dtype) for a in args)
+
+
+class LayerNorm(nnx.LayerNorm):
+  """`nnx.LayerNorm` (same parameters) computed in float32 whatever the input dtype; the
+  result is in the input's dtype."""
+
+  def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+    return super().__call__(x.astype(jnp.float32), mask=mask).astype(x.dtype)
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs, epsilon: float = LN_EPS) -> LayerNorm:
   """LayerNorm over the last axis with PyTorch's eps (1e-5), weight 1 and bias 0."""
-  return nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+  return LayerNorm(dim, epsilon=epsilon, rngs=rngs)
+
+
+# ----------------------------------------------------------------------------- remat
+REMAT_NONE, REMAT_BLOCKS = 'none', 'blocks'
+
+
+def remat_policy(remat: str):
+  """The `jax.checkpoint` policy of a `CapeNextConfig.remat` value: 'blocks' saves nothing
+  inside a block (only its inputs), any other name is a `jax.checkpoint_policies` member."""
+  if remat == REMAT_BLOCKS:
+    return jax.checkpoint_policies.nothing_saveable
+  policy = getattr(jax.checkpoint_policies, remat, None)
+  if remat.startswith('_') or not callable(policy):
+    raise ValueError(f"remat {remat!r}: expected 'none', 'blocks' or a "
+                     f'jax.checkpoint_policies name (e.g. dots_saveable)')
+  return policy
+
+
+def check_remat(remat: str) -> None:
+  if remat != REMAT_NONE:
+    remat_policy(remat)
+
+
+def run_block(block: nnx.Module, *args, remat: str = REMAT_NONE):
+  """`block(*args)`; under `nnx.remat` with `remat`'s policy unless it is 'none', so the
+  backward pass recomputes the block's activations instead of keeping them."""
+  if remat == REMAT_NONE:
+    return block(*args)
+  return nnx.remat(lambda m, *a: m(*a), policy=remat_policy(remat))(block, *args)
+
+
+# ----------------------------------------------------------------------------- attention kernels
+ATTENTION_AUTO, ATTENTION_REFERENCE = 'auto', 'reference'
+ATTENTIONS = (ATTENTION_AUTO, ATTENTION_REFERENCE, 'fused', 'xla', 'cudnn')
+
+
+def attention_implementation(attention: str) -> str | None:
+  """What a `CapeNextConfig.attention` value runs: 'reference' (the hand-written attention,
+  fastest on XLA:CPU), or the `implementation` argument of `jax.nn.dot_product_attention`
+  (None: JAX picks, 'xla', 'cudnn'). 'auto' is the reference on CPU and None elsewhere
+  (decided when tracing, by the default backend)."""
+  if attention not in ATTENTIONS:
+    raise ValueError(f'attention {attention!r}: expected one of {ATTENTIONS}')
+  if attention == ATTENTION_AUTO:
+    return ATTENTION_REFERENCE if jax.default_backend() == 'cpu' else None
+  return None if attention == 'fused' else attention
 
 
 # ----------------------------------------------------------------------------- activations
@@ -186,7 +254,7 @@ class MultiHeadAttention(nnx.Module):
       return self._attend(weights, v, b, lq)
     q = split(self.q_proj(query), lq) * (1.0 / math.sqrt(self.head_dim))
     k = split(self.k_proj(key), lk)
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k)
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
     if attn_mask is not None:
       if attn_mask.dtype == jnp.bool_:
         logits = jnp.where(attn_mask[None, None], -jnp.inf, logits)
@@ -194,7 +262,7 @@ class MultiHeadAttention(nnx.Module):
         logits = logits + attn_mask[None, None]
     if key_padding_mask is not None:
       logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
-    return self._attend(jax.nn.softmax(logits, axis=-1), v, b, lq)
+    return self._attend(jax.nn.softmax(logits, axis=-1).astype(v.dtype), v, b, lq)
 
   def _attend(self, weights: jax.Array, v: jax.Array, b: int, lq: int):
     """weights [B, H, Lq, Lk] (before dropout), v [B, H, Lk, hd] -> (out, head-mean weights)."""
@@ -305,7 +373,8 @@ def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.R
   bound = _uniform(1.0 / math.sqrt(in_channels * kernel_size * kernel_size))
   return nnx.Conv(in_channels, out_channels, kernel_size=(kernel_size, kernel_size),
                   strides=(stride, stride), padding=((pad, pad), (pad, pad)), use_bias=use_bias,
-                  kernel_init=kernel_init or bound, bias_init=bound, rngs=rngs)
+                  kernel_init=kernel_init or bound, bias_init=bound,
+                  promote_dtype=to_input_dtype, rngs=rngs)
 
 
 def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
@@ -339,6 +408,8 @@ class BatchNorm(nnx.Module):
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    """Statistics and normalisation in float32; the result in x's dtype."""
+    dtype, x = x.dtype, x.astype(jnp.float32)
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
@@ -353,4 +424,5 @@ class BatchNorm(nnx.Module):
       self.mean.value = (1 - m) * self.mean[...] + m * jax.lax.stop_gradient(mean)
       self.var.value = (1 - m) * self.var[...] + m * jax.lax.stop_gradient(var) * (
           count / (count - 1))
-    return (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * self.scale[...]) + self.bias[...]
+    return y.astype(dtype)

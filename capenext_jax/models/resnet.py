@@ -116,6 +116,7 @@ class ResNet(nnx.Module):
           for b in range(blocks)]))
       in_channels = width * EXPANSION
     self.layers = nnx.List(stages)
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat (per Bottleneck), set by CapeNext
 
   def forward_with_intermediates(self, x: jax.Array) -> dict:
     """x: [B, S, S, 3] -> {'stages': [B, S/2^(s+2), same, width_s * 4] per stage, 'out': the
@@ -127,7 +128,7 @@ class ResNet(nnx.Module):
     stages = []
     for stage in self.layers:
       for block in stage:
-        x = block(x)
+        x = layers.run_block(block, x, remat=self.remat)
       stages.append(x)
     return {'stages': stages, 'out': x}
 

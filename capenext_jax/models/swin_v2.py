@@ -184,7 +184,8 @@ class PatchEmbed(nnx.Module):
     bound = 1.0 / math.sqrt(config.in_chans * p * p)
     init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
     self.proj = nnx.Conv(config.in_chans, config.embed_dim, kernel_size=(p, p), strides=(p, p),
-                         padding='VALID', kernel_init=init, bias_init=init, rngs=rngs)
+                         padding='VALID', kernel_init=init, bias_init=init,
+                         promote_dtype=layers.to_input_dtype, rngs=rngs)
     self.norm = layers.layer_norm(config.embed_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -192,11 +193,18 @@ class PatchEmbed(nnx.Module):
 
 
 class WindowAttention(nnx.Module):
-  """Cosine window self-attention with a continuous (MLP) relative position bias."""
+  """Cosine window self-attention with a continuous (MLP) relative position bias.
+
+  `attention` (set by CapeNext from `CapeNextConfig.attention`) picks the kernel: 'reference'
+  `biased_attention` (hand-written backward), 'xla' / 'cudnn' `jax.nn.dot_product_attention`
+  with that implementation, 'fused' the same letting JAX pick, 'auto' the reference on CPU and
+  'fused' elsewhere.
+  """
 
   def __init__(self, dim: int, num_heads: int, window: int, pretrained_window: int, *,
                rngs: nnx.Rngs):
     self.num_heads, self.window, self.pretrained_window = num_heads, window, pretrained_window
+    self.attention = layers.ATTENTION_AUTO
     self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), jnp.float32))
     self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
@@ -221,8 +229,9 @@ class WindowAttention(nnx.Module):
     # Given to `dense` as its bias, whose gradient is a matrix-vector product (the reduction
     # autodiff emits for a broadcast add ran far slower).
     bias = jnp.concatenate([self.q_bias.value, jnp.zeros_like(self.v_bias.value),
-                            self.v_bias.value])
-    qkv = layers.dense(x, self.qkv.kernel[...], bias).reshape(b, nw, n, 3, h, c // h)
+                            self.v_bias.value]).astype(x.dtype)
+    qkv = layers.dense(x, self.qkv.kernel[...].astype(x.dtype), bias)
+    qkv = qkv.reshape(b, nw, n, 3, h, c // h)
     # Head-major [3, B, nW, h, N, d]: every attention product is then a plain batched matmul
     # (with heads between window and token, XLA:CPU ran the logits product at half speed).
     q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)
@@ -230,8 +239,14 @@ class WindowAttention(nnx.Module):
     # the same product, but no pass over the large logits tensor, and its backward needs no
     # saved copy of the unscaled logits.
     scale = jnp.exp(jnp.minimum(self.logit_scale.value, MAX_LOGIT_SCALE))   # [h, 1, 1]
-    out = biased_attention(_l2_normalize(q) * scale, _l2_normalize(k), v, self.position_bias(),
-                           None if mask is None else jnp.asarray(mask))
+    q = (_l2_normalize(q.astype(jnp.float32)) * scale).astype(x.dtype)
+    k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
+    mask = None if mask is None else jnp.asarray(mask)
+    implementation = layers.attention_implementation(self.attention)
+    if implementation == layers.ATTENTION_REFERENCE:
+      out = biased_attention(q, k, v, self.position_bias(), mask)
+    else:
+      out = fused_biased_attention(q, k, v, self.position_bias(), mask, implementation)
     return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
 
 
@@ -253,10 +268,13 @@ def biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, position_bias: ja
 
 
 def _biased_attention_fwd(q, k, v, position_bias, mask):
-  logits = jnp.einsum('bwhqd,bwhkd->bwhqk', q, k) + position_bias
+  # Logits, softmax and the bias gradient in float32 whatever the dtype of q, k, v (the
+  # products then read the weights and the logit gradient in that dtype).
+  logits = jnp.einsum('bwhqd,bwhkd->bwhqk', q, k, preferred_element_type=jnp.float32)
+  logits = logits + position_bias
   if mask is not None:
     logits = logits + mask[:, None]
-  weights = jax.nn.softmax(logits, axis=-1)
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum('bwhqk,bwhkd->bwhqd', weights, v)
   return out, (q, k, v, weights, out)
 
@@ -264,17 +282,40 @@ def _biased_attention_fwd(q, k, v, position_bias, mask):
 def _biased_attention_bwd(residuals, d_out):
   q, k, v, weights, out = residuals
   d_v = layers.contract_tokens(weights, d_out)                      # P^T dO
-  d_weights = jnp.einsum('bwhqd,bwhkd->bwhqk', d_out, v)
+  d_weights = jnp.einsum('bwhqd,bwhkd->bwhqk', d_out, v, preferred_element_type=jnp.float32)
   # Softmax backward: dL = P * (dP - rowsum(dP * P)), and rowsum(dP * P) = rowsum(dO * O).
-  d_logits = weights * (d_weights - jnp.sum(d_out * out, axis=-1, keepdims=True))
-  d_q = jnp.einsum('bwhqk,bwhkd->bwhqd', d_logits, k)
-  d_k = layers.contract_tokens(d_logits, q)                         # dL^T Q
+  row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  d_logits = weights.astype(jnp.float32) * (d_weights - row)
   bias_shape = d_logits.shape[2:]                                   # summed over batch, windows
   d_bias = layers.sum_rows(d_logits.reshape(-1, math.prod(bias_shape)))
+  d_logits = d_logits.astype(q.dtype)
+  d_q = jnp.einsum('bwhqk,bwhkd->bwhqd', d_logits, k)
+  d_k = layers.contract_tokens(d_logits, q)                         # dL^T Q
   return d_q, d_k, d_v, d_bias.reshape(bias_shape), None
 
 
 biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
+
+
+def fused_biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, position_bias: jax.Array,
+                           mask: jax.Array | None, implementation: str | None) -> jax.Array:
+  """`biased_attention` through `jax.nn.dot_product_attention` (fused kernels off CPU).
+
+  Windows are independent, like heads, so they are folded into the heads axis: q, k, v
+  [B, nW, h, N, d] -> [B, N, nW*h, d], and the bias (position bias plus the shifted-window
+  mask) is one [1, nW*h, N, N] array shared by the batch instead of a per-sample copy. The
+  logit scale is already in q, hence scale=1. implementation: None (JAX picks), 'xla',
+  'cudnn' (which wants the bias in q's dtype). Returns [B, nW, h, N, d].
+  """
+  b, nw, h, n, d = q.shape
+  fold = lambda t: t.transpose(0, 3, 1, 2, 4).reshape(b, n, nw * h, d)
+  bias = position_bias[None] if mask is None else position_bias[None] + mask[:, None]
+  bias = jnp.broadcast_to(bias, (nw, h, n, n)).reshape(1, nw * h, n, n)
+  if implementation == 'cudnn':
+    bias = bias.astype(q.dtype)
+  out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias, scale=1.0,
+                                     implementation=implementation)
+  return out.reshape(b, n, nw, h, d).transpose(0, 2, 3, 1, 4)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
@@ -347,10 +388,11 @@ class BasicLayer(nnx.Module):
                                       rngs=rngs) for i, rate in enumerate(drop_paths)])
     last = stage == len(config.depths) - 1
     self.downsample = None if last else PatchMerging(config.stage_dim(stage), rngs=rngs)
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat, set by CapeNext
 
   def __call__(self, x: jax.Array) -> jax.Array:
     for block in self.blocks:
-      x = block(x)
+      x = layers.run_block(block, x, remat=self.remat)
     return x if self.downsample is None else self.downsample(x)
 
 

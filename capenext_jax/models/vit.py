@@ -215,8 +215,8 @@ def _vit_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> layer
   return lin
 
 
-def _layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
-  return nnx.LayerNorm(dim, epsilon=VIT_LN_EPS, rngs=rngs)
+def _layer_norm(dim: int, *, rngs: nnx.Rngs) -> layers.LayerNorm:
+  return layers.layer_norm(dim, epsilon=VIT_LN_EPS, rngs=rngs)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -229,28 +229,41 @@ class PatchEmbed(nnx.Module):
     bound = 1.0 / math.sqrt(config.in_chans * p * p)
     init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
     self.proj = nnx.Conv(config.in_chans, config.embed_dim, kernel_size=(p, p), strides=(p, p),
-                         padding='VALID', kernel_init=init, bias_init=init, rngs=rngs)
+                         padding='VALID', kernel_init=init, bias_init=init,
+                         promote_dtype=layers.to_input_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (channels `[3, heads, head_dim]`)."""
+  """Multi-head self-attention with a fused qkv projection (channels `[3, heads, head_dim]`).
+
+  `attention` (CapeNextConfig.attention, set by CapeNext) picks the kernel as in Swin's
+  `WindowAttention`: the explicit softmax below, or `jax.nn.dot_product_attention`.
+  """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
     self.qkv = _vit_linear(dim, 3 * dim, rngs=rngs)
     self.proj = _vit_linear(dim, dim, rngs=rngs)
+    self.attention = layers.ATTENTION_AUTO
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, N, C] -> [B, N, C]."""
     b, n, c = x.shape
     h = self.num_heads
+    scale = 1.0 / math.sqrt(c // h)
+    implementation = layers.attention_implementation(self.attention)
+    if implementation != layers.ATTENTION_REFERENCE:
+      q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 1, 3, 4)
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+      return self.proj(out.reshape(b, n, c))
     # Head-major [3, B, h, N, d], so both attention products are plain batched matmuls.
     q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)
-    q = q * (1.0 / math.sqrt(c // h))
-    weights = jax.nn.softmax(jnp.einsum('bhqd,bhkd->bhqk', q, k), axis=-1)
+    q = q * scale
+    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
     return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, c))
 
@@ -271,7 +284,7 @@ class LayerScale(nnx.Module):
     self.gamma = nnx.Param(jnp.full((dim,), init_value, jnp.float32))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return x * self.gamma.value
+    return x * self.gamma.value.astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -309,6 +322,7 @@ class VisionTransformer(nnx.Module):
     self.mask_token = nnx.Param(jnp.zeros((1, d), jnp.float32)) if config.mask_token else None
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
     self.norm = _layer_norm(d, rngs=rngs)
+    self.remat = layers.REMAT_NONE   # CapeNextConfig.remat, set by CapeNext
 
   def position_embedding(self) -> jax.Array:
     """[1, 1 + grid², D]: the stored embedding, its patch part resampled DINOv2's way to the
@@ -330,10 +344,10 @@ class VisionTransformer(nnx.Module):
                        f'got {x.shape}')
     b = x.shape[0]
     patches = self.patch_embed(x).reshape(b, -1, self.config.embed_dim)
-    cls = jnp.broadcast_to(self.cls_token.value, (b, 1, self.config.embed_dim))
-    x = jnp.concatenate([cls, patches], axis=1) + self.position_embedding()
+    cls = jnp.broadcast_to(self.cls_token.value.astype(x.dtype), (b, 1, self.config.embed_dim))
+    x = jnp.concatenate([cls, patches], axis=1) + self.position_embedding().astype(x.dtype)
     for block in self.blocks:
-      x = block(x)
+      x = layers.run_block(block, x, remat=self.remat)
     return self.norm(x)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -134,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Ru
   """
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-      jax.default_matmul_precision(config.precision):
+      jax.default_matmul_precision(init.matmul_precision(config)):
     return _train_and_evaluate(config, workdir, data, source)
 
 

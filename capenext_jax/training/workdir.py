@@ -26,14 +26,16 @@ from capenext_jax.params import flatten
 
 LOCK_FILE = '.lock'
 CONFIG_FILE = 'config.json'
-# Dotted config paths (fnmatch patterns) a resumed run may change.
+# Dotted config paths (fnmatch patterns) a resumed run may change. How the model computes
+# (dtype, remat, attention kernel, matmul precision) leaves the checkpoint's layout unchanged,
+# and workdirs written before those fields existed resume with their defaults.
 RESUMABLE_CHANGES = (
     'total_steps', 'num_epochs', 'log_every_steps', 'validate', 'eval_every_steps',
     'eval_every_epochs', 'checkpoint_every_steps', 'checkpoint_every_epochs',
     'keep_checkpoints', 'async_checkpoints', 'test_at_start', 'test_at_end', 'eval_batch_size',
     'data.val_episodes', 'data.test_episodes', 'mesh_shape.*', 'sharding_rules',
     'fsdp_min_bytes',
-    'allow_config_change',
+    'allow_config_change', 'model.dtype', 'model.remat', 'model.attention', 'precision',
 )
 
 

@@ -1,0 +1,180 @@
+"""How the model computes (CapeNextConfig dtype / remat / attention): bfloat16 fidelity against
+float32, bfloat16 matmuls, remat gradients, the dot_product_attention path."""
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from capenext_jax import losses
+from capenext_jax.models import layers
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
+from capenext_jax.tools import bf16_fidelity
+from capenext_jax.training import state as state_lib, step as step_lib
+
+FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures',
+                       'tiny_capenext.npz')
+
+
+# ----------------------------------------------------------------------------- config
+def test_compute_fields_round_trip_and_old_dicts_load():
+  config = CapeNextConfig.variant('tiny', dtype='bfloat16', remat='dots_saveable',
+                                  attention='xla')
+  assert CapeNextConfig.from_dict(config.to_dict()) == config
+  old = {k: v for k, v in config.to_dict().items() if k not in ('dtype', 'remat', 'attention')}
+  assert CapeNextConfig.from_dict(old) == CapeNextConfig.variant('tiny')
+  for field, bad in (('dtype', 'float16'), ('remat', 'everything'), ('attention', 'flash')):
+    with pytest.raises(ValueError, match=f'{field} .*{bad}'):
+      CapeNextConfig.variant('tiny', **{field: bad})
+
+
+# ----------------------------------------------------------------------------- bf16 matmuls
+def _matmul_flops(jaxpr, out):
+  """Append (operand dtypes, FLOPs) of every dot_general / conv in `jaxpr` and its sub-jaxprs."""
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name in ('dot_general', 'conv_general_dilated'):
+      a, b = (v.aval for v in eqn.invars[:2])
+      if name == 'dot_general':
+        (contracted, _), _ = eqn.params['dimension_numbers']
+        k = math.prod(a.shape[i] for i in contracted)
+      else:
+        k = math.prod(b.shape[:-1])   # HWIO kernel: window x input channels per output
+      out.append(({str(a.dtype), str(b.dtype)}, 2 * math.prod(eqn.outvars[0].aval.shape) * k))
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _matmul_flops(sub.jaxpr, out)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _matmul_flops(sub, out)
+  return out
+
+
+def _loss_and_grad_jaxpr(config: CapeNextConfig):
+  model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(0)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                       bf16_fidelity.random_batch(config, 2, 0))
+  loss_fn = losses.batch_loss_fn(config.image_size)
+
+  def loss(p, rest, batch):
+    m = nnx.merge(graphdef, p, rest)
+    m.eval()
+    out = m(batch['query_image'], batch['support_mask'], batch['adjacency'],
+            keypoint_text=batch['keypoint_text'], category_text=batch['category_text'])
+    return loss_fn(out, batch)['loss']
+
+  return jax.make_jaxpr(jax.value_and_grad(loss))(params, rest, batch)
+
+
+@pytest.mark.parametrize('backbone', [
+    'tiny', pytest.param('resnet_tiny', marks=pytest.mark.slow),
+    pytest.param('vit_tiny', marks=pytest.mark.slow)])
+def test_bfloat16_model_runs_its_matmuls_in_bfloat16(backbone):
+  """bfloat16: nearly all matmul FLOPs (forward and backward) have bfloat16 operands, the rest
+  are the float32 islands (similarity, position-bias MLP, bias gradients); the gradients are
+  float32. float32: not a single bfloat16 product (the parity path is untouched)."""
+  for dtype in ('float32', 'bfloat16'):
+    jaxpr = _loss_and_grad_jaxpr(CapeNextConfig.variant(backbone, dtype=dtype))
+    flops = _matmul_flops(jaxpr.jaxpr, [])
+    bf16 = sum(f for dtypes, f in flops if dtypes == {'bfloat16'})
+    total = sum(f for _, f in flops)
+    grads = jax.tree.leaves(jaxpr.out_avals[1:])
+    assert {g.dtype for g in grads} == {jnp.dtype('float32')}
+    if dtype == 'float32':
+      assert bf16 == 0
+    else:
+      assert bf16 / total > 0.9, (backbone, bf16 / total)
+
+
+# ----------------------------------------------------------------------------- fidelity
+def _check_fidelity(result: dict):
+  assert result['keypoint_max'] <= bf16_fidelity.BOUNDS['keypoint_max'], result
+  assert result['keypoint_mean'] <= bf16_fidelity.BOUNDS['keypoint_mean'], result
+  assert result['loss_rel'] <= bf16_fidelity.BOUNDS['loss_rel'], result
+  assert result['argmax_moved'] <= bf16_fidelity.MAX_MOVED * result['keypoints_counted'], result
+  assert result['ok']
+
+
+def test_bfloat16_fidelity_on_the_shared_fixture():
+  """The official tiny model's weights and episodes: no arg-max cell moves, keypoints within
+  1e-2 (max) / 3e-3 (mean) of the crop side, losses within 2%."""
+  model, batch, heatmap = bf16_fidelity.fixture_model_and_batch(FIXTURE)
+  result = bf16_fidelity.compare(model, batch, heatmap)
+  assert result['argmax_moved'] == 0
+  _check_fidelity(result)
+
+
+@pytest.mark.slow
+def test_bfloat16_fidelity_on_a_random_model():
+  """A random tiny model (the headline size: `python -m capenext_jax.tools.bf16_fidelity`)."""
+  config = CapeNextConfig.variant('tiny')
+  model = CapeNext(config, rngs=nnx.Rngs(0))
+  batch = bf16_fidelity.random_batch(config, 8, 0)
+  _check_fidelity(bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size)))
+
+
+# ----------------------------------------------------------------------------- remat
+def _train_grads(model: CapeNext, batch: dict):
+  """Loss gradients of `model` from one step of the real train step (training mode: dropout,
+  drop-path and BatchNorm batch statistics on, dropout keys from the state's rng), read back
+  from an SGD update with learning rate 1e6: grad = (params - new params) / 1e6, so the
+  params' own rounding is negligible."""
+  lr = 1e6
+  graphdef, state = state_lib.init_train_state(model, optax.sgd(lr), jax.random.PRNGKey(3))
+  before = state.trainable
+  step = step_lib.make_train_step(graphdef, losses.batch_loss_fn(model.config.image_size),
+                                  optax.sgd(lr))
+  with jax.default_matmul_precision('highest'):
+    after, _ = step(jax.tree.map(jnp.copy, state), {k: jnp.asarray(v) for k, v in batch.items()})
+  return jax.tree.map(lambda a, b: (np.asarray(a, np.float64) - np.asarray(b)) / lr, before,
+                      after.trainable)
+
+
+@pytest.mark.parametrize('backbone,remat', [
+    ('tiny', 'blocks'), pytest.param('hrnet_tiny', 'blocks', marks=pytest.mark.slow),
+    pytest.param('vit_tiny', 'dots_saveable', marks=pytest.mark.slow)])
+def test_remat_gives_the_gradients_of_no_remat(backbone, remat):
+  config = CapeNextConfig.variant(backbone)
+  model = CapeNext(config, rngs=nnx.Rngs(0))
+  batch = bf16_fidelity.random_batch(config, 2, 0)
+  plain = _train_grads(model, batch)
+  rematted = _train_grads(with_compute(model, remat=remat), batch)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain),
+                          jax.tree.leaves(rematted)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+
+
+def test_remat_policy_names():
+  assert layers.remat_policy('blocks') is jax.checkpoint_policies.nothing_saveable
+  assert layers.remat_policy('dots_saveable') is jax.checkpoint_policies.dots_saveable
+  with pytest.raises(ValueError, match='checkpoint_policies'):
+    layers.remat_policy('__class__')
+
+
+# ----------------------------------------------------------------------------- attention
+@pytest.mark.parametrize('backbone', ['tiny', pytest.param('vit_tiny', marks=pytest.mark.slow)])
+def test_dot_product_attention_path_equals_the_reference(backbone):
+  """attention='xla' (jax.nn.dot_product_attention, what GPUs and TPUs run by default) against
+  the hand-written CPU path: same outputs and gradients in float32 (shifted windows and their
+  mask included for Swin)."""
+  config = CapeNextConfig.variant(backbone, attention='reference')
+  model = CapeNext(config, rngs=nnx.Rngs(0))
+  batch = bf16_fidelity.random_batch(config, 2, 1)
+  model.eval()
+  fused = with_compute(model, attention='xla')
+  args = (batch['query_image'], batch['support_mask'], batch['adjacency'])
+  text = dict(keypoint_text=batch['keypoint_text'], category_text=batch['category_text'])
+  with jax.default_matmul_precision('highest'):
+    ref_feature = model(*args, **text)['backbone_feature']
+    fused_feature = fused(*args, **text)['backbone_feature']
+  np.testing.assert_allclose(fused_feature, ref_feature, rtol=1e-5, atol=1e-5)
+  model.train()
+  ref = _train_grads(model, batch)['backbone']
+  got = _train_grads(with_compute(model, attention='xla'), batch)['backbone']
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
