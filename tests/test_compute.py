@@ -11,8 +11,9 @@ import pytest
 from flax import nnx
 
 from capenext_jax import losses
-from capenext_jax.models import layers
+from capenext_jax.models import backbones, layers
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
+from capenext_jax.models.swin_v2 import SwinV2Config
 from capenext_jax.tools import bf16_fidelity
 from capenext_jax.training import state as state_lib, step as step_lib
 
@@ -20,16 +21,21 @@ FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixture
                        'tiny_capenext.npz')
 
 
+def _tiny(backbone: str, **compute) -> CapeNextConfig:
+  """A CPU test size at 64 px."""
+  return CapeNextConfig.variant(backbone, image_size=64, **compute)
+
+
 # ----------------------------------------------------------------------------- config
 def test_compute_fields_round_trip_and_old_dicts_load():
-  config = CapeNextConfig.variant('tiny', dtype='bfloat16', remat='dots_saveable',
+  config = _tiny('tiny', dtype='bfloat16', remat='dots_saveable',
                                   attention='xla')
   assert CapeNextConfig.from_dict(config.to_dict()) == config
   old = {k: v for k, v in config.to_dict().items() if k not in ('dtype', 'remat', 'attention')}
-  assert CapeNextConfig.from_dict(old) == CapeNextConfig.variant('tiny')
+  assert CapeNextConfig.from_dict(old) == _tiny('tiny')
   for field, bad in (('dtype', 'float16'), ('remat', 'everything'), ('attention', 'flash')):
     with pytest.raises(ValueError, match=f'{field} .*{bad}'):
-      CapeNextConfig.variant('tiny', **{field: bad})
+      _tiny('tiny', **{field: bad})
 
 
 # ----------------------------------------------------------------------------- bf16 matmuls
@@ -79,7 +85,7 @@ def test_bfloat16_model_runs_its_matmuls_in_bfloat16(backbone):
   are the float32 islands (similarity, position-bias MLP, bias gradients); the gradients are
   float32. float32: not a single bfloat16 product (the parity path is untouched)."""
   for dtype in ('float32', 'bfloat16'):
-    jaxpr = _loss_and_grad_jaxpr(CapeNextConfig.variant(backbone, dtype=dtype))
+    jaxpr = _loss_and_grad_jaxpr(_tiny(backbone, dtype=dtype))
     flops = _matmul_flops(jaxpr.jaxpr, [])
     bf16 = sum(f for dtypes, f in flops if dtypes == {'bfloat16'})
     total = sum(f for _, f in flops)
@@ -112,7 +118,7 @@ def test_bfloat16_fidelity_on_the_shared_fixture():
 @pytest.mark.slow
 def test_bfloat16_fidelity_on_a_random_model():
   """A random tiny model (the headline size: `python -m capenext_jax.tools.bf16_fidelity`)."""
-  config = CapeNextConfig.variant('tiny')
+  config = _tiny('tiny')
   model = CapeNext(config, rngs=nnx.Rngs(0))
   batch = bf16_fidelity.random_batch(config, 8, 0)
   _check_fidelity(bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size)))
@@ -135,18 +141,74 @@ def _train_grads(model: CapeNext, batch: dict):
                       after.trainable)
 
 
-@pytest.mark.parametrize('backbone,remat', [
-    ('tiny', 'blocks'), pytest.param('hrnet_tiny', 'blocks', marks=pytest.mark.slow),
-    pytest.param('vit_tiny', 'dots_saveable', marks=pytest.mark.slow)])
-def test_remat_gives_the_gradients_of_no_remat(backbone, remat):
-  config = CapeNextConfig.variant(backbone)
+# Backbone sizes with something to check: Swin with shifted windows (two blocks a stage), HRNet
+# (BatchNorm statistics updated inside the remat), ViT. No drop-path here: under `nnx.grad` with
+# the module's own RNG streams, remat and no remat drew different drop-path masks in the
+# backward pass (not understood yet); the train step reseeds its streams inside the trace, and
+# remat with dropout through it is `test_remat_of_the_whole_model_in_the_train_step`.
+SMALL_BACKBONES = {
+    'swin': SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                         window_size=4, pretrained_window_sizes=(0, 0), drop_path_rate=0.0),
+    'hrnet': backbones.preset('hrnet_tiny').config(64),
+    'vit': backbones.preset('vit_tiny').config(64),
+}
+
+
+def _backbone_grads(module: nnx.Module, x: jax.Array, *, train: bool):
+  """(output, param grads) of sum(module(x) * w) for a fixed random w, jitted; in training mode
+  the drop-path keys and BatchNorm statistics are the module's own state (`nnx.grad`)."""
+  module.train() if train else module.eval()
+
+  @nnx.jit
+  def run(module, x):
+    def loss(module):
+      y = module(x)
+      return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))), y
+    (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
+    return y, nnx.to_pure_dict(grads)
+
+  with jax.default_matmul_precision('highest'):
+    return run(module, x)
+
+
+def _copy_with(module: nnx.Module, **attributes) -> nnx.Module:
+  copy = nnx.merge(*nnx.split(module))
+  copy.set_attributes(**attributes, raise_if_not_found=False)
+  return copy
+
+
+def _assert_trees_close(got, want, rtol, atol):
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize('name,remat', [
+    ('swin', 'blocks'), pytest.param('hrnet', 'blocks', marks=pytest.mark.slow),
+    ('vit', 'dots_saveable')])
+def test_remat_gives_the_gradients_of_no_remat(name, remat):
+  config = SMALL_BACKBONES[name]
+  module = backbones.build(config, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, config.img_size, config.img_size, 3)),
+                  jnp.float32)
+  plain = _copy_with(module)
+  rematted = _copy_with(module, remat=remat)
+  y, grads = _backbone_grads(plain, x, train=True)
+  y_remat, grads_remat = _backbone_grads(rematted, x, train=True)
+  np.testing.assert_allclose(y_remat, y, rtol=1e-6, atol=1e-6)
+  _assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
+  # The same state moved: drop-path streams and BatchNorm statistics.
+  _assert_trees_close(nnx.to_pure_dict(nnx.state(rematted, nnx.Not(nnx.Param))),
+                      nnx.to_pure_dict(nnx.state(plain, nnx.Not(nnx.Param))), 0, 0)
+
+
+@pytest.mark.slow
+def test_remat_of_the_whole_model_in_the_train_step():
+  """The real train step (dropout everywhere, head layers rematerialised too)."""
+  config = _tiny('tiny')
   model = CapeNext(config, rngs=nnx.Rngs(0))
   batch = bf16_fidelity.random_batch(config, 2, 0)
-  plain = _train_grads(model, batch)
-  rematted = _train_grads(with_compute(model, remat=remat), batch)
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(plain),
-                          jax.tree.leaves(rematted)):
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7, err_msg=jax.tree_util.keystr(path))
+  _assert_trees_close(_train_grads(with_compute(model, remat='blocks'), batch),
+                      _train_grads(model, batch), rtol=1e-5, atol=1e-7)
 
 
 def test_remat_policy_names():
@@ -157,24 +219,16 @@ def test_remat_policy_names():
 
 
 # ----------------------------------------------------------------------------- attention
-@pytest.mark.parametrize('backbone', ['tiny', pytest.param('vit_tiny', marks=pytest.mark.slow)])
-def test_dot_product_attention_path_equals_the_reference(backbone):
+@pytest.mark.parametrize('name', ['swin', 'vit'])
+def test_dot_product_attention_path_equals_the_reference(name):
   """attention='xla' (jax.nn.dot_product_attention, what GPUs and TPUs run by default) against
-  the hand-written CPU path: same outputs and gradients in float32 (shifted windows and their
-  mask included for Swin)."""
-  config = CapeNextConfig.variant(backbone, attention='reference')
-  model = CapeNext(config, rngs=nnx.Rngs(0))
-  batch = bf16_fidelity.random_batch(config, 2, 1)
-  model.eval()
-  fused = with_compute(model, attention='xla')
-  args = (batch['query_image'], batch['support_mask'], batch['adjacency'])
-  text = dict(keypoint_text=batch['keypoint_text'], category_text=batch['category_text'])
-  with jax.default_matmul_precision('highest'):
-    ref_feature = model(*args, **text)['backbone_feature']
-    fused_feature = fused(*args, **text)['backbone_feature']
-  np.testing.assert_allclose(fused_feature, ref_feature, rtol=1e-5, atol=1e-5)
-  model.train()
-  ref = _train_grads(model, batch)['backbone']
-  got = _train_grads(with_compute(model, attention='xla'), batch)['backbone']
-  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
-    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+  the hand-written CPU path, float32: same features and parameter gradients (Swin: shifted
+  windows, their mask and the position bias included)."""
+  config = SMALL_BACKBONES[name]
+  module = backbones.build(config, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, config.img_size, config.img_size, 3)),
+                  jnp.float32)
+  y, grads = _backbone_grads(_copy_with(module, attention='reference'), x, train=False)
+  y_fused, grads_fused = _backbone_grads(_copy_with(module, attention='xla'), x, train=False)
+  np.testing.assert_allclose(y_fused, y, rtol=1e-5, atol=1e-5)
+  _assert_trees_close(grads_fused, grads, rtol=1e-4, atol=1e-6)
