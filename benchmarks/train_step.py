@@ -73,7 +73,7 @@ def time_batch(train_step, state, batch_size: int, config: CapeNextConfig, args)
   util = measure.mfu(flops, step_s, kind, args.dtype)
   record = {
       'status': 'ok', 'samples_per_s': round(batch_size / step_s, 2),
-      'step_s': round(step_s, 5), 'mfu': None if util is None else round(util, 4),
+      'step_s': round(step_s, 5), 's_per_sample': round(step_s / batch_size, 5), 'mfu': None if util is None else round(util, 4),
       'gflop_per_sample': None if flops is None else round(flops / batch_size / 1e9, 2),
       'device_peak_bytes': measure.device_peak_bytes(), **measure.compiled_memory(compiled),
       'compile_s': round(compile_s, 2), 'loss_finite': bool(metrics['finite'])}
