@@ -6,6 +6,7 @@
 #
 #   bash benchmarks/accelerator.sh            # on the GPU / TPU host
 #   JAX_PLATFORMS=cpu bash benchmarks/accelerator.sh --tiny    # the CPU test size: a script check
+#   TRAIN_BATCHES=128,512 STEPS=5 BUDGET_S=300 bash benchmarks/accelerator.sh   # a shorter lease
 #
 # Needs only Python 3 with jax, flax, optax, numpy (no TensorFlow, no install of this package:
 # the repo root goes on PYTHONPATH). Runs longest-awaited first (bf16 training, eval, the fp32
@@ -19,7 +20,8 @@ BUDGET_S=${BUDGET_S:-450}
 if [[ ${1:-} == --tiny ]]; then
   TINY=--tiny; TRAIN_BATCHES=2,4,8; EVAL_BATCHES=8,32; EVAL_MODEL=tiny; STEPS=2; REPEATS=3
 else
-  TINY=; TRAIN_BATCHES=32,128,512; EVAL_BATCHES=128,512; EVAL_MODEL=full; STEPS=10; REPEATS=10
+  TINY=; TRAIN_BATCHES=${TRAIN_BATCHES:-32,128,512}; EVAL_BATCHES=${EVAL_BATCHES:-128,512}
+  EVAL_MODEL=full; STEPS=${STEPS:-10}; REPEATS=${REPEATS:-10}
 fi
 OUT=$(mktemp -d)
 START=$SECONDS

@@ -88,10 +88,16 @@ def measure_forward(model: str, dtype: str, batch_sizes: list[int], repeats: int
   size = 64 if model == 'tiny' else None
   config = CapeNextConfig.variant('tiny' if model == 'tiny' else 'swinv2_t', image_size=size,
                                   dtype=dtype)
-  net = CapeNext(config, rngs=nnx.Rngs(0))
-  net.eval()
-  graphdef, state = nnx.split(net)
-  del net
+
+  def make():
+    net = CapeNext(config, rngs=nnx.Rngs(0))
+    net.eval()
+    return net
+
+  # Random weights made under one jit (eagerly, each initializer op compiles apart: minutes on
+  # a GPU).
+  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  state = jax.jit(lambda: nnx.state(make()))()
 
   @jax.jit
   def forward(state, batch):

@@ -35,7 +35,7 @@ from capenext_jax.models import backbones  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.runtime import allocator, tune_allocator  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
-from capenext_jax.training import schedule, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib  # noqa: E402
 
 HEATMAP = 64   # the official configs' targets are 64 px at every input size
 TINY_SIZE = 64
@@ -80,6 +80,15 @@ def time_batch(train_step, state, batch_size: int, config: CapeNextConfig, args)
   return record, state
 
 
+def new_state(config: CapeNextConfig, tx) -> tuple[nnx.GraphDef, state_lib.TrainState]:
+  """(graphdef, train state) with random weights, created under one jit: built eagerly, each
+  initializer op would compile on its own (~130 small programs: minutes on a GPU)."""
+  make = lambda: CapeNext(config, rngs=nnx.Rngs(0))
+  graphdef = partition.split_model(nnx.eval_shape(make))[0]
+  init = lambda: state_lib.init_train_state(make(), tx, jax.random.PRNGKey(0))[1]
+  return graphdef, jax.jit(init)()
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--batch', default='4', help='comma-separated batch sizes, increasing')
@@ -96,10 +105,8 @@ def main():
   config = model_config(args)
   precision = precision_of(args)
   t0 = time.perf_counter()
-  model = CapeNext(config, rngs=nnx.Rngs(0))
   tx = schedule.make_optimizer(schedule.default_optim_config(), steps_per_epoch=1000)
-  graphdef, state = state_lib.init_train_state(model, tx, jax.random.PRNGKey(0))
-  del model
+  graphdef, state = new_state(config, tx)
   build_s = time.perf_counter() - t0
   train_step = step_lib.make_train_step(
       graphdef, losses.batch_loss_fn(config.image_size, HEATMAP), tx)
@@ -121,8 +128,7 @@ def main():
           raise
         record = {'status': 'OOM'}
         # The donated state may be gone with the failed step: start the next size afresh.
-        state = state_lib.init_train_state(CapeNext(config, rngs=nnx.Rngs(0)), tx,
-                                           jax.random.PRNGKey(0))[1]
+        state = new_state(config, tx)[1]
       print(json.dumps({**common, 'batch': batch_size, **record}), flush=True)
 
 
