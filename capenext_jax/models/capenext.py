@@ -66,7 +66,11 @@ class CapeNextConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f'config dtype {self.dtype!r}: expected one of {DTYPES}')
     layers.check_remat(self.remat)
-    layers.attention_implementation(self.attention)   # raises for an unknown name
+    # The name only: resolving 'auto' asks for the backend, which must wait for
+    # jax.distributed.initialize (configs are built before it).
+    if self.attention not in layers.ATTENTIONS:
+      raise ValueError(f'config attention {self.attention!r}: expected one of '
+                       f'{layers.ATTENTIONS}')
     head = dataclasses.replace(
         self.head, img_in_channels=self.backbone.num_features,
         text_in_channels=self.clip.embed_dim, num_feats=self.head.d_model // 2)
