@@ -361,6 +361,17 @@ class DropPath(Dropout):
 BN_EPS, BN_MOMENTUM = 1e-5, 0.1   # torch.nn.BatchNorm2d defaults
 
 
+
+def patch_conv(in_channels: int, out_channels: int, patch: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+  """Non-overlapping patch conv (kernel = stride = patch) with PyTorch's Conv2d default init
+  (Swin V2's and the ViTs' references leave their patch conv at it)."""
+  bound = 1.0 / math.sqrt(in_channels * patch * patch)
+  init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+  return nnx.Conv(in_channels, out_channels, kernel_size=(patch, patch), strides=(patch, patch),
+                  padding='VALID', kernel_init=init, bias_init=init,
+                  promote_dtype=to_input_dtype, rngs=rngs)
+
+
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs,
            stride: int = 1, padding: int | None = None, use_bias: bool = False,
            kernel_init=None) -> nnx.Conv:

@@ -180,12 +180,7 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, config: SwinV2Config, *, rngs: nnx.Rngs):
     p = config.patch_size
-    # The conv keeps PyTorch's Conv2d default init (the official _init_weights skips it).
-    bound = 1.0 / math.sqrt(config.in_chans * p * p)
-    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    self.proj = nnx.Conv(config.in_chans, config.embed_dim, kernel_size=(p, p), strides=(p, p),
-                         padding='VALID', kernel_init=init, bias_init=init,
-                         promote_dtype=layers.to_input_dtype, rngs=rngs)
+    self.proj = layers.patch_conv(config.in_chans, config.embed_dim, p, rngs=rngs)
     self.norm = layers.layer_norm(config.embed_dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:

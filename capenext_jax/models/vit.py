@@ -225,12 +225,7 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
     p = config.patch_size
-    # PyTorch's Conv2d default init (neither reference re-initialises the patch conv).
-    bound = 1.0 / math.sqrt(config.in_chans * p * p)
-    init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-    self.proj = nnx.Conv(config.in_chans, config.embed_dim, kernel_size=(p, p), strides=(p, p),
-                         padding='VALID', kernel_init=init, bias_init=init,
-                         promote_dtype=layers.to_input_dtype, rngs=rngs)
+    self.proj = layers.patch_conv(config.in_chans, config.embed_dim, p, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.proj(x)
