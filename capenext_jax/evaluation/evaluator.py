@@ -85,10 +85,9 @@ class Evaluator:
     if progress is not None and outputs:
       jax.block_until_ready(outputs[-1])
       progress.update(len(self.pairs) - batch_size * (len(outputs) - 1))
-    out = partition.to_host(outputs)   # one transfer at the end: no per-batch host sync
-    valid = np.concatenate([o['valid'] for o in out])
-    index = np.concatenate([o['pair_index'] for o in out])[valid]
-    crop = np.concatenate([o['keypoints'] for o in out])[valid]
+    out = partition.gather_batches(outputs, self.mesh)   # one gather at the end, no per-batch sync
+    valid = out['valid']
+    index, crop = out['pair_index'][valid], out['keypoints'][valid]
     if not np.array_equal(np.sort(index), np.arange(len(self.pairs))):
       raise RuntimeError('eval batches do not cover every pair exactly once')
     dataset, q = self.data.dataset, self.pairs.pairs[index, -1]

@@ -19,11 +19,13 @@
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
@@ -177,3 +179,46 @@ def to_host(tree: PyTree) -> PyTree:
       return multihost_utils.process_allgather(x, tiled=True)
     return jax.device_get(x)
   return jax.tree.map(gather, tree)
+
+
+def gather_batches(batches: Sequence[Mapping[str, jax.Array]], mesh: Mesh
+                   ) -> dict[str, np.ndarray]:
+  """Per-batch outputs (each a dict of global arrays [B, ...] split over the batch axis, every
+  batch with the same shapes) -> {key: host array [len(batches) * B, ...]} on every process.
+
+  One collective, whatever the number of batches and keys: the batches are stacked on device
+  and every leaf is packed into one int32 [batches, B, words] array that is all-gathered once
+  (a gather per leaf per batch costs a cross-host round trip each). Leaves must be bool or of
+  a 4-byte dtype (they travel bit for bit).
+  """
+  keys = sorted(batches[0])
+  layout = []   # (key, dtype, shape of one row, words per row)
+  for key in keys:
+    x = batches[0][key]
+    if x.dtype != jnp.bool_ and x.dtype.itemsize != 4:
+      raise TypeError(f'gather_batches: output {key!r} is {x.dtype}; expected bool or a '
+                      '4-byte dtype')
+    layout.append((key, x.dtype, x.shape[1:], math.prod(x.shape[1:])))
+  packed = np.asarray(_packer(mesh)([[b[k] for k in keys] for b in batches])
+                      .addressable_data(0))
+  rows, out, start = packed.reshape(-1, packed.shape[-1]), {}, 0
+  for key, dtype, shape, words in layout:
+    chunk = np.ascontiguousarray(rows[:, start:start + words])
+    chunk = chunk.astype(bool) if dtype == jnp.bool_ else chunk.view(dtype)
+    out[key], start = chunk.reshape(-1, *shape), start + words
+  return out
+
+
+def _pack_words(batches: list[list[jax.Array]]) -> jax.Array:
+  """[[leaf [B, ...]] per batch] -> int32 [batches, B, words] (bools as 0 / 1)."""
+  def words(x):
+    x = x.astype(jnp.int32) if x.dtype == jnp.bool_ else jax.lax.bitcast_convert_type(
+        x, jnp.int32)
+    return x.reshape(x.shape[0], -1)
+  return jnp.stack([jnp.concatenate([words(x) for x in leaves], axis=1) for leaves in batches])
+
+
+@functools.cache
+def _packer(mesh: Mesh):
+  """`_pack_words` jitted to a replicated output: the one all-gather of `gather_batches`."""
+  return jax.jit(_pack_words, out_shardings=NamedSharding(mesh, P()))
