@@ -160,8 +160,9 @@ def run_model_eval(config, run_config, protocol, annotations, image_root, overla
   with jax.set_mesh(mesh), jax.default_matmul_precision(init.matmul_precision(config)):
     ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step, run_config=run_config)
     config.model = ml_collections.ConfigDict(ckpt.config.to_dict())   # the pipeline's sizes
-    graphdef, state = loading.eval_state(ckpt, mesh,
-                                         partition.rules_from_config(config.sharding_rules))
+    graphdef, state = loading.eval_state(
+        ckpt, mesh, partition.rules_from_config(config.sharding_rules),
+        config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES))
     data = eval_split(config, annotations, image_root)
     data.source.dataset, text = apply_text_options(
         data.dataset, FLAGS.descriptions, FLAGS.category_prompt, FLAGS.category_prompt_seed)

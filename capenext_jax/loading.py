@@ -197,8 +197,12 @@ def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:
   return load_model(path, dtype=dtype)
 
 
-def eval_state(ckpt: Checkpoint, mesh, rules=()):
-  """(graphdef, TrainState on `mesh`) to evaluate `ckpt` with (no optimizer state needed)."""
+def eval_state(ckpt: Checkpoint, mesh, rules=(), min_shard_bytes: int | None = None):
+  """(graphdef, TrainState on `mesh`) to evaluate `ckpt` with (no optimizer state needed).
+
+  rules, min_shard_bytes: the sharding of the params over the mesh (`partition.param_shardings`;
+  a run config's `sharding_rules` and `fsdp_min_bytes`); a workdir's state keeps its own.
+  """
   from capenext_jax.training import partition
   from capenext_jax.training.state import TrainState
   graphdef = _graphdef(ckpt.config)
@@ -209,7 +213,10 @@ def eval_state(ckpt: Checkpoint, mesh, rules=()):
   state = TrainState(trainable=trainable, batch_stats=batch_stats, frozen=frozen, opt_state=(),
                      step=np.int32(0),
                      rng=np.zeros(2, np.uint32))
-  return graphdef, jax.device_put(state, partition.param_shardings(state, mesh, rules))
+  if min_shard_bytes is None:
+    min_shard_bytes = partition.FSDP_MIN_BYTES
+  return graphdef, jax.device_put(state, partition.param_shardings(state, mesh, rules,
+                                                                   min_shard_bytes))
 
 
 # ----------------------------------------------------------------------------- pretrained parts
