@@ -29,15 +29,22 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return out
 
 
-def model_config(backbone: str = 'swinv2_t', image_size: int | None = None,
-                 fusion: bool = True, **compute) -> ml_collections.ConfigDict:
+def model_config(backbone: str = 'swinv2_t', image_size: int | None = None, *,
+                 capex: bool = False, fusion: str = '', **compute) -> ml_collections.ConfigDict:
   """`config.model`: `CapeNextConfig.variant(...).to_dict()` (the model reads it back with
   `CapeNextConfig.from_dict`; the widths where the parts meet are derived there). image_size:
-  default the backbone's official input size. compute: `dtype` ('float32' | 'bfloat16'),
-  `remat` ('none' | 'blocks' | a jax.checkpoint_policies name), `attention` (CapeNextConfig)."""
-  return ml_collections.ConfigDict(
-      CapeNextConfig.variant(backbone, image_size=image_size, fusion=fusion,
+  default the backbone's official input size. capex: no fusion module (plain CapeX). fusion:
+  an official fusion class for the ablations (models/fusion.py MODULES; default the paper's
+  SimpleMultiModalModule). compute: `dtype` ('float32' | 'bfloat16'), `remat` ('none' |
+  'blocks' | a jax.checkpoint_policies name), `attention` (CapeNextConfig)."""
+  if capex and fusion:
+    raise ValueError(f'capex has no fusion module: drop fusion={fusion} or capex')
+  c = ml_collections.ConfigDict(
+      CapeNextConfig.variant(backbone, image_size=image_size, fusion=not capex,
                              **compute).to_dict())
+  if fusion:
+    c.fusion.module = fusion
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:

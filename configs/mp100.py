@@ -36,11 +36,7 @@ def get_config(arg: str | None = None):
   c.data.mask_outside_bbox = a.mask
   backbone = backbones.test_size_of(a.backbone) if a.runlocal else a.backbone
   c.model = common.model_config(backbone, image_size=64 if a.runlocal else None,
-                                fusion=not a.capex, dtype=a.dtype)
-  if a.fusion:
-    if a.capex:
-      raise ValueError('capex has no fusion module: drop fusion= or capex')
-    c.model.fusion.module = a.fusion
+                                capex=a.capex, fusion=a.fusion, dtype=a.dtype)
   # The official configs' targets are 64 px at every input size (224 px for vit_b16).
   c.data.heatmap_size = 0 if a.runlocal else 64
   if a.runlocal:

@@ -18,7 +18,9 @@ that colour) carries over to unseen categories.
 Args: steps=N (default 600), batch=B (16), image_size=S (64), stages=N Swin stages (2),
 lr (2e-3), backbone=tiny|resnet_tiny|hrnet_tiny|... (a CPU test size; the others keep their
 stride-16 feature map, 4x4 at 64 px), dtype=float32|bfloat16 (model compute dtype; bfloat16 is
-for GPUs / TPUs, XLA:CPU runs it slower than float32).
+for GPUs / TPUs, XLA:CPU runs it slower than float32); the paper's ablations as in
+configs/mp100.py: capex (no fusion module), fusion=<official fusion class>, mask (zero the
+image outside the instance box).
 """
 from __future__ import annotations
 
@@ -27,11 +29,13 @@ from configs import common
 
 def get_config(arg: str | None = None):
   a = common.parse_arg(arg, steps=600, batch=16, image_size=64, stages=2, lr=2e-3,
-                       backbone='tiny', dtype='float32')
+                       backbone='tiny', dtype='float32', capex=False, fusion='', mask=False)
   c = common.base_config()
   c.data.synthetic.enabled = True        # root '' -> <workdir>/data
+  c.data.mask_outside_bbox = a.mask
   c.init.from_scratch = True             # random backbone and CLIP: the task needs no pretraining
-  c.model = common.model_config(a.backbone, image_size=a.image_size, dtype=a.dtype)
+  c.model = common.model_config(a.backbone, image_size=a.image_size, capex=a.capex,
+                                fusion=a.fusion, dtype=a.dtype)
   c.precision = 'default'
   if a.backbone == 'tiny':
     n = a.stages
@@ -41,7 +45,8 @@ def get_config(arg: str | None = None):
     # A few hundred steps from scratch: no regularisation (it only slows the fit down).
     c.model.backbone.drop_path_rate = 0.0
   c.model.head.dropout = 0.0
-  c.model.fusion.dropout = 0.0
+  if c.model.fusion:
+    c.model.fusion.dropout = 0.0
   c.batch_size = a.batch
   c.eval_batch_size = 64
   c.total_steps = a.steps

@@ -32,3 +32,29 @@ def eval_program():
     sys.modules['eval_program'] = module
     spec.loader.exec_module(module)
   return sys.modules['eval_program']
+
+
+def last_line(text: str) -> str:
+  return text.strip().splitlines()[-1] if text.strip() else ''
+
+
+def run_eval_cli(*argv):
+  """eval.py as `app.run` runs it (our flag parser, then the guarded main), in-process:
+  (exit status, stderr's last line)."""
+  import contextlib
+  import io
+
+  from absl import flags
+
+  from capenext_jax import cli
+  program = eval_program()
+  flags.FLAGS.unparse_flags()
+  err = io.StringIO()
+  with contextlib.redirect_stderr(err):
+    try:
+      cli.absl_flags_parser('eval.py')(['eval.py', *map(str, argv)])
+      cli.guarded('eval.py', program.main, verbose=cli.absl_verbose)([])
+      status = 0
+    except SystemExit as e:
+      status = e.code
+  return status, last_line(err.getvalue())

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import conftest
-from conftest import FIXTURES, MP100_MINI, REPO
+from conftest import FIXTURES, MP100_MINI, REPO, last_line, run_eval_cli
 
 MINI_TEST = MP100_MINI / 'annotations' / 'mini_test.json'
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
@@ -29,10 +29,6 @@ def run_script(*args, timeout=120):
   proc = subprocess.run([sys.executable, *map(str, args)], env=ENV, cwd=REPO, timeout=timeout,
                         capture_output=True, text=True)
   return proc.returncode, proc.stdout, proc.stderr
-
-
-def last_line(text: str) -> str:
-  return text.strip().splitlines()[-1] if text.strip() else ''
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -229,28 +225,6 @@ def test_exif_orientation_is_applied_in_every_decoder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- eval.py
-def run_eval_cli(*argv):
-  """eval.py as `app.run` runs it (our flag parser, then the guarded main), in-process:
-  (exit status, stderr's last line)."""
-  import contextlib
-  import io
-
-  from absl import flags
-
-  from capenext_jax import cli
-  program = conftest.eval_program()
-  flags.FLAGS.unparse_flags()
-  err = io.StringIO()
-  with contextlib.redirect_stderr(err):
-    try:
-      cli.absl_flags_parser('eval.py')(['eval.py', *map(str, argv)])
-      cli.guarded('eval.py', program.main, verbose=cli.absl_verbose)([])
-      status = 0
-    except SystemExit as e:
-      status = e.code
-  return status, last_line(err.getvalue())
-
-
 @pytest.fixture(scope='module')
 def exports(tmp_path_factory):
   """The tiny fixture exported: intact (safetensors, msgpack), with an edited config.json,

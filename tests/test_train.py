@@ -45,7 +45,10 @@ def test_configs_build_models():
     m = CapeNextConfig.from_dict(mp100.get_config(arg).model.to_dict())
     assert m.head.img_in_channels == m.backbone.embed_dim * 8
     assert m.head.text_in_channels == m.clip.embed_dim and m.head.num_feats == m.head.d_model // 2
-  assert CapeNextConfig.from_dict(mp100.get_config('capex').model.to_dict()).fusion is None
+  for config in (mp100, synthetic):
+    assert CapeNextConfig.from_dict(config.get_config('capex').model.to_dict()).fusion is None
+    with pytest.raises(ValueError, match='capex has no fusion module'):
+      config.get_config('capex,fusion=CrossAttentionLayer')
   # Derived widths follow an override of the parts they derive from.
   c = mp100.get_config('')
   c.model.backbone.embed_dim, c.model.clip.embed_dim, c.model.head.d_model = 48, 128, 64
