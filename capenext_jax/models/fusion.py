@@ -37,8 +37,11 @@ The ablations, each the official class of that name:
   wiring here (image embedding as the single key / value, per their `func_args`) is the one
   their parity fixtures use.
 
-Not ported: `SimpleTransformerEncoder` (every call raises in the official code: its attention
-layer is built at embed_dim but fed the 2*embed_dim concatenation of image and category).
+Not ported: `SimpleTransformerEncoder`. No official configuration can build or run it: the
+detector refuses the name (it is missing from the `available_module_args` registry of
+configs/info.py, whose nearby entry `SimpleTransformerEncoderLayer` names no class), and every
+call of the class raises (its attention layer, `non_linear` and `norm1` are built at embed_dim
+but fed the 2*embed_dim concatenation of image and category). There is no model to reproduce.
 The official modules also define `non_linear` (never called; not built here, the converter
 skips its keys) and debug bookkeeping (cosine scores and a print; dropped, it has no effect on
 outputs and crashes in training).
@@ -77,10 +80,10 @@ class FusionConfig:
   def __post_init__(self):
     if self.module == 'SimpleTransformerEncoder':
       raise ValueError('fusion module SimpleTransformerEncoder is not available: the official '
-                       'class raises on every input (its attention layer is built for '
-                       'embed_dim features but is fed the 2*embed_dim concatenation of the image '
-                       'and category embeddings), so no model of it exists to reproduce; '
-                       f'expected one of {", ".join(MODULES)}')
+                       'detector refuses the name (not in configs/info.py) and the class raises '
+                       'on every input (layers built for embed_dim features are fed the '
+                       '2*embed_dim concatenation of the image and category embeddings), so no '
+                       f'model of it exists to reproduce; expected one of {", ".join(MODULES)}')
     if self.module not in MODULES:
       raise ValueError(f'fusion module {self.module!r}: expected one of {", ".join(MODULES)}')
 
