@@ -30,7 +30,7 @@ PRETRAINED = {
     'swinv2_t': 'Microsoft swinv2_tiny_patch4_window16_256.pth (ImageNet-1k)',
     'swinv2_s': 'Microsoft swinv2_small_patch4_window16_256.pth (ImageNet-1k)',
     'swinv2_b': 'Microsoft swinv2_base_patch4_window16_256.pth (ImageNet-1k)',
-    'resnet50': 'torchvision resnet50-19c8e357.pth (ImageNet-1k)',
+    'resnet50': 'torchvision resnet50-0676ba61.pth (ImageNet-1k)',
     'hrnet_w32': 'open-mmlab hrnet_w32-36af842e.pth (ImageNet-1k)',
     'vit_b16': 'timm vit_base_patch16_224 (state dict or HF safetensors)',
     'dinov2_s14': 'facebookresearch dinov2_vits14 or HF facebook/dinov2-small',
