@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from capenext_jax.convert import entries
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models import swin_v2
 
@@ -25,16 +26,7 @@ _SKIPPED = (
 )
 _BLOCK = re.compile(r'layers\.(\d+)\.blocks\.(\d+)\.')
 
-# How a torch tensor becomes ours: Linear [out,in] -> kernel [in,out]; Conv2d [O,I,kh,kw] ->
-# kernel [kh,kw,I,O]; everything else (biases, LN, logit_scale, q/v bias) is copied.
-_TO_OURS = {'linear': lambda w: w.T, 'conv': lambda w: w.transpose(2, 3, 1, 0),
-            'copy': lambda w: w}
-_TO_TORCH = {'linear': lambda w: w.T, 'conv': lambda w: w.transpose(3, 2, 0, 1),
-             'copy': lambda w: w}
-_NDIM = {'linear': 2, 'conv': 4}
-
-
-def _entries(depths: list[int]) -> list[tuple[str, tuple, str]]:
+def _entries(depths: list[int]) -> list[entries.Entry]:
   """(official name, path in our pure dict, kind) of every parameter of a model with `depths`."""
   out = []
 
@@ -94,24 +86,8 @@ def swin_from_torch(sd: Mapping[str, np.ndarray]) -> dict:
   Raises ValueError naming any key that is neither a parameter of the inferred structure nor a
   known skippable entry, and any missing parameter.
   """
-  entries = _entries(_depths_from_names(sd))
-  expected = {name for name, _, _ in entries}
-  unknown = [k for k in sd if k not in expected and not any(p.fullmatch(k) for p in _SKIPPED)]
-  if unknown:
-    raise ValueError(f'unexpected Swin V2 keys: {unknown}')
-  missing = [name for name, _, _ in entries if name not in sd]
-  if missing:
-    raise ValueError(f'missing Swin V2 keys: {missing}')
-  params: dict = {}
-  for name, path, kind in entries:
-    value = np.asarray(sd[name], dtype=np.float32)
-    if kind in _NDIM and value.ndim != _NDIM[kind]:
-      raise ValueError(f'{name}: expected a {_NDIM[kind]}-d tensor, got shape {value.shape}')
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(_TO_OURS[kind](value))
-  return params
+  return entries.params_from_entries(sd, _entries(_depths_from_names(sd)), _SKIPPED,
+                                     'Swin V2 ')
 
 
 def swin_to_torch(params: Mapping) -> dict[str, np.ndarray]:
@@ -119,20 +95,9 @@ def swin_to_torch(params: Mapping) -> dict[str, np.ndarray]:
 
   Accepts int or string stage / block indices (pure dicts or our exported files).
   """
-  stages = _by_index(params['layers'])
-  depths = [len(_by_index(stages[s]['blocks'])) for s in range(len(stages))]
-  out = {}
-  for name, path, kind in _entries(depths):
-    node = params
-    for key in path:
-      node = _by_index(node)[key] if isinstance(key, int) else node[key]
-    out[name] = np.ascontiguousarray(_TO_TORCH[kind](np.asarray(node, dtype=np.float32)))
-  return out
-
-
-def _by_index(node: Mapping) -> dict:
-  """A list-of-modules node keyed by int, whether its keys are ints or their strings."""
-  return {int(k): v for k, v in node.items()}
+  stages = entries.by_index(params['layers'])
+  depths = [len(entries.by_index(stages[s]['blocks'])) for s in range(len(stages))]
+  return entries.entries_to_torch(params, _entries(depths))
 
 
 def swin_buffers(config: swin_v2.SwinV2Config) -> dict[str, np.ndarray]:

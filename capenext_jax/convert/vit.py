@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from capenext_jax.convert import entries
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models import vit
 
@@ -35,15 +36,7 @@ _SKIPPED = (re.compile(r'head\.(weight|bias)'),)
 _HF_SKIPPED = (re.compile(r'(classifier|pooler\.dense)\.(weight|bias)'),)
 _BLOCK = re.compile(r'blocks\.(\d+)\.')
 
-# torch -> ours: Linear [out,in] -> [in,out]; Conv2d [O,I,kh,kw] -> [kh,kw,I,O]; else copied.
-_TO_OURS = {'linear': lambda w: w.T, 'conv': lambda w: w.transpose(2, 3, 1, 0),
-            'copy': lambda w: w}
-_TO_TORCH = {'linear': lambda w: w.T, 'conv': lambda w: w.transpose(3, 2, 0, 1),
-             'copy': lambda w: w}
-_NDIM = {'linear': 2, 'conv': 4}
-
-
-def _entries(depth: int, dinov2: bool) -> list[tuple[str, tuple, str]]:
+def _entries(depth: int, dinov2: bool) -> list[entries.Entry]:
   """(reference name, path in our pure dict, kind) of every parameter of a `depth`-block ViT."""
   out = [('cls_token', ('cls_token',), 'copy'), ('pos_embed', ('pos_embed',), 'copy'),
          ('patch_embed.proj.weight', ('patch_embed', 'proj', 'kernel'), 'conv'),
@@ -88,43 +81,14 @@ def vit_from_torch(sd: Mapping[str, np.ndarray], *, dinov2: bool) -> dict:
 
   Raises ValueError naming the unknown keys, the missing ones, or a tensor of the wrong rank.
   """
-  entries = _entries(_depth_from_names(sd), dinov2)
-  expected = {name for name, _, _ in entries}
-  unknown = [k for k in sd if k not in expected and not any(p.fullmatch(k) for p in _SKIPPED)]
-  if unknown:
-    raise ValueError(f'unexpected keys {_listed(unknown)}')
-  missing = [name for name, _, _ in entries if name not in sd]
-  if missing:
-    raise ValueError(f'missing keys {_listed(missing)}')
-  params: dict = {}
-  for name, path, kind in entries:
-    value = np.asarray(sd[name], dtype=np.float32)
-    if kind in _NDIM and value.ndim != _NDIM[kind]:
-      raise ValueError(f'{name}: expected a {_NDIM[kind]}-d tensor, got shape {value.shape}')
-    node = params
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = np.ascontiguousarray(_TO_OURS[kind](value))
-  return params
-
-
-def _listed(keys: list[str], limit: int = 8) -> str:
-  """The first `limit` keys, and how many more."""
-  more = f' and {len(keys) - limit} more' if len(keys) > limit else ''
-  return f'{keys[:limit]}{more}'
+  return entries.params_from_entries(sd, _entries(_depth_from_names(sd), dinov2), _SKIPPED)
 
 
 def vit_to_torch(params: Mapping) -> dict[str, np.ndarray]:
   """Inverse of `vit_from_torch` (reference names and layouts, float32, no classifier head).
   Accepts int or string block indices (pure dicts or our exported files)."""
-  blocks = {int(k): v for k, v in params['blocks'].items()}
-  out = {}
-  for name, path, kind in _entries(len(blocks), 'mask_token' in params):
-    node = params
-    for key in path:
-      node = blocks[key] if isinstance(key, int) else node[key]
-    out[name] = np.ascontiguousarray(_TO_TORCH[kind](np.asarray(node, dtype=np.float32)))
-  return out
+  return entries.entries_to_torch(params,
+                                  _entries(len(params['blocks']), 'mask_token' in params))
 
 
 # ----------------------------------------------------------------------------- CapeNext modules
@@ -139,7 +103,7 @@ def feature_extractor_from_torch(sd: Mapping[str, np.ndarray]) -> dict:
   unknown = [k for k in sd if not k.startswith(_VIT_PREFIX)
              and k not in (_ADAPTOR + 'weight', _ADAPTOR + 'bias')]
   if unknown:
-    raise ValueError(f'unexpected keys {_listed(unknown)} (expected vit_backbone.* and '
+    raise ValueError(f'unexpected keys {entries.listed(unknown)} (expected vit_backbone.* and '
                      f'channel_adaptor.*)')
   missing = [k for k in (_ADAPTOR + 'weight', _ADAPTOR + 'bias') if k not in sd]
   if missing:
@@ -231,7 +195,7 @@ def hf_to_reference(sd: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
       unknown.append(key)
   if unknown:
-    raise ValueError(f'unexpected keys {_listed(unknown)}')
+    raise ValueError(f'unexpected keys {entries.listed(unknown)}')
   for name, parts in qkv.items():
     absent = [p for p, part in zip(('query', 'key', 'value'), parts) if part is None]
     if absent:
@@ -276,10 +240,10 @@ def backbone_from_state_dict(config: vit.TimmViTConfig | vit.DinoV2Config,
   depth = config.depth
   extra = [k for k in reference if k not in shapes and not any(p.fullmatch(k) for p in _SKIPPED)]
   if extra:
-    raise ValueError(f'unexpected keys {_listed(extra)} (this {name} has {depth} blocks)')
+    raise ValueError(f'unexpected keys {entries.listed(extra)} (this {name} has {depth} blocks)')
   missing = [k for k in shapes if k not in reference]
   if missing:
-    raise ValueError(f'missing keys {_listed(missing)} (this {name} has {depth} blocks)')
+    raise ValueError(f'missing keys {entries.listed(missing)} (this {name} has {depth} blocks)')
   return params
 
 
