@@ -40,6 +40,9 @@ COVERAGE = {
     '.venv/bin/pip install -e ".[train]" "jax[tpu]"': ('none', 'needs a TPU VM and network'),
     '.venv/bin/python -m capenext_jax.tools.check_parity ../shared/fixtures/tiny_capenext.npz':
         ('test', 'tests/test_official_checkpoint.py::test_check_parity_passes_on_the_tiny_fixture'),
+    '.venv/bin/python -m capenext_jax.tools.check_parity ../shared/fixtures/tiny_capenext.npz '
+    '--capex tests/fixtures/capex_tiny.npz':
+        ('test', 'tests/test_capex.py::test_capex_matches_the_official_model'),
     '.venv/bin/python train.py --workdir runs/synthetic':
         ('test', 'tests/test_train.py::test_resume_continues_exactly'),
     '.venv/bin/python train.py --workdir runs/split1 --config '

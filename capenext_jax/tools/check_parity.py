@@ -1,22 +1,31 @@
 """Parity of our CapeNext against golden outputs of the official PyTorch code.
 
-usage: python -m capenext_jax.tools.check_parity FIXTURE.npz [--state-dict SD.npz]
+usage: python -m capenext_jax.tools.check_parity FIXTURE.npz
+           [--state-dict SD.npz | --capex RECORD.npz]
 
 FIXTURE.npz has the layout of ../shared/fixtures/tiny_capenext.npz (weights under their
 official names, the batch, intermediates, outputs, losses, gradients); a full-size fixture of the
 same layout works unchanged. --state-dict takes the weights from another file instead
-(official names; .npz or .pth). Prints max abs / rel error per recorded tensor and exits 1 when
+(official names; .npz or .pth). --capex checks plain CapeX (no fusion module) instead: the
+model is FIXTURE's weights without `additional_module.*` (the converter reads the missing fusion
+keys as CapeX), run on FIXTURE's batch, against RECORD.npz, what the official CapeXModel with
+`module_name=None` computed from them (tests/fixtures/capex_tiny.npz, made by
+tests/fixtures/make_capex_fixture.py): outputs, losses, d loss / d query image and parameter
+gradients, the largest as sketches `grad [out, n] @ sketch_basis/<n>` (compared norm-wise like
+the gradients themselves). Prints max abs / rel error per recorded tensor and exits 1 when
 any exceeds its tolerance:
   activations and outputs <= 1e-5 abs (similarity logits <= 1e-4),
   decoded image-space predictions <= 1e-5 of the query box side (pixels are the crop's [0, 1]
     coordinates times scale * 200, so this is the keypoints' 1e-5; an absolute 1e-5 px cannot
     hold in float32 for boxes of hundreds of pixels),
-  losses <= 1e-5 rel, gradients of every trainable parameter <= 1e-4 rel (norm-wise).
+  losses <= 1e-5 rel, gradients of every trainable parameter (and of the query image) <= 1e-4
+  rel (norm-wise).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 import jax
@@ -24,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capenext_jax import export
 from capenext_jax import losses as losses_lib
 from capenext_jax import metrics
 from capenext_jax import loading
@@ -98,8 +108,26 @@ def loss_fn(model: CapeNext, batch) -> tuple[jax.Array, tuple[dict, dict]]:
 
 
 # ----------------------------------------------------------------------------- checks
-def run_checks(z, model: CapeNext) -> list[Row]:
-  """Every recorded tensor of fixture `z` against `model` (eval mode) on the fixture's batch."""
+def capex_model(z) -> CapeNext:
+  """Our CapeX (eval mode) holding fixture `z`'s weights without its fusion module."""
+  state_dict = {str(k): z[str(k)] for k in z['state_dict_keys']
+                if not str(k).startswith('additional_module.')}
+  params = official.capenext_from_official(state_dict)
+  return export.build_model(official.config_from_fixture(_capex_sizes(z)), params)
+
+
+def _capex_sizes(z) -> dict:
+  """Fixture `z`'s config_json without its fusion module: the sizes of its CapeX."""
+  return {k: v for k, v in json.loads(str(z['config_json'])).items() if k != 'additional_module'}
+
+
+def run_checks(z, model: CapeNext, record=None) -> list[Row]:
+  """Every recorded tensor of fixture `z` against `model` (eval mode) on the fixture's batch.
+
+  record: the golden record to compare with, of `z`'s batch (default `z` itself, which must
+  record everything; a CapeX record holds a subset and only that is compared).
+  """
+  ref = z if record is None else record
   batch = {k: jnp.asarray(v) for k, v in fixture_batch(z).items()}
   rows = [compare('in_text_tokens_category', batch['category_tokens'],
                   z['in_text_tokens_category'], 'abs', 0.0)]
@@ -109,45 +137,39 @@ def run_checks(z, model: CapeNext) -> list[Row]:
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  @jax.jit
-  def value_and_grad(params, batch):
-    def f(p):
-      return loss_fn(nnx.merge(graphdef, p, rest), batch)
-    return jax.value_and_grad(f, has_aux=True)(params)
+  wrt = (0, 1) if 'gin_img_q' in ref.files else (0,)   # the query image too, where recorded
 
-  (_, (out, terms)), grads = value_and_grad(params, batch)
-  rows += _activation_rows(model, batch, out, z)
-  rows += [compare(f'loss_{k}', terms[k], z[f'loss_{k}'], 'rel', LOSS_RTOL)
+  @jax.jit
+  def value_and_grad(params, image, batch):
+    def f(p, x):
+      return loss_fn(nnx.merge(graphdef, p, rest), {**batch, 'query_image': x})
+    return jax.value_and_grad(f, argnums=wrt, has_aux=True)(params, image)
+
+  (_, (out, terms)), (grads, *d_image) = value_and_grad(params, batch['query_image'], batch)
+  rows += _activation_rows(model, batch, out, z, ref, required=record is None)
+  rows += [compare(f'loss_{k}', terms[k], ref[f'loss_{k}'], 'rel', LOSS_RTOL)
            for k in ('heatmap_loss', 'proposal_loss', 'l1_loss_layer0', 'l1_loss_layer1',
                      'l1_loss_layer2', 'loss')]
-  rows.append(compare('loss_acc_pose', terms['acc_pose'], z['loss_acc_pose'], 'abs', ACT_TOL))
-  rows += _gradient_rows(grads, z)
+  rows.append(compare('loss_acc_pose', terms['acc_pose'], ref['loss_acc_pose'], 'abs', ACT_TOL))
+  if d_image:
+    rows.append(compare('gin_img_q', np.transpose(np.asarray(d_image[0]), (0, 3, 1, 2)),
+                        ref['gin_img_q'], 'norm', GRAD_RTOL))
+  rows += _gradient_rows(grads, ref)
   return rows
 
 
-def _activation_rows(model, batch, out, z) -> list[Row]:
-  """Every recorded intermediate we produce, in the fixture's layouts."""
+def _activation_rows(model, batch, out, z, ref, required: bool) -> list[Row]:
+  """Every intermediate we produce that `ref` records, in the fixture's layouts (metas from
+  fixture `z`). required: `ref` must record every one."""
   nchw = lambda x: np.transpose(np.asarray(x), (0, 3, 1, 2))
   seq_first = lambda x: np.swapaxes(np.asarray(x), 0, 1)
   mask = np.asarray(batch['support_mask']) > 0
-  clip = model.clip
-  points_raw = clip.encode_text(batch['keypoint_tokens'][mask])
-  r = model.config.clip.image_resolution
-  img224 = jax.image.resize(batch['query_image'], (mask.shape[0], r, r, 3), 'bilinear',
-                            antialias=False)
-  swin = model.backbone.forward_with_intermediates(batch['query_image'])
   ours = {
-      'clip_text_points_raw': points_raw,
-      'clip_text_category_raw': clip.encode_text(batch['category_tokens']),
-      'in_img_q_224': nchw(img224),
-      'clip_image_raw': clip.encode_image(img224),
       'point_text_embeddings': out['joint_text'],
       'mm_in_joint_text_embedding': out['joint_text'],
-      'mm_in_image_embedding': out['image_embedding'],
-      'mm_in_category_embedding': out['category_embedding'],
+      'mm_in_image_embedding': out.get('image_embedding'),
+      'mm_in_category_embedding': out.get('category_embedding'),
       'mm_out_text_embeddings': out['fused_text'],
-      'swin_patch_embed': swin['patch_embed'],
-      **{f'swin_stage{i}': stage for i, stage in enumerate(swin['stages'])},
       'backbone_feature': nchw(out['backbone_feature']),
       'head_input_proj': nchw(out['input_proj']),
       'head_pos_embed': nchw(out['pos_embed']),
@@ -164,10 +186,19 @@ def _activation_rows(model, batch, out, z) -> list[Row]:
       'dec_cross_attn_maps': out['dec_cross_attn_maps'],
       'out_kpts': out['keypoints'],
   }
+  # The CLIP towers and the Swin stages run again, eagerly, only when they are recorded.
+  if required or any(k.startswith(('clip_', 'in_img_q_224')) for k in ref.files):
+    ours.update(_clip_activations(model, batch, mask))
+  if required or any(k.startswith('swin_') for k in ref.files):
+    swin = model.backbone.forward_with_intermediates(batch['query_image'])
+    ours['swin_patch_embed'] = swin['patch_embed']
+    ours.update({f'swin_stage{i}': stage for i, stage in enumerate(swin['stages'])})
   rows = []
   for name, value in ours.items():
+    if not required and name not in ref.files:
+      continue
     tol = SIM_TOL if 'similarity' in name else ACT_TOL
-    rows.append(compare(name, value, z[name], 'abs', tol))
+    rows.append(compare(name, value, ref[name], 'abs', tol))
   size = model.config.image_size
   for i in range(mask.shape[0]):
     scale = z[f'meta_b{i}_query_scale'][None]
@@ -177,25 +208,44 @@ def _activation_rows(model, batch, out, z) -> list[Row]:
     # compare in units of the box: the same 1e-5 as for the normalised keypoints.
     box = scale[:, None, :] * 200.0
     rows.append(compare(f'test_b{i}_preds / box side', preds / box,
-                        z[f'test_b{i}_preds'][..., :2] / box, 'abs', ACT_TOL))
+                        ref[f'test_b{i}_preds'][..., :2] / box, 'abs', ACT_TOL))
   return rows
 
 
+def _clip_activations(model, batch, mask) -> dict[str, jax.Array]:
+  """CLIP's raw (not normalised) text and image features of the batch, and its image input."""
+  clip = model.clip
+  r = model.config.clip.image_resolution
+  img224 = jax.image.resize(batch['query_image'], (mask.shape[0], r, r, 3), 'bilinear',
+                            antialias=False)
+  return {'clip_text_points_raw': clip.encode_text(batch['keypoint_tokens'][mask]),
+          'clip_text_category_raw': clip.encode_text(batch['category_tokens']),
+          'in_img_q_224': np.transpose(np.asarray(img224), (0, 3, 1, 2)),
+          'clip_image_raw': clip.encode_image(img224)}
+
+
 def _gradient_rows(grads, z) -> list[Row]:
-  """d loss / d parameter under official names, for every parameter the fixture records.
+  """d loss / d parameter under official names, for every parameter the fixture records
+  (in full as `grad/<name>`, or as `grad_sketch/<name>`: see the module docstring).
 
   Parameters with no recorded gradient (frozen CLIP, unused modules) must get exactly zero.
   """
   ours = official.capenext_to_official(nnx.to_pure_dict(grads))
   recorded = {k[len('grad/'):] for k in z.files if k.startswith('grad/')}
+  sketched = {k[len('grad_sketch/'):] for k in z.files if k.startswith('grad_sketch/')}
   rows = []
   for name in sorted(ours):
     if name in recorded:
       rows.append(compare(f'grad/{name}', ours[name], z[f'grad/{name}'], 'norm', GRAD_RTOL))
+    elif name in sketched:
+      flat = np.asarray(ours[name], np.float64).reshape(ours[name].shape[0], -1)
+      basis = np.asarray(z[f'sketch_basis/{flat.shape[1]}'], np.float64)
+      rows.append(compare(f'grad_sketch/{name}', flat @ basis, z[f'grad_sketch/{name}'], 'norm',
+                          GRAD_RTOL))
     elif np.any(ours[name] != 0):
       rows.append(Row(f'grad/{name} (must be 0)', float(np.abs(ours[name]).max()), np.inf,
                       'abs', 0.0))
-  missing = recorded - set(ours) - set(official.KNOWN_UNUSED_GRADS)
+  missing = (recorded | sketched) - set(ours) - set(official.KNOWN_UNUSED_GRADS)
   for name in sorted(missing):
     rows.append(Row(f'grad/{name} (not produced)', np.inf, np.inf, 'abs', 0.0))
   return rows
@@ -204,7 +254,9 @@ def _gradient_rows(grads, z) -> list[Row]:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('fixture')
-  parser.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
+  group = parser.add_mutually_exclusive_group()
+  group.add_argument('--state-dict', help='official weights (.npz/.pth) to use instead')
+  group.add_argument('--capex', help='a record of the official CapeX (no fusion) on FIXTURE')
   args = parser.parse_args(argv)
   if loading.kind_of(args.fixture) != 'fixture':
     print(f'{args.fixture}: not a whole-model parity fixture (needs state_dict_keys and '
@@ -212,12 +264,22 @@ def main(argv=None) -> int:
           file=sys.stderr)
     return 2
   z = np.load(args.fixture, allow_pickle=False)
-  if args.state_dict:   # other official weights at the fixture's sizes
+  record = None
+  if args.capex:
+    record = np.load(args.capex, allow_pickle=False)
+    sizes = _capex_sizes(z)
+    recorded = json.loads(str(record['config_json']))
+    if {k: recorded.get(k) for k in sizes} != sizes:
+      print(f'{args.capex}: recorded at other model sizes than {args.fixture} has (config_json '
+            'differs beyond additional_module)', file=sys.stderr)
+      return 2
+    model = capex_model(z)
+  elif args.state_dict:   # other official weights at the fixture's sizes
     model = loading.load_model(args.state_dict, loading.load(args.fixture).config)
   else:
     model = loading.load_model(args.fixture)
   with jax.default_matmul_precision('highest'):  # GPUs would otherwise use TF32
-    rows = run_checks(z, model)
+    rows = run_checks(z, model, record)
   width = max(len(r.name) for r in rows)
   for r in rows:
     print(f'{"ok " if r.ok else "BAD"} {r.name:<{width}}  max|abs| {r.abs_err:9.2e}  '
