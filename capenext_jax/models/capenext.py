@@ -272,8 +272,9 @@ class CapeNext(nnx.Module):
 
 
 def with_compute(model: CapeNext, **compute) -> CapeNext:
-  """A copy of `model` (same weights and mode) that computes as `compute` says: `dtype`,
-  `remat`, `attention` (CapeNextConfig fields)."""
+  """`model` computing as `compute` says: `dtype`, `remat`, `attention` (CapeNextConfig
+  fields). A new module over the same Variables (weights, BatchNorm statistics, RNG streams:
+  nothing is copied, and what one of the two updates the other sees)."""
   unknown = sorted(set(compute) - set(COMPUTE_FIELDS))
   if unknown:
     raise ValueError(f'with_compute: unknown fields {unknown} (expected {COMPUTE_FIELDS})')
