@@ -196,3 +196,21 @@ def test_dropout_mask_past_2_32_elements_is_bernoulli():
   np.testing.assert_array_equal(layers.hash_block(words, jnp.uint32(4200), flat - (104 << 20)),
                                 row)
   assert (np.asarray(row) == np.asarray(wrapped)).mean() < 1e-3
+
+
+def test_norms_keep_float64_and_compute_bfloat16_in_float32():
+  """Normalisation statistics in at least float32: a float64 run (the backbone parity tests'
+  training mode) stays float64. Over a 2x2 map with a small variance float32 loses ~3e-5."""
+  x = np.random.default_rng(0).standard_normal((2, 2, 2, 4)) * 1e-3 + 1.0
+  mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+  bn_ref = (x - mean) / np.sqrt(var + layers.BN_EPS)
+  ln_ref = (x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + 1e-6)
+  with jax.enable_x64(True):
+    bn = layers.BatchNorm(4)
+    ln = layers.LayerNorm(4, epsilon=1e-6, rngs=nnx.Rngs(0))
+    for norm, ref in ((bn, bn_ref), (ln, ln_ref)):
+      y = norm(jnp.asarray(x))
+      assert y.dtype == jnp.float64
+      np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=1e-9)
+  bn = layers.BatchNorm(4)
+  assert bn(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16 and bn.mean.dtype == jnp.float32

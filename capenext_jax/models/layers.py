@@ -6,8 +6,8 @@ as `kernel = W.T`.
 
 Mixed precision: every layer computes in the dtype of its input (its float32 parameters are
 cast at use, so their gradients come back float32), except where float32 is needed for
-accuracy: LayerNorm / BatchNorm statistics and softmax run in float32 and hand back the input
-dtype. A model therefore runs in bfloat16 when its inputs are bfloat16 (`CapeNext` casts them
+accuracy: LayerNorm / BatchNorm statistics and softmax run in float32 (float64 stays float64:
+`at_least_float32`) and hand back the input dtype. A model therefore runs in bfloat16 when its inputs are bfloat16 (`CapeNext` casts them
 to `CapeNextConfig.dtype`). `remat` wraps a block call in `nnx.remat` (`CapeNextConfig.remat`).
 """
 from __future__ import annotations
@@ -124,12 +124,20 @@ def to_input_dtype(args, *, dtype=None, inexact=True):
   return tuple(None if a is None else jnp.asarray(a, args[0].dtype) for a in args)
 
 
+def at_least_float32(dtype) -> jnp.dtype:
+  """The dtype normalisation statistics are computed in: float32 for bfloat16 / float16 /
+  float32 inputs, float64 for float64 ones (a float64 run, as the parity tests' training-mode
+  check, must not drop to float32 there: a BatchNorm over a 2x2 map with a small variance
+  loses ~1e-5 relative in float32)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 class LayerNorm(nnx.LayerNorm):
-  """`nnx.LayerNorm` (same parameters) computed in float32 whatever the input dtype; the
-  result is in the input's dtype."""
+  """`nnx.LayerNorm` (same parameters) computed in at least float32 whatever the input dtype;
+  the result is in the input's dtype."""
 
   def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-    return super().__call__(x.astype(jnp.float32), mask=mask).astype(x.dtype)
+    return super().__call__(x.astype(at_least_float32(x.dtype)), mask=mask).astype(x.dtype)
 
 
 def layer_norm(dim: int, *, rngs: nnx.Rngs, epsilon: float = LN_EPS) -> LayerNorm:
@@ -419,8 +427,8 @@ class BatchNorm(nnx.Module):
     self.use_running_average = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    """Statistics and normalisation in float32; the result in x's dtype."""
-    dtype, x = x.dtype, x.astype(jnp.float32)
+    """Statistics and normalisation in at least float32; the result in x's dtype."""
+    dtype, x = x.dtype, x.astype(at_least_float32(x.dtype))
     if self.use_running_average:
       mean, var = self.mean[...], self.var[...]
     else:
