@@ -8,7 +8,8 @@ Mixed precision: every layer computes in the dtype of its input (its float32 par
 cast at use, so their gradients come back float32), except where float32 is needed for
 accuracy: LayerNorm / BatchNorm statistics and softmax run in float32 (float64 stays float64:
 `at_least_float32`) and hand back the input dtype. A model therefore runs in bfloat16 when its
-inputs are bfloat16 (`CapeNext` casts them to `CapeNextConfig.dtype`). `remat` wraps a block call in `nnx.remat` (`CapeNextConfig.remat`).
+inputs are bfloat16 (`CapeNext` casts them to `CapeNextConfig.dtype`). `remat` wraps a block
+call in `nnx.remat` (`CapeNextConfig.remat`).
 """
 from __future__ import annotations
 
