@@ -2,11 +2,12 @@
 when the model computes in bfloat16 (CapeNextConfig.dtype).
 
   python -m capenext_jax.tools.bf16_fidelity                         # the headline size, random
-  python -m capenext_jax.tools.bf16_fidelity --backbone tiny --batch 8 --seed 1
+  python -m capenext_jax.tools.bf16_fidelity --backbone tiny --batch 8 --seed 1 [--perturb]
   python -m capenext_jax.tools.bf16_fidelity --fixture ../shared/fixtures/tiny_capenext.npz
 
 Both passes run in eval mode on the same batch (a fixture's episodes, or random images and
-unit text embeddings with 17 visible keypoints); float32 at matmul precision 'highest',
+unit text embeddings with 17 visible keypoints; --perturb adds noise to the parameters a
+random model's initialisation leaves constant, see `perturb_constant_params`); float32 at matmul precision 'highest',
 bfloat16 at 'default'. Prints one JSON line: the largest and the mean distance between the two
 predictions over the counted keypoints (query and support visible), as a fraction of the crop
 side, and each loss term's relative difference, with the bounds of `BOUNDS` and whether they
@@ -58,6 +59,24 @@ def random_batch(config: CapeNextConfig, batch_size: int, seed: int) -> dict[str
               query_weight=mask.copy())
 
 
+def perturb_constant_params(model: CapeNext, seed: int) -> None:
+  """In place: noise on every parameter tensor that the initialisation leaves constant
+  (LayerNorm 1 / 0, zero biases, Swin V2's zeroed res-post-norms), N(0, 0.1) on 1-d tensors and
+  N(0, 0.02) on the others, as the shared parity fixtures were made. Straight from its
+  initialisation a Swin V2 is degenerate (every block is an identity, so the backbone is its
+  patch embedding and merges) and every decoder layer predicts the same points."""
+  rng = np.random.default_rng(seed)
+
+  def perturb(p):
+    a = np.asarray(p)
+    if a.size > 1 and np.all(a == a.flat[0]):
+      scale = 0.1 if a.ndim == 1 else 0.02
+      return p + jnp.asarray(scale * rng.normal(size=a.shape), p.dtype)
+    return p
+
+  nnx.update(model, jax.tree.map(perturb, nnx.state(model, nnx.Param)))
+
+
 def outputs_and_losses(model: CapeNext, batch: dict, heatmap_size: int, precision: str):
   """(last-layer keypoints [B, 100, 2], similarity arg-max [B, 100], loss terms) of `model` in
   eval mode, jitted."""
@@ -98,8 +117,8 @@ def compare(model: CapeNext, batch: dict, heatmap_size: int) -> dict:
             'loss_float32': float(terms32['loss']), 'loss_bfloat16': float(terms16['loss']),
             'keypoints_counted': int(counted.sum()), 'argmax_moved': int(moved.sum()),
             'argmax_moved_max': float(dist_all[moved].max()) if moved.any() else 0.0}
-  result['ok'] = (all(result[k] <= bound for k, bound in BOUNDS.items()) and
-                  moved.mean() <= MAX_MOVED)
+  result['ok'] = bool(all(result[k] <= bound for k, bound in BOUNDS.items()) and
+                      moved.mean() <= MAX_MOVED)
   return {**result, 'bounds': BOUNDS}
 
 
@@ -118,6 +137,9 @@ def main(argv=None) -> int:
   parser.add_argument('--fixture', help='a whole-model parity fixture instead of a random model')
   parser.add_argument('--batch', type=int, default=4)
   parser.add_argument('--seed', type=int, default=0)
+  parser.add_argument('--perturb', action='store_true',
+                      help='noise on the tensors the init leaves constant, as the parity '
+                           'fixtures (`perturb_constant_params`); default: the init as is')
   args = parser.parse_args(argv)
   if args.fixture:
     model, batch, heatmap = fixture_model_and_batch(args.fixture)
@@ -125,8 +147,11 @@ def main(argv=None) -> int:
   else:
     config = CapeNextConfig.variant(args.backbone)
     model = CapeNext(config, rngs=nnx.Rngs(args.seed))
+    if args.perturb:
+      perturb_constant_params(model, args.seed)
     batch = random_batch(config, args.batch, args.seed)
-    heatmap, source = losses_lib.heatmap_side(config.image_size), f'random {args.backbone}'
+    heatmap = losses_lib.heatmap_side(config.image_size)
+    source = f'random {args.backbone}' + (' (perturbed)' if args.perturb else '')
   result = compare(model, batch, heatmap)
   print(json.dumps({'model': source, 'batch': int(batch['query_image'].shape[0]), **result}))
   return 0 if result['ok'] else 1
