@@ -2,11 +2,21 @@
 
 CI clones the repo with `shared/` beside it, so both are found relative to the repo root
 (override with $CAPENEXT_SHARED). A missing file is a failure, never a skip.
+
+Compiled XLA programs are shared through JAX's persistent compilation cache, in one fresh
+directory per test run: the same tiny model's train step is compiled again by every `train()`
+of a resume test and by every train.py / eval.py subprocess (tests build their subprocess
+environments from os.environ, so the variables below reach them, and pytest-xdist's workers
+inherit them from the controller). A hit runs the identical executable, so no check changes;
+each run starts empty, so every program is still compiled at least once per run.
 """
+import atexit
 import importlib.util
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 
@@ -14,6 +24,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('CAPENEXT_SHARED', REPO.parent / 'shared'))
 FIXTURES = SHARED / 'fixtures'
 MP100_MINI = SHARED / 'data' / 'mp100_mini'
+
+
+# XLA's cheap backend settings, for tests whose time goes into compiling programs that then run
+# a step or two: the same programs, less optimised machine code. Compare only programs compiled
+# alike (across sharding layouts they moved HRNet's results by 4e-6). `.compile(CHEAP_COMPILE)`.
+CHEAP_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+def _share_compiled_programs():
+  """Set JAX's cache variables before jax is imported (here, in the first process of the run)."""
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return   # a worker of this run (inherited), or the caller chose a cache
+  cache = tempfile.mkdtemp(prefix='capenext-test-xla-cache-')
+  atexit.register(shutil.rmtree, cache, ignore_errors=True)
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = cache
+  # Programs that compile in under 0.5 s are cheaper to compile than to look up and write.
+  os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+
+_share_compiled_programs()
 
 
 def load_fixture(name: str):

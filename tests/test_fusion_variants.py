@@ -29,6 +29,7 @@ from capenext_jax.models import fusion
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
+from conftest import CHEAP_COMPILE
 from training_toy import E, toy_batch, toy_loss
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'fusion'
@@ -156,7 +157,7 @@ def trained(tmp_path_factory):
   # The real jitted step, compiled once for all steps with XLA's cheap backend settings (the
   # same program; about 20 s instead of 60-120 s here).
   train_step = step_lib.make_train_step(graphdef, toy_loss, tx).lower(st, toy_batch(0)).compile(
-      {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True})
+      CHEAP_COMPILE)
   st, _ = train_step(st, toy_batch(0))
   ckpt = checkpoint.Checkpointer(str(tmp_path_factory.mktemp('fusions') / 'ckpt'))
   ckpt.save(1, st, {'step': 1})
