@@ -1,5 +1,6 @@
 """How the model computes (CapeNextConfig dtype / remat / attention): bfloat16 fidelity against
 float32, bfloat16 matmuls, remat gradients, the dot_product_attention path."""
+import dataclasses
 import json
 import math
 import os
@@ -147,12 +148,11 @@ def _train_grads(model: CapeNext, batch: dict):
                       after.trainable)
 
 
-# Backbone sizes with something to check: Swin with shifted windows (two blocks a stage) and
-# drop-path (the recomputed blocks must draw the forward's masks), HRNet (BatchNorm statistics
-# updated inside the remat), ViT.
+# Backbone sizes with something to check: Swin with shifted windows (two blocks a stage), HRNet
+# (BatchNorm statistics updated inside the remat), ViT.
 SMALL_BACKBONES = {
     'swin': SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
-                         window_size=4, pretrained_window_sizes=(0, 0), drop_path_rate=0.5),
+                         window_size=4, pretrained_window_sizes=(0, 0), drop_path_rate=0.0),
     'hrnet': backbones.preset('hrnet_tiny').config(64),
     'vit': backbones.preset('vit_tiny').config(64),
 }
@@ -194,6 +194,8 @@ def _assert_trees_close(got, want, rtol, atol):
     ('vit', 'dots_saveable')])
 def test_remat_gives_the_gradients_of_no_remat(name, remat):
   config = SMALL_BACKBONES[name]
+  if name == 'swin':   # drop-path on: the recomputed blocks must draw the forward's masks
+    config = dataclasses.replace(config, drop_path_rate=0.5)
   module = backbones.build(config, rngs=nnx.Rngs(0))
   # Noise on every param: Swin's res-post-norms start at zero, which makes its blocks (and
   # their drop-path masks) invisible to the output.

@@ -190,7 +190,10 @@ def test_export_loads_in_fresh_process_without_tf(tmp_path, fixture, tiny):
   batch = fixture_batch(fixture)
   np.savez(tmp_path / 'batch.npz', **{k: batch[k] for k in (
       'query_image', 'support_mask', 'adjacency', 'keypoint_tokens', 'category_tokens')})
-  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu'}
+  # Without the tests' shared compilation cache (conftest): a user's process has none, and
+  # reading one imports TensorFlow's file system through etils when it is installed.
+  env = {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_PLATFORMS': 'cpu',
+         'JAX_COMPILATION_CACHE_DIR': ''}
   run = subprocess.run([sys.executable, '-c', _CHILD.format(forbidden=FORBIDDEN),
                         str(tmp_path / 'export'), str(tmp_path / 'batch.npz'),
                         str(tmp_path / 'out.npy')],
