@@ -35,6 +35,7 @@ from flax import nnx  # noqa: E402
 
 import measure  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
+from capenext_jax.models.layers import init_rngs  # noqa: E402
 from capenext_jax.runtime import tune_allocator  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
 MODELS = {'tiny': 'runlocal', 'full': 'backbone=swinv2_t'}
@@ -90,7 +91,7 @@ def measure_forward(model: str, dtype: str, batch_sizes: list[int], repeats: int
                                   dtype=dtype)
 
   def make():
-    net = CapeNext(config, rngs=nnx.Rngs(0))
+    net = CapeNext(config, rngs=init_rngs(0))
     net.eval()
     return net
 

@@ -32,6 +32,7 @@ from flax import nnx
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.layers import init_rngs
 
 FORMAT_NAME, FORMAT_VERSION = 'capenext-jax', 1
 CONFIG_FILE = 'config.json'
@@ -256,7 +257,7 @@ def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
   ~200M parameters that get overwritten; only the dropout / drop-path RNG streams are made
   concrete, each from its own `fold_in(key(seed), i)`.
   """
-  model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(seed)))
+  model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(seed)))
   state = nnx.state(model, params_lib.WEIGHTS)
   params_lib.check_structure(nnx.to_pure_dict(state), params)
   params_lib.check_finite(params)

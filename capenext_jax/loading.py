@@ -31,6 +31,7 @@ from capenext_jax import export
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.layers import init_rngs
 
 if TYPE_CHECKING:
   import ml_collections
@@ -179,7 +180,7 @@ def model_params(ckpt: Checkpoint) -> dict:
 def _graphdef(config: CapeNextConfig) -> nnx.GraphDef:
   """The train-state graphdef of `config` (traced abstractly: nothing is computed)."""
   from capenext_jax.training import partition
-  return partition.split_model(nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(0))))[0]
+  return partition.split_model(nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0))))[0]
 
 
 def load_model(path: str | os.PathLike, config: CapeNextConfig | None = None, *,

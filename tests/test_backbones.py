@@ -24,6 +24,7 @@ from capenext_jax.convert import resnet as resnet_convert
 from capenext_jax.models import backbones
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.hrnet import HRNet, HRNetBackbone, HRNetConfig
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.models.resnet import ResNet, ResNetConfig
 
 FIXTURES = REPO / 'tests' / 'fixtures'
@@ -202,7 +203,7 @@ def test_torchvision_release_and_official_round_trip(tmp_path):
     np.testing.assert_array_equal(v, sd[k])
   # The official checkpoint's groups, both directions (HRNet's conv_block* at model level).
   model_cfg = CapeNextConfig.variant('hrnet_tiny', image_size=64, fusion=False)
-  model = nnx.eval_shape(lambda: CapeNext(model_cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CapeNext(model_cfg, rngs=init_rngs(0)))
   ours = jax.tree.map(lambda s: np.random.default_rng(0).standard_normal(s.shape).astype(
       np.float32), nnx.to_pure_dict(nnx.state(model, params_lib.WEIGHTS)))
   sd = official.capenext_to_official(ours)

@@ -12,6 +12,7 @@ from flax import nnx
 from capenext_jax.convert import clip as convert
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.clip import CLIP, CLIPConfig
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.text.tokenizer import EOT_ID, tokenize
 from conftest import load_fixture
 
@@ -60,7 +61,7 @@ def test_pure_dict_matches_model_state(fixture, openai_sd):
 
 
 def test_vit_b32_parameter_count():
-  model = nnx.eval_shape(lambda: CLIP(CLIPConfig(), rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CLIP(CLIPConfig(), rngs=init_rngs(0)))
   assert sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param))) == 151_277_313  # docs/MODEL.md §7
 
 

@@ -64,7 +64,7 @@ def _matmul_flops(jaxpr, out):
 
 
 def _loss_and_grad_jaxpr(config: CapeNextConfig):
-  model = nnx.eval_shape(lambda: CapeNext(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CapeNext(config, rngs=layers.init_rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
                        bf16_fidelity.random_batch(config, 2, 0))

@@ -27,6 +27,7 @@ from capenext_jax.convert.head import fusion_from_torch, fusion_module_of, fusio
 from capenext_jax.models import capenext
 from capenext_jax.models import fusion
 from capenext_jax.models.fusion import FusionConfig, build_fusion
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
 from capenext_jax.training import step as step_lib
 from conftest import CHEAP_COMPILE
@@ -192,7 +193,7 @@ def _tiny_model_config(module: str | None) -> capenext.CapeNextConfig:
 @pytest.fixture(scope='module')
 def capex_params():
   """Zero params of the tiny CapeX (no fusion)."""
-  abstract = nnx.eval_shape(lambda: capenext.CapeNext(_tiny_model_config(None), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: capenext.CapeNext(_tiny_model_config(None), rngs=init_rngs(0)))
   return jax.tree.map(lambda a: np.zeros(a.shape, a.dtype),
                       nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
 
@@ -234,7 +235,7 @@ def test_capenext_forward_reads_only_what_the_variant_uses(module):
   """The whole (tiny) CapeNext, traced: the category is optional for the variants that do not
   read it, and the CLIP image tower is skipped for the one that does not read the image."""
   config = _tiny_model_config(module)
-  model = nnx.eval_shape(lambda: capenext.CapeNext(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: capenext.CapeNext(config, rngs=init_rngs(0)))
   b, n = 1, capenext.NUM_SLOTS
   args = (jnp.zeros((b, 64, 64, 3)), jnp.ones((b, n)), jnp.zeros((b, n, n)))
   category = {} if not config.fusion.uses_category else {'category_text': jnp.ones((b, E))}

@@ -214,3 +214,29 @@ def test_norms_keep_float64_and_compute_bfloat16_in_float32():
       np.testing.assert_allclose(np.asarray(y), ref, rtol=0, atol=1e-9)
   bn = layers.BatchNorm(4)
   assert bn(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16 and bn.mean.dtype == jnp.float32
+
+
+def test_init_rngs_draws_nnx_rngs_keys_without_tracing_counters():
+  """A model built with `init_rngs` under jit has the params of one built with `nnx.Rngs`
+  (eagerly too), and its trace holds no counter increments: the uint32 adds that made tracing a
+  model's construction quadratic (see init_rngs)."""
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.a = layers.linear(8, 16, rngs=rngs)
+      self.b = layers.linear(16, 4, rngs=rngs)
+      self.drop = layers.Dropout(0.5, rngs=rngs)
+
+  def params(make_rngs):
+    return lambda: nnx.state(Net(make_rngs(3)), nnx.Param)
+
+  want = params(nnx.Rngs)()
+  for got in (jax.jit(params(layers.init_rngs))(), params(layers.init_rngs)()):
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+  assert jax.tree.leaves(want)
+
+  def counter_adds(make_rngs):
+    jaxpr = jax.make_jaxpr(params(make_rngs))().jaxpr
+    return sum(e.primitive.name == 'add' and e.outvars[0].aval.dtype == jnp.uint32
+               for e in jaxpr.eqns)
+
+  assert counter_adds(nnx.Rngs) >= 5 and counter_adds(layers.init_rngs) == 0

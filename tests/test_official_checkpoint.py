@@ -11,6 +11,7 @@ from flax import nnx
 from capenext_jax import params as params_lib
 from capenext_jax.convert import official
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.tools import check_parity
 
 TSV = SHARED / 'reference' / 'state_dict_keys.tsv'
@@ -28,7 +29,7 @@ def headline_state_dict(dtype_from_tsv=True) -> dict[str, np.ndarray]:
 
 
 def abstract_headline_model():
-  return nnx.eval_shape(lambda: CapeNext(CapeNextConfig(), rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: CapeNext(CapeNextConfig(), rngs=init_rngs(0)))
 
 
 def test_every_official_key_is_consumed_and_shapes_match_the_headline_model():

@@ -13,6 +13,7 @@ import torch
 from flax import nnx
 
 from capenext_jax.convert import swin as swin_convert
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.models.swin_v2 import SwinTransformerV2, SwinV2Config, biased_attention
 from conftest import load_fixture
 
@@ -40,7 +41,7 @@ def _model(config: SwinV2Config, sd: dict[str, np.ndarray], *, eval_only: bool =
   """
   if eval_only:
     config = dataclasses.replace(config, drop_path_rate=0.0)
-    model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=init_rngs(0)))
   else:
     model = SwinTransformerV2(config, rngs=nnx.Rngs(0))
   _load(model, swin_convert.swin_from_torch(sd))
@@ -50,7 +51,7 @@ def _model(config: SwinV2Config, sd: dict[str, np.ndarray], *, eval_only: bool =
 
 def _abstract_params(config: SwinV2Config) -> dict:
   """Pure-dict param tree of `config` as ShapeDtypeStructs (no compile-heavy random init)."""
-  model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=init_rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
@@ -201,7 +202,7 @@ def test_converter_rejects_unknown_and_missing_keys():
 # ----------------------------------------------------------------------------- config and init
 def test_headline_sizes():
   config = SwinV2Config()
-  model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: SwinTransformerV2(config, rngs=init_rngs(0)))
   params = nnx.state(model, nnx.Param)
   # 28,347,154 official backbone values minus the 769,000 of the unused classifier head.
   assert sum(math.prod(p.shape) for p in jax.tree.leaves(params)) == 28_347_154 - 769_000
@@ -233,7 +234,7 @@ def test_config_validation():
     SwinV2Config(depths=(2, 2), num_heads=(3, 6, 12, 24))
   with pytest.raises(ValueError, match='multiple of window_size'):
     SwinV2Config(img_size=192, window_size=10)
-  model = nnx.eval_shape(lambda: SwinTransformerV2(SMALL, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: SwinTransformerV2(SMALL, rngs=init_rngs(0)))
   with pytest.raises(ValueError, match=r'expected images \[B, 32, 32, 3\]'):
     model(jnp.zeros((1, 64, 64, 3)))
 

@@ -1,5 +1,5 @@
 """training/prefetch.py: batches placed ahead in order, a bounded look-ahead, producer errors
-raised in the consumer, and a clean stop."""
+raised in the consumer, and a clean stop that does not wait for the source's teardown."""
 import itertools
 import threading
 import time
@@ -37,7 +37,7 @@ def test_reads_ahead_two_batches_and_no_more():
   assert len(read) == 4
   assert [next(batches) for _ in range(3)] == [1, 2, 3]
   batches.close()
-  assert not batches._thread.is_alive()   # a blocked producer leaves on close
+  assert left(batches)   # a blocked producer leaves on close
 
 
 @pytest.mark.parametrize('where', ['read', 'place'])
@@ -61,7 +61,7 @@ def test_producer_errors_are_raised_in_the_consumer(where):
     with pytest.raises(expected[0], match=expected[1]):
       next(batches)
   batches.close()
-  assert not batches._thread.is_alive()
+  assert left(batches)
 
 
 def test_an_error_in_the_loop_stops_the_producer():
@@ -77,4 +77,32 @@ def test_an_error_in_the_loop_stops_the_producer():
       started.wait(10)
       next(batches)
       raise FloatingPointError('loss is nan')
-  assert not batches._thread.is_alive()
+  assert left(batches)
+
+
+def test_close_does_not_wait_for_the_source_to_be_released():
+  """A tf.data iterator's teardown can take seconds; the producer thread does it after
+  close() has returned (here the source's teardown blocks until the test releases it)."""
+  release, released = threading.Event(), threading.Event()
+
+  def endless():
+    try:
+      yield from itertools.count()
+    finally:
+      release.wait(60)
+      released.set()
+
+  batches = DevicePrefetch(endless(), lambda b: b)
+  assert next(batches) == 0
+  t = time.monotonic()
+  batches.close(timeout=60)
+  assert time.monotonic() - t < 30, 'close() waited for the source to be released'
+  assert batches._stopped.is_set() and not released.is_set()
+  release.set()
+  assert left(batches) and released.is_set()
+
+
+def left(batches: DevicePrefetch) -> bool:
+  """The producer thread ended (it may still be releasing its source just after close())."""
+  batches._thread.join(10)
+  return not batches._thread.is_alive()

@@ -17,6 +17,7 @@ from flax import nnx
 
 from capenext_jax.convert import vit as vit_convert
 from capenext_jax.models import vit
+from capenext_jax.models.layers import init_rngs
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures'
 
@@ -294,7 +295,7 @@ def test_presets_and_run_configs():
 def _random_weights(model_config, seed: int) -> dict:
   """Our params of a CapeNext of `model_config`, filled with noise (no model init)."""
   from capenext_jax.models.capenext import CapeNext
-  model = nnx.eval_shape(lambda: CapeNext(model_config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CapeNext(model_config, rngs=init_rngs(0)))
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
                       nnx.to_pure_dict(nnx.state(model, nnx.Param)))

@@ -19,11 +19,11 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-from flax import nnx
 
 from capenext_jax.convert import conv_nets
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models.hrnet import HRNet, HRNetBackbone, HRNetConfig
+from capenext_jax.models.layers import init_rngs
 
 NECK = ('conv_block1', 'conv_block2')
 _CLASSIFIER = ('incre_modules.', 'downsamp_modules.', 'final_layer.', 'classifier.')
@@ -58,8 +58,8 @@ def config_from_torch(sd: Mapping[str, np.ndarray], img_size: int = 256) -> HRNe
 @functools.lru_cache(maxsize=None)
 def _expected(config: HRNetConfig, part: str) -> dict:
   if part == 'hrnet':   # the ImageNet release fills only the HRNet
-    return conv_nets.expected_weights(lambda: HRNet(config, rngs=nnx.Rngs(0)))
-  return conv_nets.expected_weights(lambda: HRNetBackbone(config, rngs=nnx.Rngs(0)))
+    return conv_nets.expected_weights(lambda: HRNet(config, rngs=init_rngs(0)))
+  return conv_nets.expected_weights(lambda: HRNetBackbone(config, rngs=init_rngs(0)))
 
 
 def hrnet_from_official(sd: Mapping[str, np.ndarray]) -> dict:

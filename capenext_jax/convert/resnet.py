@@ -14,10 +14,10 @@ import re
 from collections.abc import Mapping
 
 import numpy as np
-from flax import nnx
 
 from capenext_jax.convert import conv_nets
 from capenext_jax.convert.torch_io import load_state_dict
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.models.resnet import ResNet, ResNetConfig
 
 OFFICIAL_STAGES = 3   # the official head reads stage 3 (mmpose out_indices (2, 3), output [0])
@@ -47,7 +47,7 @@ def config_from_torch(sd: Mapping[str, np.ndarray], num_stages: int | None = Non
 
 @functools.lru_cache(maxsize=None)
 def _expected(config: ResNetConfig) -> dict:
-  return conv_nets.expected_weights(lambda: ResNet(config, rngs=nnx.Rngs(0)))
+  return conv_nets.expected_weights(lambda: ResNet(config, rngs=init_rngs(0)))
 
 
 def resnet_from_torch(sd: Mapping[str, np.ndarray], config: ResNetConfig | None = None,

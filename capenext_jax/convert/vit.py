@@ -30,6 +30,7 @@ from flax import nnx
 from capenext_jax.convert import entries
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.models import vit
+from capenext_jax.models.layers import init_rngs
 
 # Reference-layout entries that carry no parameter of ours: classifier heads.
 _SKIPPED = (re.compile(r'head\.(weight|bias)'),)
@@ -218,7 +219,7 @@ _KINDS = {
 def expected_shapes(config: vit.ViTConfig) -> dict[str, tuple[int, ...]]:
   """Reference name -> torch shape of every parameter of `config`'s VisionTransformer
   (cached: do not modify)."""
-  model = nnx.eval_shape(lambda: vit.VisionTransformer(config, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: vit.VisionTransformer(config, rngs=init_rngs(0)))
   params = jax.tree.map(lambda s: np.zeros(s.shape, np.float32),
                         nnx.to_pure_dict(nnx.state(model, nnx.Param)))
   return {k: v.shape for k, v in vit_to_torch(params).items()}

@@ -34,6 +34,7 @@ from flax import nnx
 from capenext_jax import losses as losses_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
 from capenext_jax.models.head import adjacency_from_skeleton
+from capenext_jax.models.layers import init_rngs
 
 # Largest / mean keypoint distance (fraction of the crop side), largest relative loss change.
 BOUNDS = {'keypoint_max': 1e-2, 'keypoint_mean': 3e-3, 'loss_rel': 2e-2}
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     source = args.fixture
   else:
     config = CapeNextConfig.variant(args.backbone)
-    model = CapeNext(config, rngs=nnx.Rngs(args.seed))
+    model = CapeNext(config, rngs=init_rngs(args.seed))
     if args.perturb:
       perturb_constant_params(model, args.seed)
     batch = random_batch(config, args.batch, args.seed)

@@ -6,6 +6,7 @@ import ml_collections
 from flax import nnx
 
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.layers import init_rngs
 from capenext_jax.training import partition, state as state_lib
 
 
@@ -35,12 +36,12 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
   model_config = CapeNextConfig.from_dict(config.model.to_dict())
 
   def init(rng):
-    model = CapeNext(model_config, rngs=nnx.Rngs(config.seed))
+    model = CapeNext(model_config, rngs=init_rngs(config.seed))
     return state_lib.init_train_state(model, optimizer, rng)[1]
 
   rng = jax.random.PRNGKey(config.seed)
   graphdef = partition.split_model(nnx.eval_shape(
-      lambda: CapeNext(model_config, rngs=nnx.Rngs(config.seed))))[0]
+      lambda: CapeNext(model_config, rngs=init_rngs(config.seed))))[0]
   abstract = jax.eval_shape(init, rng)
   shardings = state_lib.state_shardings(
       abstract, optimizer, mesh, partition.rules_from_config(config.sharding_rules),

@@ -32,6 +32,7 @@ class DevicePrefetch:
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._last = None    # the end or error item, once the consumer has met it
+    self._stopped = threading.Event()   # the producer has left its loop
     self._thread = threading.Thread(target=self._produce, args=(batches, place),
                                     name='device-prefetch', daemon=True)
     self._thread.start()
@@ -44,6 +45,10 @@ class DevicePrefetch:
       self._put((_END, None))
     except BaseException as e:   # noqa: BLE001 -- handed to the consumer, which raises it
       self._put((_ERROR, e))
+    finally:
+      # The thread then drops `batches`. A tf.data iterator's teardown can wait seconds for
+      # its autotuning thread; it does so here, after close() has returned.
+      self._stopped.set()
 
   def _put(self, item) -> bool:
     """Queue `item`, waiting for room; False once `close()` asked the producer to stop."""
@@ -68,14 +73,15 @@ class DevicePrefetch:
     raise value
 
   def close(self, timeout: float = 10.0) -> None:
-    """Stop the producer and wait (up to `timeout` s) for it to leave. Idempotent."""
+    """Stop the producer and wait (up to `timeout` s) for it to leave its loop; the source
+    iterator is released in the background. Idempotent."""
     self._stop.set()
     while True:   # free a producer blocked on a full queue
       try:
         self._queue.get_nowait()
       except queue.Empty:
         break
-    self._thread.join(timeout)
+    self._stopped.wait(timeout)
 
   def __enter__(self) -> DevicePrefetch:
     return self
