@@ -240,3 +240,17 @@ def test_init_rngs_draws_nnx_rngs_keys_without_tracing_counters():
                for e in jaxpr.eqns)
 
   assert counter_adds(nnx.Rngs) >= 5 and counter_adds(layers.init_rngs) == 0
+
+
+def test_next_key_is_the_streams_call():
+  """Dropout's `next_key(stream)` draws the keys `stream()` would, and moves its counter the same,
+  eagerly and under jit."""
+  def keys(draw):
+    stream = nnx.Rngs(dropout=5).dropout
+    out = [jax.random.key_data(draw(stream)) for _ in range(3)]
+    return jnp.stack(out), stream.count[...]
+
+  want = keys(lambda s: s())
+  for got in (keys(layers.next_key), jax.jit(lambda: keys(layers.next_key))()):
+    jax.tree.map(np.testing.assert_array_equal, want, got)
+  assert int(want[1]) == 3 and len(set(map(tuple, np.asarray(want[0])))) == 3

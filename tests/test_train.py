@@ -67,19 +67,24 @@ def train(config, workdir):
   return train_and_evaluate(config, workdir, run_splits(config, workdir))
 
 
-def restore_params(workdir, config):
-  """(trainable params, BatchNorm statistics, optimizer state) and data position of the latest
-  checkpoint in `workdir` (host numpy)."""
+def checkpoint_reader(config):
+  """workdir -> ((trainable params, BatchNorm statistics, optimizer state), data position) of
+  the latest checkpoint in `workdir` (host numpy); the restore target is built once."""
   import jax
   from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
   tx = schedule.make_optimizer(config.optim, 1)
   mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
     _, st, sh = init.init_state(config, tx, mesh)
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
-    st, pos = ckpt.restore(state_lib.abstract_state(st, sh).replace(frozen=st.frozen))
-    ckpt.close()
-  return jax.device_get((st.trainable, st.batch_stats, st.opt_state)), pos
+  target = state_lib.abstract_state(st, sh).replace(frozen=st.frozen)
+
+  def read(workdir):
+    with jax.set_mesh(mesh):
+      ckpt = checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+      restored, pos = ckpt.restore(target)
+      ckpt.close()
+    return jax.device_get((restored.trainable, restored.batch_stats, restored.opt_state)), pos
+  return read
 
 
 # Every backbone architecture: BatchNorm statistics (ResNet, HRNet) are checkpointed state too.
@@ -106,9 +111,10 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
   stopped = train(c, part)
   monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
   assert stopped['preempted'] and stopped['step'] == 2   # step 1 ran, then the loop stopped
-  assert restore_params(part, c)[1] == {'step': 2}
+  read = checkpoint_reader(c)
+  assert read(part)[1] == {'step': 2}
   assert train(c, part)['step'] == 4
-  (a, pos_a), (b, pos_b) = restore_params(full, c), restore_params(part, c)
+  (a, pos_a), (b, pos_b) = read(full), read(part)
   assert pos_a == pos_b == {'step': 4}
   import jax
   assert jax.tree.leaves(a[1]) or backbone not in BATCH_NORM, 'no BatchNorm statistics'
@@ -286,7 +292,8 @@ def test_two_processes_match_one_process(tmp_path):
     assert p.returncode == 0, err[-4000:]
   c = tiny_config()
   c.data.root = str(data)
-  (a, _), (b, _) = restore_params(str(tmp_path / 'one'), c), restore_params(str(tmp_path / 'two'), c)
+  read = checkpoint_reader(c)
+  (a, _), (b, _) = read(str(tmp_path / 'one')), read(str(tmp_path / 'two'))
   bad = mismatches(a, b)
   assert not bad, '; '.join(bad)
   # The per-process eval batches, the cross-host gather and the stitching give the scores of
@@ -336,7 +343,8 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
   c.data.root = str(data)
   c.checkpoint_every_steps = 24
   train(c, str(tmp_path / 'whole'))
-  (a, pos_a), (b, pos_b) = restore_params(str(tmp_path / 'whole'), c), restore_params(str(wd), c)
+  read = checkpoint_reader(c)
+  (a, pos_a), (b, pos_b) = read(str(tmp_path / 'whole')), read(str(wd))
   assert pos_a == pos_b == {'step': 24}
   bad = mismatches(a, b)
   assert not bad, '; '.join(bad)

@@ -346,6 +346,16 @@ def _fold_outer(w0: jax.Array, w1: jax.Array, outer_index: jax.Array):
   return w0 ^ _fmix32(outer_index), w1 ^ _fmix32(outer_index * jnp.uint32(0x9E3779B9))
 
 
+def next_key(stream: nnx.RngStream) -> jax.Array:
+  """`stream()`: the same key and counter step, with a plain (unindexed) counter update.
+  `stream()` updates the counter by index, and flax then compares the new traced counter's
+  `.sharding`, whose "not available" error message walks the whole trace so far: a cost that
+  grew with the model at every dropout of a traced train step (see init_rngs)."""
+  count = stream.count.get_value()
+  stream.count.set_value(count + 1)
+  return jax.random.fold_in(stream.key.get_value(), count)
+
+
 class Dropout(nnx.Module):
   """`torch.nn.Dropout`: zero each element with probability `rate`, scale the rest by
   1/(1-rate); identity in eval mode.
@@ -367,7 +377,7 @@ class Dropout(nnx.Module):
     if self.deterministic or self.rate == 0.0:
       return x
     keep = 1.0 - self.rate
-    bits = hash_bits(self.rngs(), self.mask_shape(x))
+    bits = hash_bits(next_key(self.rngs), self.mask_shape(x))
     threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
     return jnp.where(bits < threshold, x * (1.0 / keep), jnp.zeros_like(x))
 
