@@ -30,10 +30,10 @@ def init_rngs(seed: int) -> nnx.Rngs:
 
   Each draw of a plain `nnx.Rngs` updates a traced counter, and flax's update asks the new
   tracer for its `.sharding`; jax's "not available" error message behind that attribute walks
-  the whole trace built so far, so tracing a model's construction grew quadratically (21 s of
-  the 67 s full-size `init_state` on CPU). A numpy counter is never traced. Its reads hand out
-  copies, because the trace holds on to the numpy constants it sees and the counter is updated
-  in place. The model keeps no reference to these counters (dropout streams are forks).
+  the whole trace built so far, so tracing a model's construction grew quadratically (the
+  full-size `init_state` took 45 s on CPU with it, 35 s without: benchmarks/startup.py). A
+  numpy counter is never traced. Its reads hand out copies, because the trace holds on to the
+  numpy constants it sees and the counter is updated in place. The model keeps no reference to these counters (dropout streams are forks).
   """
   rngs = nnx.Rngs(seed)
   for _, stream in rngs.items():
