@@ -77,9 +77,13 @@ def test_descriptions_and_category_table():
     assert t['adjacency'][c, k:].sum() == 0
     for a, b in d.skeletons[c]:
       assert t['adjacency'][c, a, b] == 1
-  # branch order: supercategory animal_face wins over name
-  assert regular_descriptions({'id': 1, 'name': 'fly', 'supercategory': 'animal_face',
+  # MP-100's own categories (id and name) get the table by its rules ...
+  assert regular_descriptions({'id': 4, 'name': 'fennecfox_face', 'supercategory': 'animal_face',
                                'keypoints': []}) == table['lists']['supercategory==animal_face']
+  # ... a user's category never does, whatever its id, name or supercategory matches.
+  for user in ({'id': 18, 'name': 'okapi'}, {'id': 500, 'name': 'car', 'supercategory': 'vehicle'},
+               {'id': 501, 'name': 'table'}, {'id': 1, 'name': 'fly', 'supercategory': 'animal_face'}):
+    assert regular_descriptions(dict(user, keypoints=['left_ear', 'tail'])) == ['left ear', 'tail']
 
 
 def _base():
@@ -139,7 +143,8 @@ def test_good_hand_built_file():
     (lambda d: d['annotations'][0]['keypoints'].append(1), r'id=1152921504606846983.*field "keypoints" has 10 numbers.*K=3'),
     (lambda d: d['categories'][0]['skeleton'].append([1, 3]), r'category #0 \(id=5.*field "skeleton" edge \[1, 3\] out of range'),
     (lambda d: _set_k(d, 101), r'category #0.*101 keypoints, more than max_kpt_num=100'),
-    (lambda d: _set_k(d, 34, name='fly'), r'category #0 \(id=5, name=\'fly\'\).*description table \(name==fly\) has only 33 names for K=34'),
+    (lambda d: (_set_k(d, 34, id=66, name='fly'), d['annotations'][0].update(category_id=66)),
+     r'category #0 \(id=66, name=\'fly\'\).*description table \(name==fly\) has only 33 names for K=34'),
     # K comes from the annotations; the names must still cover it when no table entry does.
     (lambda d: d['categories'][0].update(keypoints=[]), r'category #0 \(id=5, name=\'thing\'\): field "keypoints" has only 0 names for K=3'),
     (lambda d: d['categories'][0].update(keypoints=['a', 'b']), r'category #0 \(id=5.*field "keypoints" has only 2 names for K=3'),
@@ -181,8 +186,9 @@ def test_too_few_instances_and_missing_images(tmp_path):
     ep.training_episodes(d, 1, 0, 0)
   p = tmp_path / 'a.json'
   p.write_text(json.dumps(_base()))
-  with pytest.warns(UserWarning, match=r'a.json: dropped 1 annotations as the official filters '
-                    r'do: 1 with image missing under .* \(ids 1152921504606846983\)'):
+  with pytest.warns(an.DataWarning, match=r'a.json: dropped 1 annotations \(the official filters '
+                    r'and the reader.s checks\): 1 with image missing under .* '
+                    r'\(ids 1152921504606846983\)'):
     dropped = an.load_annotations(str(p), str(tmp_path), drop_missing_images=True)
   assert len(dropped) == 0 and dropped.dropped == [
       (f'image missing under {str(tmp_path)!r}', 1152921504606846983, 5)]

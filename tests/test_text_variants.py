@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from capenext_jax.mp100 import text_variants
+from capenext_jax.mp100 import descriptions, text_variants
 from capenext_jax.mp100.annotations import load_annotations
 from conftest import MP100_MINI
 
@@ -16,7 +16,7 @@ def mini():
 
 
 def test_shipped_tables_cover_mp100_with_attribution():
-  with open(text_variants._VARIANTS_PATH, encoding='utf-8') as f:
+  with open(descriptions.VARIANTS_PATH, encoding='utf-8') as f:
     raw = json.load(f)
   assert 'matanr/capex' in raw['_source'] and 'Apache-2.0' in raw['_source']
   names = text_variants.mp100_category_names()

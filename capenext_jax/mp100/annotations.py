@@ -13,17 +13,23 @@ category / annotation / image id and the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import warnings
 
 import numpy as np
 
-from capenext_jax.mp100.descriptions import matching_rule, regular_descriptions
+from capenext_jax.mp100.descriptions import (check_descriptions, description_source,
+                                             matching_rule, regular_descriptions)
 from capenext_jax.mp100.geometry import bbox_to_center_scale, clean_bbox
+from capenext_jax.mp100.json_files import read_json
 
 MAX_KPT = 100          # max_kpt_num of the MP-100 configs: every array is padded to this.
+VISIBILITIES = (0, 1, 2)   # COCO: 0 not labelled, 1 labelled but hidden, 2 labelled and visible
 _INT64_MAX = np.iinfo(np.int64).max
+
+
+class DataWarning(UserWarning):
+  """Annotations the reader dropped (counted, with ids); programs print it as one plain line."""
 
 
 @dataclasses.dataclass
@@ -67,6 +73,8 @@ class MP100Dataset:
   skeletons: list
   dropped: list = dataclasses.field(default_factory=list)
   prompt_names: list | None = None   # the names the category prompts use (None: raw names)
+  # Per category: where its descriptions come from (the MP-100 table's rule or its own names).
+  description_sources: list | None = None
 
   def __len__(self):
     return int(self.ann_id.shape[0])
@@ -173,66 +181,163 @@ def _num_keypoints(names: list, observed: list, where: str) -> int:
                    'keypoints (K unknown)')
 
 
-def _parse_categories(cats: list, ann_file: str, max_kpt: int, observed_k: dict):
-  out = []
+SKELETON_BASES = (0, 1)
+_SKELETON_BASE_HINT = ('set the base: --skeleton_base 0 or 1 (split_categories), '
+                       'config.data.skeleton_base (train.py / eval.py), or a top-level '
+                       '"skeleton_base": 0 or 1 in the file')
+
+
+def _raw_edges(skel, where: str) -> list[tuple[int, int]]:
+  """A category's ``skeleton`` field as integer pairs, in the file's own numbering."""
+  if not isinstance(skel, list):
+    raise ValueError(f'{where}: field "skeleton" must be a list of [i, j] pairs')
+  for e in skel:
+    if not (isinstance(e, (list, tuple)) and len(e) == 2 and all(_is_int(i) for i in e)):
+      raise ValueError(f'{where}: field "skeleton" has a bad edge {e!r} (want [i, j] integers)')
+  return [(int(a), int(b)) for a, b in skel]
+
+
+def skeleton_base(edges_and_k: list[tuple[list, int]], ann_file: str,
+                  base: int | None = None) -> int:
+  """The base (0 or 1) a file numbers its skeletons' keypoints from.
+
+  `base` (the option) decides when given. Otherwise the file decides as a whole (COCO-family
+  files are 1-based throughout, MP-100's 0-based): 0 when every edge index of every category
+  lies in [0, K) and at least one does not lie in [1, K] (an index 0); 1 when every index lies
+  in [1, K] and at least one equals its category's K. A file with no edges is 0-based. A file
+  whose indices all lie in [1, K - 1] reads either way and is refused, naming the options. One
+  that fits neither base is read as 1-based if an index equals its K and none is 0, else as
+  0-based, and the categories out of range in that base are errors.
+  """
+  if base is not None:
+    if base not in SKELETON_BASES:
+      raise ValueError(f'{ann_file}: skeleton base must be 0 or 1, got {base!r}')
+    return base
+  indices = [(i, k) for edges, k in edges_and_k if k > 0 for e in edges for i in e]
+  if not indices:
+    return 0
+  fits0 = all(0 <= i < k for i, k in indices)
+  fits1 = all(1 <= i <= k for i, k in indices)
+  if fits0 and fits1:
+    raise ValueError(f'{ann_file}: cannot tell whether the skeletons number keypoints from 0 or '
+                     'from 1 (no edge uses index 0 or index K): ' + _SKELETON_BASE_HINT)
+  if fits0 or fits1:
+    return 1 if fits1 else 0
+  return int(any(i == k for i, k in indices) and all(i != 0 for i, _ in indices))
+
+
+def _category_problems(cat: dict, where: str, k_observed: list, max_kpt: int, edges: list,
+                       base: int) -> tuple[dict | None, list[str]]:
+  """(parsed entry, []) of a valid category, else (None, its problems, each naming `where`)."""
+  try:
+    k = _num_keypoints(cat['keypoints'], k_observed, where)
+  except ValueError as e:
+    return None, [str(e)]
+  if k == 0:
+    return None, [f'{where}: its annotations have 0 keypoints']
+  if k > max_kpt:
+    return None, [f'{where}: {k} keypoints, more than max_kpt_num={max_kpt}']
+  problems = []
+  bad = [list(e) for e in edges if base is not None and not all(base <= i < k + base for i in e)]
+  if bad:
+    problems.append(f'{where}: field "skeleton" edge {bad[0]} out of range [{base}, {k + base}) '
+                    f'({len(bad)} such edges; the file\'s skeletons read as {base}-based keypoint '
+                    f'indices; if that is wrong, {_SKELETON_BASE_HINT})')
+  desc = regular_descriptions(cat)
+  source = description_source(cat)
+  if len(desc) < k:
+    rule = matching_rule(cat)
+    what = f'the description table ({rule}) has' if rule else 'field "keypoints" has'
+    problems.append(f'{where}: {what} only {len(desc)} names for K={k} keypoints')
+  else:
+    problems += check_descriptions(desc[:k], f'{where}: {source}')
+  if problems:
+    return None, problems
+  if not edges:
+    warnings.warn(f'{where}: empty skeleton (the official code would crash; adjacency is all 0)')
+  return dict(id=cat['id'], name=str(cat['name']), supercategory=str(cat.get('supercategory', '')),
+              k=k, skeleton=[(a - (base or 0), b - (base or 0)) for a, b in edges],
+              descriptions=[str(d) for d in desc], description_source=source), []
+
+
+def _parse_categories(cats: list, ann_file: str, max_kpt: int, observed_k: dict,
+                      base: int | None):
+  """Every category checked before any error is raised: one ValueError lists them all."""
+  problems, checked = [], []
   seen = set()
   for pos, cat in enumerate(cats):
     if not isinstance(cat, dict):
-      raise ValueError(f'{ann_file}: categories[{pos}] is not an object')
-    where = f'{ann_file}: category #{pos} (id={cat.get("id")!r}, name={cat.get("name")!r})'
-    _require(cat, ('id', 'name', 'supercategory', 'keypoints', 'skeleton'), where)
-    cid = _check_id(cat['id'], where, 'id')
-    if cid in seen:
-      raise ValueError(f'{where}: duplicate category id {cid} (field "id")')
-    seen.add(cid)
-    if not isinstance(cat['keypoints'], list):
-      raise ValueError(f'{where}: field "keypoints" must be a list of names')
-    k = _num_keypoints(cat["keypoints"], observed_k.get(cid, []), where)
-    if k == 0:
-      raise ValueError(f'{where}: its annotations have 0 keypoints')
-    if k > max_kpt:
-      raise ValueError(f'{where}: {k} keypoints, more than max_kpt_num={max_kpt}')
-    skel = cat['skeleton']
-    if not isinstance(skel, list):
-      raise ValueError(f'{where}: field "skeleton" must be a list of [i, j] pairs')
-    edges = []
-    for e in skel:
-      if not (isinstance(e, (list, tuple)) and len(e) == 2 and all(_is_int(i) for i in e)):
-        raise ValueError(f'{where}: field "skeleton" has a bad edge {e!r} (want [i, j] integers)')
-      if not all(0 <= i < k for i in e):
-        raise ValueError(f'{where}: field "skeleton" edge {list(e)} out of range [0, {k}) '
-                         '(skeletons must be 0-based keypoint indices)')
-      edges.append((int(e[0]), int(e[1])))
-    if not edges:
-      warnings.warn(f'{where}: empty skeleton (the official code would crash; adjacency is all 0)')
-    desc = regular_descriptions(cat)
-    if len(desc) < k:
-      rule = matching_rule(cat)
-      source = f'the description table ({rule}) has' if rule else 'field "keypoints" has'
-      raise ValueError(f'{where}: {source} only {len(desc)} names for K={k} keypoints')
-    out.append(dict(id=cid, name=str(cat['name']), supercategory=str(cat['supercategory']), k=k,
-                    skeleton=edges, descriptions=[str(d) for d in desc]))
+      problems.append(f'categories[{pos}] is not an object')
+      continue
+    where = f'category #{pos} (id={cat.get("id")!r}, name={cat.get("name")!r})'
+    try:
+      _require(cat, ('id', 'name', 'keypoints', 'skeleton'), where)
+      cid = _check_id(cat['id'], where, 'id')
+      if cid in seen:
+        raise ValueError(f'{where}: duplicate category id {cid} (field "id")')
+      seen.add(cid)
+      if not isinstance(cat['keypoints'], list):
+        raise ValueError(f'{where}: field "keypoints" must be a list of names')
+      if not isinstance(cat['name'], str) or not cat['name'].strip():
+        raise ValueError(f'{where}: field "name" must be a non-empty string')
+      checked.append((cat, where, _raw_edges(cat['skeleton'], where)))
+    except ValueError as e:
+      problems.append(str(e))
+  try:
+    base = skeleton_base([(edges, _k_for_base(cat, observed_k)) for cat, _, edges in checked],
+                         ann_file, base)
+  except ValueError as e:
+    problems.append(str(e).removeprefix(f'{ann_file}: '))
+    base = None   # the skeletons' ranges are not checked
+  out = []
+  for cat, where, edges in checked:
+    entry, found = _category_problems(cat, where, observed_k.get(cat['id'], []), max_kpt, edges,
+                                      base)
+    problems += found
+    out.append(entry)
+  if problems:
+    count = '' if len(problems) == 1 else f'{len(problems)} problems: '
+    raise ValueError(f'{ann_file}: {count}' + '; '.join(problems[:8])
+                     + (f'; ... ({len(problems) - 8} more)' if len(problems) > 8 else ''))
   return out
 
 
-def read_categories(data, ann_file: str, max_kpt: int = MAX_KPT, *, require=()) -> list[dict]:
+def _k_for_base(cat: dict, observed_k: dict) -> int:
+  """K as `_num_keypoints` finds it (0 where it cannot: that category errs on its own)."""
+  try:
+    return _num_keypoints(cat['keypoints'], observed_k.get(cat['id'], []), '')
+  except ValueError:
+    return 0
+
+
+def read_categories(data, ann_file: str, max_kpt: int = MAX_KPT, *, require=(),
+                    skeleton_base: int | None = None) -> list[dict]:
   """The validated category table of a parsed COCO-style json, in JSON order.
 
-  Each entry: ``id``, ``name``, ``supercategory``, ``k`` (K, from the annotations' keypoint
-  arrays; see :func:`_num_keypoints`), ``skeleton`` (0-based edges), ``descriptions`` (>= K).
-  require: top-level lists needed besides ``annotations`` and ``categories``.
+  Each entry: ``id``, ``name``, ``supercategory`` ('' when absent), ``k`` (K, from the
+  annotations' keypoint arrays; see :func:`_num_keypoints`), ``skeleton`` (0-based edges),
+  ``descriptions`` (>= K), ``description_source`` (the MP-100 table's rule or the category's
+  own names). require: top-level lists needed besides ``annotations`` and ``categories``.
+  skeleton_base: 0 or 1 for the file's skeleton numbering; None: the file's top-level
+  ``skeleton_base`` field, else detected (:func:`skeleton_base`). Every invalid category is
+  named in one ValueError.
   """
   if not isinstance(data, dict):
     raise ValueError(f'{ann_file}: top level must be an object')
   for key in (*require, 'annotations', 'categories'):
     if not isinstance(data.get(key), list):
       raise ValueError(f'{ann_file}: missing field "{key}" (a list)')
+  if skeleton_base is None and 'skeleton_base' in data:
+    skeleton_base = data['skeleton_base']
+    if skeleton_base not in SKELETON_BASES or isinstance(skeleton_base, bool):
+      raise ValueError(f'{ann_file}: field "skeleton_base" must be 0 or 1, got {skeleton_base!r}')
   return _parse_categories(data['categories'], ann_file, max_kpt,
-                           _annotation_keypoint_counts(data['annotations']))
+                           _annotation_keypoint_counts(data['annotations']), skeleton_base)
 
 
 def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images: bool = False,
-                     max_kpt: int = MAX_KPT, data: dict | None = None) -> MP100Dataset:
+                     max_kpt: int = MAX_KPT, data: dict | None = None,
+                     skeleton_base: int | None = None) -> MP100Dataset:
   """Reads and validates one MP-100 / COCO-style keypoint json.
 
   Args:
@@ -243,16 +348,12 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       val datasets do this; the official test dataset does not).
     max_kpt: slot count (100); a category with more keypoints is an error.
     data: the parsed json, if already loaded (``ann_file`` is then only used in messages).
+    skeleton_base: 0 or 1, how the file numbers its skeletons' keypoints; None: the file's
+      ``skeleton_base`` field, else detected (see :func:`skeleton_base`).
   """
   if data is None:
-    if not os.path.exists(ann_file):
-      raise ValueError(f'{ann_file}: annotation file not found')
-    with open(ann_file, encoding='utf-8') as f:
-      try:
-        data = json.load(f)   # json keeps integers as Python ints (no float64 round trip)
-      except json.JSONDecodeError as e:
-        raise ValueError(f'{ann_file}: cannot parse json: {e}') from e
-  cats = read_categories(data, ann_file, max_kpt, require=('images',))
+    data = read_json(ann_file, 'annotation file')   # UTF-8 / UTF-16 with BOM; ints stay ints (no float64 round trip)
+  cats = read_categories(data, ann_file, max_kpt, require=('images',), skeleton_base=skeleton_base)
   cat_row = {c['id']: i for i, c in enumerate(cats)}
 
   # Images: dict keyed by id in first-seen order (as COCO's index); duplicates are an error.
@@ -273,6 +374,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
   # Annotations grouped by image in JSON order (coco.imgToAnns); crowd ones are not records.
   per_image: dict[int, list] = {}
   ann_ids = set()
+  bad_visibility = []   # (where, keypoint index, value) of each annotation with a bad v
   for pos, ann in enumerate(data['annotations']):
     if not isinstance(ann, dict):
       raise ValueError(f'{ann_file}: annotations[{pos}] is not an object')
@@ -294,6 +396,9 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       if len(kp) != 3 * k:
         raise ValueError(f'{where}: field "keypoints" has {len(kp)} numbers, category {cid} '
                          f'({cats[cat_row[cid]]["name"]}) has K={k} keypoints (want {3 * k})')
+      bad_v = [j for j, v in enumerate(kp[2::3]) if v not in VISIBILITIES]
+      if bad_v:
+        bad_visibility.append((where, bad_v[0], kp[3 * bad_v[0] + 2]))
     if 'bbox' in ann:
       bb = ann['bbox']
       if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
@@ -304,10 +409,18 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
     if iscrowd:
       continue
     per_image.setdefault(ann['image_id'], []).append(ann)
+  if bad_visibility:
+    where, index, v = bad_visibility[0]
+    more = (f' ({len(bad_visibility) - 1} more annotations have such values)'
+            if len(bad_visibility) > 1 else '')
+    raise ValueError(f'{where}: keypoint {index} has visibility v={v!r} in field "keypoints" '
+                     f'(want 0: not labelled, 1 or 2: labelled){more}')
 
   rows = dict(ann_id=[], image_id=[], file_name=[], image_path=[], image_size=[], cat=[], bbox=[],
               kpts=[])
-  dropped: list[tuple[str, int, int]] = []
+  dropped: list[tuple[str, int, int]] = [
+      ('an image_id that is not in "images"', ann['id'], ann['category_id'])
+      for iid, anns in per_image.items() if iid not in images for ann in anns]
   exists_cache: dict[str, bool] = {}
   for iid, img in images.items():
     anns = per_image.get(iid)
@@ -335,7 +448,7 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       rows['bbox'].append(box)
       rows['kpts'].append(ann['keypoints'])
   if dropped:
-    warnings.warn(f'{ann_file}: {describe_dropped(dropped)}', stacklevel=2)
+    warnings.warn(f'{ann_file}: {describe_dropped(dropped)}', DataWarning, stacklevel=2)
 
   n = len(rows['ann_id'])
   cat_index = np.asarray(rows['cat'], np.int32).reshape(n)
@@ -363,7 +476,8 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       descriptions=[c['descriptions'] for c in cats],
       category_num_keypoints=cat_k,
       skeletons=[c['skeleton'] for c in cats],
-      dropped=dropped)
+      dropped=dropped,
+      description_sources=[c['description_source'] for c in cats])
 
 
 def _official_filter(ann: dict, width: float, height: float) -> str | None:
@@ -376,7 +490,18 @@ def _official_filter(ann: dict, width: float, height: float) -> str | None:
     return 'area 0'
   if 'keypoints' not in ann or max(ann['keypoints']) == 0 or ann.get('num_keypoints', 1) == 0:
     return 'no labelled keypoints'
+  if far_outside(ann['keypoints'], width, height):
+    return 'a labelled keypoint far outside its image'
   return None
+
+
+def far_outside(keypoints: list, width: float, height: float) -> bool:
+  """Whether a labelled keypoint (v > 0) lies more than the image's own width (height) left or
+  right of (above or below) the image: a typo or a swapped file, not an estimate of an occluded
+  point (real MP-100 files have labelled points slightly outside their image; those stay)."""
+  kp = np.asarray(keypoints, np.float64).reshape(-1, 3)
+  x, y = kp[kp[:, 2] > 0, 0], kp[kp[:, 2] > 0, 1]
+  return bool(np.any((x < -width) | (x > 2 * width) | (y < -height) | (y > 2 * height)))
 
 
 def describe_dropped(dropped: list[tuple[str, int, int]]) -> str:
@@ -386,7 +511,8 @@ def describe_dropped(dropped: list[tuple[str, int, int]]) -> str:
     by_reason.setdefault(reason, []).append(ann_id)
   parts = [f'{len(ids)} with {reason} (ids {", ".join(map(str, ids[:5]))}'
            f'{", ..." if len(ids) > 5 else ""})' for reason, ids in by_reason.items()]
-  return f'dropped {len(dropped)} annotations as the official filters do: ' + '; '.join(parts)
+  return (f'dropped {len(dropped)} annotations (the official filters and the reader\'s checks): '
+          + '; '.join(parts))
 
 
 def check_episode_size(dataset: MP100Dataset, needed: int, what: str = 'episode'):

@@ -14,29 +14,18 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import os
 
 import numpy as np
 
 from capenext_jax.mp100.annotations import MP100Dataset
+from capenext_jax.mp100.descriptions import (VARIANTS_PATH, check_descriptions,
+                                             description_variants, mp100_category_names)
+from capenext_jax.mp100.json_files import read_json
 
-_VARIANTS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                              'description_variants.json')
+__all__ = ['mp100_category_names']   # re-exported: its home is descriptions.py
 DESCRIPTION_VARIANTS = ('regular', 'synonyms', 'typo', 'translate')
 CATEGORY_PROMPTS = ('true', 'wrong')
-
-
-@functools.lru_cache(maxsize=1)
-def _variants() -> dict:
-  with open(_VARIANTS_PATH, encoding='utf-8') as f:
-    return json.load(f)
-
-
-def mp100_category_names() -> dict[int, str]:
-  """The 100 MP-100 categories: id -> name (from the shipped variant tables)."""
-  return {int(cid): c['name'] for cid, c in _variants()['synonyms_test'].items()}
 
 
 def description_table(descriptions: str) -> tuple[dict[int, list[str]], str]:
@@ -45,14 +34,13 @@ def description_table(descriptions: str) -> tuple[dict[int, list[str]], str]:
   A user file is a JSON object {"<category id>": ["name of keypoint 0", ...], ...}.
   """
   if descriptions in DESCRIPTION_VARIANTS[1:]:
-    table = _variants()[f'{descriptions}_test']
+    table = description_variants()[f'{descriptions}_test']
     return ({int(cid): list(c['keypoints']) for cid, c in table.items()},
-            f'{descriptions} ({_VARIANTS_PATH})')
+            f'{descriptions} ({VARIANTS_PATH})')
   if not os.path.isfile(descriptions):
     raise ValueError(f'descriptions {descriptions!r}: expected one of '
                      f'{", ".join(DESCRIPTION_VARIANTS)} or a JSON file')
-  with open(descriptions, encoding='utf-8') as f:
-    raw = json.load(f)
+  raw = read_json(descriptions)
   if not isinstance(raw, dict):
     raise ValueError(f'{descriptions}: expected a JSON object category id -> keypoint names')
   table = {}
@@ -71,9 +59,11 @@ def apply_descriptions(dataset: MP100Dataset, descriptions: str) -> tuple[MP100D
   category, a shipped table at least K), and a record of what it did:
   {'descriptions': source, 'changed': {category id: number of names that differ from the
   regular ones}, 'not_in_table': [ids of categories the table lacks; they keep the regular
-  descriptions]}."""
+  descriptions], 'sources': {category id: where its descriptions come from}}."""
+  sources = {int(c): s for c, s in zip(dataset.category_ids, dataset.description_sources)}
   if descriptions == 'regular':
-    return dataset, {'descriptions': 'regular', 'changed': {}, 'not_in_table': []}
+    return dataset, {'descriptions': 'regular', 'changed': {}, 'not_in_table': [],
+                     'sources': sources}
   table, source = description_table(descriptions)
   shipped = descriptions in DESCRIPTION_VARIANTS
   new, changed, missing = [], {}, []
@@ -91,10 +81,14 @@ def apply_descriptions(dataset: MP100Dataset, descriptions: str) -> tuple[MP100D
       raise ValueError(f'{source}: category {cid} ({name!r}) has {len(names)} keypoint names, '
                        f'its annotations {k} keypoints')
     names = names[:k]
+    problems = check_descriptions(names, f'{source}: category {cid} ({name!r})')
+    if problems:
+      raise ValueError('; '.join(problems))
     new.append(list(names))
     changed[cid] = sum(a != b for a, b in zip(names, old[:k]))
+    sources[cid] = source
   return dataclasses.replace(dataset, descriptions=new), {
-      'descriptions': source, 'changed': changed, 'not_in_table': missing}
+      'descriptions': source, 'changed': changed, 'not_in_table': missing, 'sources': sources}
 
 
 def wrong_category_prompts(dataset: MP100Dataset, seed: int) -> tuple[MP100Dataset, dict]:
@@ -115,7 +109,8 @@ def apply_text_options(dataset: MP100Dataset, descriptions: str = 'regular',
                        ) -> tuple[MP100Dataset, dict]:
   """Both options at once; the record is JSON-ready for a report's info (category ids as
   strings): {'descriptions', 'descriptions_changed', 'descriptions_not_in_table',
-  'category_prompt', and with 'wrong' 'category_prompt_seed', 'category_prompt_names'}."""
+  'description_sources' (where each category's descriptions came from), 'category_prompt',
+  and with 'wrong' 'category_prompt_seed', 'category_prompt_names'}."""
   if category_prompt not in CATEGORY_PROMPTS:
     raise ValueError(f'category_prompt {category_prompt!r}: expected one of '
                      f'{", ".join(CATEGORY_PROMPTS)}')
@@ -123,6 +118,7 @@ def apply_text_options(dataset: MP100Dataset, descriptions: str = 'regular',
   record = {'descriptions': done['descriptions'],
             'descriptions_changed': {str(c): n for c, n in done['changed'].items()},
             'descriptions_not_in_table': done['not_in_table'],
+            'description_sources': {str(c): s for c, s in done['sources'].items()},
             'category_prompt': category_prompt}
   if category_prompt == 'wrong':
     dataset, used = wrong_category_prompts(dataset, seed)
