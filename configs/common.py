@@ -69,6 +69,9 @@ def base_config() -> ml_collections.ConfigDict:
       heatmap_size=0,         # MSRA target side; 0: a quarter of the input side
       on_bad_image='error',
       mask_outside_bbox=False,  # the official TopDownMaskImage (configs/clip_mask)
+      # How the annotation files number skeleton keypoints: 0, 1 (COCO), or None: detected
+      # (mp100/annotations.py skeleton_base; docs/CUSTOM_DATA.md).
+      skeleton_base=ml_collections.config_dict.placeholder(int),
   ))
 
   c.batch_size = 32              # global; the official runs use 32 on one GPU

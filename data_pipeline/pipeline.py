@@ -115,17 +115,19 @@ def scan_images(dataset: MP100Dataset, num_threads: int = 4) -> np.ndarray:
 
 
 def json_source(ann_file: str, image_root: str, *, drop_missing_images: bool = True,
-                on_bad_image: str = 'error') -> Source:
+                on_bad_image: str = 'error', skeleton_base: int | None = None) -> Source:
   """Source reading the json and the original images.
 
   drop_missing_images: official train/val behaviour (True) vs test (False).
   on_bad_image: 'error' (a missing / corrupt image raises a ValueError naming it when reached)
     or 'skip' (all images are decoded once now; bad ones are dropped, counted and warned about;
     the db order, hence the evaluation pairs, then differ from the official ones).
+  skeleton_base: 0 or 1, how the file numbers skeleton keypoints (None: detected).
   """
   if on_bad_image not in ('error', 'skip'):
     raise ValueError(f'on_bad_image must be "error" or "skip", got {on_bad_image!r}')
-  ds = load_annotations(ann_file, image_root, drop_missing_images=drop_missing_images)
+  ds = load_annotations(ann_file, image_root, drop_missing_images=drop_missing_images,
+                        skeleton_base=skeleton_base)
   if on_bad_image == 'skip':
     ok = scan_images(ds)
     if not ok.all():

@@ -90,7 +90,8 @@ def eval_split(config: ml_collections.ConfigDict, ann_file: str, image_root: str
   """An evaluation split of any annotation file with the run config's pipeline settings
   (the official test set keeps records whose image is missing; val drops them)."""
   source = json_source(ann_file, image_root, drop_missing_images=drop_missing_images,
-                       on_bad_image=config.data.on_bad_image)
+                       on_bad_image=config.data.on_bad_image,
+                       skeleton_base=config.data.get('skeleton_base'))
   return Split(source, pipeline_config(config, train=False))
 
 
@@ -99,7 +100,8 @@ def run_splits(config: ml_collections.ConfigDict, workdir: str) -> RunData:
   is evaluated at the start or the end. A split without an annotation file is None."""
   files = data_files(config, workdir)
   train = Split(json_source(files['train'], files['image_root'], drop_missing_images=True,
-                            on_bad_image=config.data.on_bad_image),
+                            on_bad_image=config.data.on_bad_image,
+                            skeleton_base=config.data.get('skeleton_base')),
                 pipeline_config(config, train=True))
   val = (eval_split(config, files['val'], files['image_root'], drop_missing_images=True)
          if files['val'] and config.validate else None)

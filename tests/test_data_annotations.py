@@ -195,3 +195,207 @@ def test_too_few_instances_and_missing_images(tmp_path):
   with pytest.raises(ValueError, match=r'\(thing\) has 0 instances \(1 more were dropped, see '):
     ep.official_pairs(dropped, 1, 1, 1)
   assert len(an.load_annotations(str(p), str(tmp_path), drop_missing_images=False)) == 1
+
+
+# ------------------------------------------------- real-format files through split_categories
+def coco_family(tmp_path, counts=(3, 3, 3), skeleton=((1, 2), (2, 3), (3, 4)), **cat_fields):
+  """A COCO-family file as the AP-10K / ATRW / COCO releases write it: 1-based skeletons (an
+  edge uses index K=4), no "supercategory"; `counts` instances per category on 192 px images
+  (all written under `tmp_path/images`). Returns (path, the parsed dict)."""
+  from PIL import Image
+  (tmp_path / 'images').mkdir(exist_ok=True)
+  Image.new('RGB', (192, 192)).save(tmp_path / 'images' / 'a.jpg')
+  coco = {'images': [], 'annotations': [], 'categories': []}
+  for c, (name, n) in enumerate(zip(('antelope', 'jaguar', 'tiger'), counts), 1):
+    coco['categories'].append(dict({'id': c, 'name': name, 'keypoints': ['nose', 'l_eye',
+                                    'r_eye', 'tail'], 'skeleton': [list(e) for e in skeleton]},
+                                   **cat_fields))
+    for i in range(n):
+      iid = 100 * c + i
+      coco['images'].append({'id': iid, 'file_name': 'a.jpg', 'width': 192, 'height': 192})
+      coco['annotations'].append({'id': iid, 'image_id': iid, 'category_id': c, 'iscrowd': 0,
+                                  'bbox': [10, 10, 150, 150], 'num_keypoints': 4,
+                                  'keypoints': [20, 20, 2, 40, 30, 2, 60, 30, 1, 150, 150, 2]})
+  path = tmp_path / 'ap10k.json'
+  path.write_bytes(json.dumps(coco).encode())
+  return path, coco
+
+
+def split_categories(capsys, path, *args):
+  """(exit status, stdout, stderr) of the user's command; the input file must be unchanged."""
+  from capenext_jax.tools import split_categories as tool
+  before = path.read_bytes()
+  status = tool.main([str(path), '--image_root', str(path.parent / 'images'), *args])
+  out, err = capsys.readouterr()
+  assert path.read_bytes() == before
+  return status, out, err
+
+
+def test_coco_family_file_splits_with_0_based_skeletons(tmp_path, capsys):
+  path, _ = coco_family(tmp_path)
+  status, out, err = split_categories(capsys, path, '--val', 'jaguar', '--test', 'tiger',
+                                      '--out_dir', str(tmp_path / 'out'))
+  assert status == 0, err
+  assert 'antelope: K=4, 3 instances' in out
+  for split in ('train', 'val', 'test'):
+    written = json.loads((tmp_path / 'out' / f'ap10k_{split}.json').read_text())
+    assert written['skeleton_base'] == 0
+    assert [c['skeleton'] for c in written['categories']] == [[[0, 1], [1, 2], [2, 3]]]
+    assert an.load_annotations(str(tmp_path / 'out' / f'ap10k_{split}.json')).skeletons == [
+        [(0, 1), (1, 2), (2, 3)]]
+    assert 'supercategory' not in written['categories'][0]
+  # the input read directly: the same 0-based edges
+  assert an.load_annotations(str(path)).skeletons == [[(0, 1), (1, 2), (2, 3)]] * 3
+
+
+def test_skeleton_base_detection_rule(tmp_path, capsys):
+  k = 4
+  base = lambda edges: an.skeleton_base([(edges, k)], 'f.json')
+  assert base([(0, 1)]) == 0 and base([(1, k)]) == 1 and base([]) == 0
+  with pytest.raises(ValueError, match='no edge uses index 0 or index K.*--skeleton_base'):
+    base([(1, 2)])
+  # through the program: refused naming the flag, then read as told
+  path, _ = coco_family(tmp_path, skeleton=((1, 2), (2, 3)))
+  status, _, err = split_categories(capsys, path)
+  assert status == 2 and err.count('\n') == 1
+  assert f'{path}: cannot tell whether' in err and '--skeleton_base 0 or 1' in err
+  status, _, err = split_categories(capsys, path, '--skeleton_base', '1')
+  assert status == 0, err
+  assert an.load_annotations(str(path), skeleton_base=1).skeletons[0] == [(0, 1), (1, 2)]
+  assert an.load_annotations(str(path), skeleton_base=0).skeletons[0] == [(1, 2), (2, 3)]
+
+
+def test_every_invalid_category_in_one_error(tmp_path, capsys):
+  path, coco = coco_family(tmp_path)
+  coco['categories'][0]['keypoints'] = ['nose']          # 1 name for K=4
+  coco['categories'][2]['skeleton'].append([4, 9])       # out of range (1-based: [1, 5))
+  coco['categories'][1]['keypoints'][2] = ''             # an empty name
+  path.write_text(json.dumps(coco))
+  status, _, err = split_categories(capsys, path)
+  assert status == 2 and err.count('\n') == 1, err
+  assert '3 problems' in err
+  assert "category #0 (id=1, name='antelope'): field \"keypoints\" has only 1 names for K=4" in err
+  assert "category #1 (id=2, name='jaguar')" in err and 'keypoint 2 has an empty name' in err
+  assert "category #2 (id=3, name='tiger'): field \"skeleton\" edge [4, 9] out of range [1, 5)" in err
+
+
+def test_too_few_instances_and_no_train_split_are_refused(tmp_path, capsys):
+  path, _ = coco_family(tmp_path, counts=(3, 1, 1))
+  status, _, err = split_categories(capsys, path, '--val', 'jaguar', '--test', 'tiger')
+  assert status == 2 and err.count('\n') == 1
+  assert 'category id=2 (jaguar) has 1 instances; category id=3 (tiger) has 1 instances' in err
+  assert 'too few instances for a 1-shot episode of 2' in err
+  path, _ = coco_family(tmp_path, counts=(3, 3, 3))
+  status, _, err = split_categories(capsys, path, '--shots', '3')
+  assert status == 2 and 'category id=1 (antelope) has 3 instances' in err
+  status, _, err = split_categories(capsys, path, '--val', 'antelope,jaguar', '--test', 'tiger',
+                                    '--out_dir', str(tmp_path / 'none'))
+  assert status == 2 and 'none is left to train on' in err
+  assert not (tmp_path / 'none').exists()
+
+
+def test_dropped_annotations_warn_in_one_plain_line(tmp_path, capsys):
+  path, coco = coco_family(tmp_path, counts=(4, 3, 3))
+  coco['annotations'][0]['image_id'] = 999                        # not an image
+  coco['annotations'][1]['keypoints'][:3] = [5000, -3000, 2]      # far outside its 192 px image
+  coco['annotations'][2]['keypoints'][:3] = [-30, 200, 2]         # slightly outside: kept
+  path.write_text(json.dumps(coco))
+  status, out, err = split_categories(capsys, path)
+  assert status == 0, err
+  assert err.splitlines() == [
+      f'warning: {path}: dropped 2 annotations (the official filters and the reader\'s checks): '
+      '1 with an image_id that is not in "images" (ids 100); 1 with a labelled keypoint far '
+      'outside its image (ids 101)']
+  assert 'antelope: K=4, 2 instances' in out
+
+
+@pytest.mark.parametrize('v', [-1, 0.5, 3])
+def test_visibility_outside_0_1_2_is_refused(tmp_path, capsys, v):
+  path, coco = coco_family(tmp_path)
+  coco['annotations'][4]['keypoints'][3 * 2 + 2] = v
+  coco['annotations'][5]['keypoints'][2] = v
+  path.write_text(json.dumps(coco))
+  status, _, err = split_categories(capsys, path)
+  assert status == 2 and err.count('\n') == 1
+  assert (f'{path}: annotation #4 (id=201): keypoint 2 has visibility v={v!r} in field '
+          '"keypoints" (want 0: not labelled, 1 or 2: labelled) (1 more annotations') in err
+
+
+def test_keypoint_name_longer_than_clip_is_refused_by_every_reader(tmp_path, capsys):
+  path, coco = coco_family(tmp_path)
+  coco['categories'][1]['keypoints'][3] = 'the very tip of the tail ' * 13   # 78 + 2 tokens
+  path.write_text(json.dumps(coco))
+  status, _, err = split_categories(capsys, path)
+  assert status == 2
+  assert err.count('\n') == 1 and ("category #1 (id=2, name='jaguar'): the category's "
+                                   "\"keypoints\" names: keypoint 3 name 'the very tip of the "
+                                   "tail the very tip of'... is 80 CLIP tokens long, more than "
+                                   "CLIP's 77") in err
+  with pytest.raises(ValueError, match="keypoint 3 name .* more than CLIP's 77"):
+    an.load_annotations(str(path))            # train.py and eval.py read through here
+  from capenext_jax.mp100 import text_variants
+  ok = an.load_annotations(str(coco_family(tmp_path / 'ok')[0]))
+  names = tmp_path / 'names.json'
+  names.write_text(json.dumps({'1': ['a', 'b', 'c', 'x ' * 80]}))
+  with pytest.raises(ValueError, match="keypoint 3 name .* more than CLIP's 77"):
+    text_variants.apply_descriptions(ok, str(names))   # eval --descriptions FILE
+
+
+@pytest.mark.parametrize('encoding', ['utf-8-sig', 'utf-16', 'utf-16-be', 'utf-32'])
+def test_utf16_and_bom_files_read_as_utf8(tmp_path, capsys, encoding):
+  path, coco = coco_family(tmp_path)
+  coco['categories'][0]['keypoints'][0] = 'nez (museau)'
+  coco['categories'][0]['keypoints'][1] = 'œil gauche'
+  text = json.dumps(coco, ensure_ascii=False)
+  raw = text.encode(encoding)
+  if encoding == 'utf-16-be':   # python's utf-16-be writes no BOM: add it
+    raw = b'\xfe\xff' + raw
+  path.write_bytes(raw)
+  status, out, err = split_categories(capsys, path)
+  assert status == 0, err
+  assert an.load_annotations(str(path)).descriptions[0][:2] == ['nez (museau)', 'œil gauche']
+
+
+def test_latin1_file_is_refused_naming_file_and_encoding(tmp_path, capsys):
+  path, coco = coco_family(tmp_path)
+  coco['categories'][0]['keypoints'][1] = 'œil gauche'.replace('œ', 'é')
+  path.write_bytes(json.dumps(coco, ensure_ascii=False).encode('latin-1'))
+  status, _, err = split_categories(capsys, path)
+  assert status == 2 and err.count('\n') == 1
+  assert f'{path}: not UTF-8 text (byte 0xe9 at offset' in err and 'latin-1' in err
+  path.write_bytes(json.dumps(coco).encode('utf-16-le'))   # UTF-16 without its BOM
+  status, _, err = split_categories(capsys, path)
+  assert status == 2 and 'UTF-16 without a byte-order mark' in err
+
+
+def test_mp100_table_only_for_mp100_categories_and_sources_reported(tmp_path):
+  from capenext_jax.mp100 import text_variants
+  path, coco = coco_family(tmp_path)
+  coco['categories'][0].update(id=18, name='okapi')              # MP-100's id 18 is "face"
+  coco['categories'][1].update(name='table')                     # an MP-100 rule's name
+  coco['categories'][2].update(supercategory='vehicle')          # an MP-100 rule's supercategory
+  for a in coco['annotations']:
+    a['category_id'] = {1: 18}.get(a['category_id'], a['category_id'])
+  path.write_text(json.dumps(coco))
+  d = an.load_annotations(str(path))
+  assert d.descriptions == [['nose', 'l eye', 'r eye', 'tail']] * 3
+  _, record = text_variants.apply_text_options(d)       # eval.py's report info gets this
+  assert record['description_sources'] == {str(c): 'the category\'s "keypoints" names'
+                                           for c in (18, 2, 3)}
+  mini = an.load_annotations(TEST)                      # real MP-100 categories: the table
+  _, record = text_variants.apply_text_options(mini)
+  assert record['description_sources']['18'] == 'MP-100 description table (id==18)'
+  assert record['description_sources']['102'] == 'the category\'s "keypoints" names'
+
+
+def test_split_with_nothing_usable_names_the_file():
+  from capenext_jax.mp100 import episodes as ep
+  data = _base()
+  data['annotations'][0]['bbox'] = [10, 10, 0, 0]
+  empty = an.load_annotations('train.json', '', data=data)
+  with pytest.raises(ValueError, match=r'^train.json: no instances to train on: all 1 of its '
+                     r'annotations were dropped'):
+    ep.epoch_length(empty)
+  data['annotations'] = []
+  with pytest.raises(ValueError, match='train.json: no instances to train on: it has no annot'):
+    ep.epoch_length(an.load_annotations('train.json', '', data=data))

@@ -318,8 +318,8 @@ def read_categories(data, ann_file: str, max_kpt: int = MAX_KPT, *, require=(),
   annotations' keypoint arrays; see :func:`_num_keypoints`), ``skeleton`` (0-based edges),
   ``descriptions`` (>= K), ``description_source`` (the MP-100 table's rule or the category's
   own names). require: top-level lists needed besides ``annotations`` and ``categories``.
-  skeleton_base: 0 or 1 for the file's skeleton numbering; None: the file's top-level
-  ``skeleton_base`` field, else detected (:func:`skeleton_base`). Every invalid category is
+  skeleton_base: 0 or 1 for the file's skeleton numbering (a file's top-level
+  ``skeleton_base`` field decides, and must agree); None: detected (:func:`skeleton_base`). Every invalid category is
   named in one ValueError.
   """
   if not isinstance(data, dict):
@@ -327,10 +327,14 @@ def read_categories(data, ann_file: str, max_kpt: int = MAX_KPT, *, require=(),
   for key in (*require, 'annotations', 'categories'):
     if not isinstance(data.get(key), list):
       raise ValueError(f'{ann_file}: missing field "{key}" (a list)')
-  if skeleton_base is None and 'skeleton_base' in data:
-    skeleton_base = data['skeleton_base']
-    if skeleton_base not in SKELETON_BASES or isinstance(skeleton_base, bool):
-      raise ValueError(f'{ann_file}: field "skeleton_base" must be 0 or 1, got {skeleton_base!r}')
+  if 'skeleton_base' in data:   # written by split_categories: the file says how it numbers
+    stated = data['skeleton_base']
+    if stated not in SKELETON_BASES or isinstance(stated, bool):
+      raise ValueError(f'{ann_file}: field "skeleton_base" must be 0 or 1, got {stated!r}')
+    if skeleton_base is not None and skeleton_base != stated:
+      raise ValueError(f'{ann_file}: the skeleton base set ({skeleton_base}) contradicts the '
+                       f'file\'s field "skeleton_base" ({stated}): leave the option unset')
+    skeleton_base = stated
   return _parse_categories(data['categories'], ann_file, max_kpt,
                            _annotation_keypoint_counts(data['annotations']), skeleton_base)
 

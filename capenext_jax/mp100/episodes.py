@@ -30,6 +30,7 @@ def _seed_words(seed: int, epoch: int, stream: int) -> list[int]:
 
 def training_episodes(dataset: MP100Dataset, shots: int, seed: int, epoch: int) -> np.ndarray:
   """Class-balanced episodes of one epoch: int64 [C * M, shots + 1] db indices, shuffled."""
+  check_has_instances(dataset)
   check_episode_size(dataset, shots + 1, 'training episode')
   groups = dataset.cat2obj()
   m = max(len(g) for g in groups)
@@ -47,8 +48,24 @@ def training_episodes(dataset: MP100Dataset, shots: int, seed: int, epoch: int) 
 
 
 def epoch_length(dataset: MP100Dataset) -> int:
-  """Number of training episodes per epoch (C * max category size)."""
+  """Number of training episodes per epoch (C * max category size); a ValueError naming the
+  file when it has nothing to train on."""
+  check_has_instances(dataset)
   return dataset.num_categories * int(np.bincount(dataset.category_index).max())
+
+
+def check_has_instances(dataset: MP100Dataset):
+  """Raises ValueError naming the file and what it lacks: categories, annotations, or
+  annotations that survived the filters."""
+  if len(dataset):
+    return
+  if not dataset.num_categories:
+    what = 'it has no categories'
+  elif not dataset.dropped:
+    what = 'it has no annotations (crowd ones are not instances)'
+  else:
+    what = f'all {len(dataset.dropped)} of its annotations were dropped (see the warning above)'
+  raise ValueError(f'{dataset.ann_file}: no instances to train on: {what}')
 
 
 def augmentation_params(seed: int, epoch: int, num_episodes: int, shots: int,

@@ -28,13 +28,18 @@ def decode_text(raw: bytes, path: str) -> str:
       except UnicodeDecodeError as e:
         raise ValueError(f'{path}: starts with a {encoding} byte-order mark but is not valid '
                          f'{encoding} text ({e.reason} at byte {e.start})') from None
+  fix = 'save it as UTF-8, or UTF-16 with a byte-order mark'
   try:
-    return raw.decode('utf-8')
+    text = raw.decode('utf-8')
   except UnicodeDecodeError as e:
     hint = ('it looks like UTF-16 without a byte-order mark' if b'\x00' in raw[:64]
             else 'latin-1 or another 8-bit encoding?')
     raise ValueError(f'{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}; '
-                     f'{hint}): save it as UTF-8, or UTF-16 with a byte-order mark') from None
+                     f'{hint}): {fix}') from None
+  if '\x00' in text:   # ASCII in UTF-16 without a BOM is valid UTF-8 with a NUL every 2nd byte
+    raise ValueError(f'{path}: not UTF-8 text (NUL bytes: it looks like UTF-16 without a '
+                     f'byte-order mark): {fix}')
+  return text
 
 
 def read_text(path: str, what: str = 'file') -> str:
