@@ -203,7 +203,7 @@ def coco_family(tmp_path, counts=(3, 3, 3), skeleton=((1, 2), (2, 3), (3, 4)), *
   edge uses index K=4), no "supercategory"; `counts` instances per category on 192 px images
   (all written under `tmp_path/images`). Returns (path, the parsed dict)."""
   from PIL import Image
-  (tmp_path / 'images').mkdir(exist_ok=True)
+  (tmp_path / 'images').mkdir(parents=True, exist_ok=True)
   Image.new('RGB', (192, 192)).save(tmp_path / 'images' / 'a.jpg')
   coco = {'images': [], 'annotations': [], 'categories': []}
   for c, (name, n) in enumerate(zip(('antelope', 'jaguar', 'tiger'), counts), 1):
