@@ -1,7 +1,8 @@
 """Every shell command in README.md and docs/*.md is run by a test, so none of them rots.
 
 Each documented command is listed in COVERAGE with what runs it:
-  ('guide', ...)  docs/CUSTOM_DATA.md's commands, run here as written on a json the test writes
+  ('guide', ...)  docs/CUSTOM_DATA.md's commands, run here as written (the installed programs on
+                  PATH) from a data folder outside the repository holding a json the test writes
   ('test', id)    a test that runs the same program and flags on small data (the fixture's
                   official weights for `split1_epoch_200.pth`, mp100_mini for /data/mp100);
                   the test must exist, and every command's flags are parsed here by the
@@ -92,14 +93,14 @@ COVERAGE = {
     '--output predictions.json --overlay_dir overlays/':
         ('test', 'tests/test_predict.py::test_batch_mode_with_export'),
     # docs/CUSTOM_DATA.md
-    '.venv/bin/python -m capenext_jax.tools.split_categories my_keypoints.json --image_root '
+    'python -m capenext_jax.tools.split_categories my_keypoints.json --image_root '
     'images --val lynx --test okapi,heron --out_dir annotations': ('guide', 'split'),
-    '.venv/bin/python train.py --workdir runs/mine --config configs/mp100.py:runlocal,root=. '
+    'capenext-train --workdir runs/mine --config mp100:runlocal,root=. '
     '--config.data.train_ann=annotations/my_keypoints_train.json '
     '--config.data.val_ann=annotations/my_keypoints_val.json '
     '--config.data.test_ann=annotations/my_keypoints_test.json --config.data.image_root=images':
         ('guide', 'train'),
-    '.venv/bin/python eval.py --checkpoint runs/mine --num_episodes 5 --num_queries 1':
+    'capenext-eval --checkpoint runs/mine --num_episodes 5 --num_queries 1':
         ('guide', 'eval'),
     'capenext-convert runs/mine my_capenext/': ('guide', 'export'),
     'mkdir -p out': ('guide', 'predict'),
@@ -224,23 +225,16 @@ def write_my_keypoints(root) -> dict:
   return coco
 
 
-CONSOLE_SCRIPTS = {'capenext-convert': 'capenext_jax.convert.cli',
-                   'capenext-predict': 'capenext_jax.predict'}
+# The guide's user has the environment CapeNext is installed in on PATH: `python` and the
+# console scripts are the ones next to this interpreter (PYTHONPATH keeps this checkout's code).
+GUIDE_ENV = dict(ENV, PATH=os.pathsep.join([os.path.dirname(sys.executable),
+                                            os.environ.get('PATH', '')]))
 
 
 def run_documented(command: str, cwd) -> str:
-  """A documented command as written, from `cwd`: our programs from this checkout."""
-  words = shlex.split(command)
-  if words[0] == '.venv/bin/python':
-    words[0] = sys.executable
-    if words[1] in ('train.py', 'eval.py'):
-      words[1] = str(REPO / words[1])
-    words = [w.replace('configs/', f'{REPO}/configs/', 1) if w.startswith('configs/') else w
-             for w in words]
-  elif words[0] in CONSOLE_SCRIPTS:
-    words = [sys.executable, '-m', CONSOLE_SCRIPTS[words[0]], *words[1:]]
-  # anything else (mkdir) runs as written
-  proc = subprocess.run(words, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+  """A documented command exactly as written, run from the data folder `cwd`."""
+  proc = subprocess.run(shlex.split(command), cwd=cwd, env=GUIDE_ENV, capture_output=True,
+                        text=True, timeout=600)
   assert proc.returncode == 0, f'{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}'
   return proc.stdout + proc.stderr
 
@@ -249,42 +243,66 @@ def guide(step: str) -> list[str]:
   return [c for c, (how, what) in COVERAGE.items() if how == 'guide' and what == step]
 
 
+def _only_one_lynx(d):
+  d['annotations'] = [a for a in d['annotations'] if a['category_id'] != 2 or a['id'] == 200]
+
+
+def _latin1_name(d):
+  d['categories'][0]['keypoints'][0] = 'museau (café)'
+
+
+# How each row of the guide's error table is met (None: its --val / --test name).
+GUIDE_ERRORS = [
+    lambda d: d['categories'][0]['skeleton'].append([1, 5]),
+    lambda d: [c.update(skeleton=[[1, 2]]) for c in d['categories']],
+    lambda d: d['annotations'][0].update(keypoints=d['annotations'][0]['keypoints'][:-3]),
+    lambda d: d['categories'][1].update(keypoints=['nose']),
+    lambda d: d['annotations'][0]['keypoints'].__setitem__(5, -1),
+    _latin1_name,
+    _only_one_lynx,
+    lambda d: d['images'][0].update(file_name='fox_9.jpg'),
+    None,
+]
+
+
 def test_custom_data_guide_checks_and_splits(tmp_path):
-  """Section 2: the split, and each error of its table on a file broken that way."""
-  coco = write_my_keypoints(tmp_path)
-  out = run_documented(guide('split')[0], tmp_path)
+  """Section 2 as written from a data folder outside the repository, and each error of its
+  table on a file broken that way (the input file unchanged)."""
+  data = tmp_path / 'my data'
+  assert REPO not in data.parents
+  coco = write_my_keypoints(data)
+  out = run_documented(guide('split')[0], data)
   assert 'fox: K=5, 5 instances' in out
   for split, names in (('train', {'fox', 'wolf', 'hare'}), ('val', {'lynx'}),
                        ('test', {'okapi', 'heron'})):
-    written = json.loads((tmp_path / 'annotations' / f'my_keypoints_{split}.json').read_text())
+    written = json.loads((data / 'annotations' / f'my_keypoints_{split}.json').read_text())
     assert {c['name'] for c in written['categories']} == names
-  table = re.findall(r'^\| `(.*)` \|', (REPO / 'docs' / 'CUSTOM_DATA.md').read_text(), re.M)
-  breaks = [lambda d: d['categories'][0]['skeleton'].append([1, 5]),
-            lambda d: d['annotations'][0].update(keypoints=d['annotations'][0]['keypoints'][:-3]),
-            lambda d: d['categories'][1].update(keypoints=['nose']),
-            lambda d: d['images'][0].update(file_name='fox_9.jpg'),
-            None]
-  assert len(table) == len(breaks)
-  for message, breaking in zip(table, breaks):
+  table = re.findall(r'^\| `(.*?)` \|', (REPO / 'docs' / 'CUSTOM_DATA.md').read_text(), re.M)
+  assert len(table) == len(GUIDE_ERRORS)
+  for message, breaking in zip(table, GUIDE_ERRORS):
     broken = json.loads(json.dumps(coco))
-    args = ['--image_root', str(tmp_path / 'images')]
+    args = ['--image_root', 'images']
     if breaking is None:
       args += ['--val', 'otter']
     else:
       breaking(broken)
-    path = tmp_path / 'broken.json'
-    path.write_text(json.dumps(broken))
+    path = data / 'broken.json'
+    path.write_bytes(json.dumps(broken, ensure_ascii=False).encode(
+        'latin-1' if breaking is _latin1_name else 'utf-8'))
+    before = path.read_bytes()
     proc = subprocess.run([sys.executable, '-m', 'capenext_jax.tools.split_categories',
-                           str(path), *args], env=ENV, capture_output=True, text=True,
-                          cwd=tmp_path, timeout=60)
-    expected = message.replace("under 'images'", f"under '{tmp_path / 'images'}'").replace(
-        'e.g. images/', f'e.g. {tmp_path / "images"}/').split('[...]')[0]
-    assert proc.returncode == 2 and expected in proc.stderr, (message, proc.stderr)
+                           'broken.json', *args], env=ENV, capture_output=True, text=True,
+                          cwd=data, timeout=60)
+    assert proc.returncode == 2 and message.split('[...]')[0] in proc.stderr, (message,
+                                                                               proc.stderr)
+    assert proc.stderr.count('\n') == 1 and path.read_bytes() == before
 
 
 @pytest.mark.slow
 def test_custom_data_guide_train_eval_export_predict(tmp_path):
-  """Sections 3-5 as written: train (runlocal), evaluate, export, predict."""
+  """Sections 3-5 as written from a data folder outside the repository: train (runlocal),
+  evaluate, export, predict."""
+  tmp_path = tmp_path / 'my data'
   write_my_keypoints(tmp_path)
   run_documented(guide('split')[0], tmp_path)
   out = run_documented(guide('train')[0], tmp_path)
