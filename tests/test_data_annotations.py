@@ -399,3 +399,11 @@ def test_split_with_nothing_usable_names_the_file():
   data['annotations'] = []
   with pytest.raises(ValueError, match='train.json: no instances to train on: it has no annot'):
     ep.epoch_length(an.load_annotations('train.json', '', data=data))
+
+
+def test_a_workdir_from_before_skeleton_base_resumes():
+  """config.data.skeleton_base (None: detected) added since: an older config.json lacks it."""
+  from capenext_jax.training.workdir import config_changes
+  assert config_changes({'data': {'shots': 1}}, {'data': {'shots': 1, 'skeleton_base': None}}) == []
+  assert config_changes({'data': {}}, {'data': {'skeleton_base': 1}}) == [
+      "data.skeleton_base: '<absent>' -> 1"]

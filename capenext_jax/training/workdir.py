@@ -82,6 +82,8 @@ def config_changes(saved: dict, new: dict) -> list[str]:
   for key in sorted(set(a) | set(b)):
     if a.get(key, '<absent>') == b.get(key, '<absent>'):
       continue
+    if a.get(key) is None and b.get(key) is None:   # a field added since, unset (None): as absent
+      continue
     if any(fnmatch.fnmatchcase(key, p) for p in RESUMABLE_CHANGES):
       continue
     changes.append(f'{key}: {a.get(key, "<absent>")!r} -> {b.get(key, "<absent>")!r}')
