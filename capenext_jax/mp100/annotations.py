@@ -227,8 +227,9 @@ def skeleton_base(edges_and_k: list[tuple[list, int]], ann_file: str,
 
 
 def _category_problems(cat: dict, where: str, k_observed: list, max_kpt: int, edges: list,
-                       base: int) -> tuple[dict | None, list[str]]:
-  """(parsed entry, []) of a valid category, else (None, its problems, each naming `where`)."""
+                       base: int | None) -> tuple[dict | None, list[str]]:
+  """(parsed entry, []) of a valid category, else (None, its problems, each naming `where`).
+  base None: the file's base is unknown (already an error); the skeleton is not checked."""
   try:
     k = _num_keypoints(cat['keypoints'], k_observed, where)
   except ValueError as e:
