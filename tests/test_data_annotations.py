@@ -281,10 +281,11 @@ def test_every_invalid_category_in_one_error(tmp_path, capsys):
 
 def test_too_few_instances_and_no_train_split_are_refused(tmp_path, capsys):
   path, _ = coco_family(tmp_path, counts=(3, 1, 1))
-  status, _, err = split_categories(capsys, path, '--val', 'jaguar', '--test', 'tiger')
+  status, _, err = split_categories(capsys, path, '--val', 'jaguar', '--test', 'tiger',
+                                    '--out_dir', str(tmp_path / 'out'))
   assert status == 2 and err.count('\n') == 1
   assert 'category id=2 (jaguar) has 1 instances; category id=3 (tiger) has 1 instances' in err
-  assert 'too few instances for a 1-shot episode of 2' in err
+  assert 'too few instances for a 1-shot episode of 2' in err and not (tmp_path / 'out').exists()
   path, _ = coco_family(tmp_path, counts=(3, 3, 3))
   status, _, err = split_categories(capsys, path, '--shots', '3')
   assert status == 2 and 'category id=1 (antelope) has 3 instances' in err
