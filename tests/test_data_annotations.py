@@ -408,3 +408,25 @@ def test_a_workdir_from_before_skeleton_base_resumes():
   assert config_changes({'data': {'shots': 1}}, {'data': {'shots': 1, 'skeleton_base': None}}) == []
   assert config_changes({'data': {}}, {'data': {'skeleton_base': 1}}) == [
       "data.skeleton_base: '<absent>' -> 1"]
+
+
+def test_train_on_a_split_with_nothing_usable_names_the_file(tmp_path):
+  """train.py itself (it fails before building a model): exit 2, one line naming the file."""
+  import subprocess
+  import sys
+  path, coco = coco_family(tmp_path, counts=(2, 0, 0))
+  for a in coco['annotations']:
+    a['bbox'] = [10, 10, 0, 0]          # every annotation dropped by the official filters
+  path.write_text(json.dumps(coco))
+  before = path.read_bytes()
+  proc = subprocess.run(
+      [sys.executable, str(REPO / 'train.py'), f'--workdir={tmp_path / "run"}',
+       f'--config={REPO}/configs/mp100.py:runlocal,root={tmp_path}',
+       f'--config.data.train_ann={path}', '--config.data.val_ann=', '--config.data.test_ann=',
+       f'--config.data.image_root={tmp_path / "images"}'],
+      env=dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(REPO)), capture_output=True,
+      text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert f'train.py: error: {path}: no instances to train on: all 2 of its annotations were ' \
+         'dropped' in proc.stderr
+  assert path.read_bytes() == before
