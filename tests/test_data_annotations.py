@@ -430,3 +430,12 @@ def test_train_on_a_split_with_nothing_usable_names_the_file(tmp_path):
   assert f'train.py: error: {path}: no instances to train on: all 2 of its annotations were ' \
          'dropped' in proc.stderr
   assert path.read_bytes() == before
+
+
+def test_mp100_mini_loses_nothing_to_the_new_checks():
+  """The far-outside rule keeps real data (labelled points slightly outside stay): every
+  mp100_mini annotation loads, none dropped."""
+  for path in (TRAIN, TEST):
+    raw = json.load(open(path))
+    d = an.load_annotations(path)
+    assert d.dropped == [] and len(d) == len(raw['annotations'])
