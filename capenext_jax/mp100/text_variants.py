@@ -23,7 +23,6 @@ from capenext_jax.mp100.descriptions import (VARIANTS_PATH, check_descriptions,
                                              description_variants, mp100_category_names)
 from capenext_jax.mp100.json_files import read_json
 
-__all__ = ['mp100_category_names']   # re-exported: its home is descriptions.py
 DESCRIPTION_VARIANTS = ('regular', 'synonyms', 'typo', 'translate')
 CATEGORY_PROMPTS = ('true', 'wrong')
 
