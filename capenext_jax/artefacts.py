@@ -69,6 +69,10 @@ def is_empty_folder(path: str | os.PathLike) -> bool:
   return path.is_dir() and next(path.iterdir(), None) is None
 
 
+def _a(kind: str) -> str:
+  return f'an {kind}' if kind[0] in 'aeiou' else f'a {kind}'
+
+
 def check_output_folder(path: str | os.PathLike, wanted: str, *, what: str,
                         other_files_ok: bool = False) -> None:
   """ValueError naming `path` when it is another kind of artefact than `wanted`. Absent and
@@ -82,6 +86,6 @@ def check_output_folder(path: str | os.PathLike, wanted: str, *, what: str,
     raise ValueError(f'{path}: is a file; {what} needs a folder')
   kind = kind_of_folder(path)
   if kind != wanted and not (kind is None and other_files_ok):
-    found = f'a {kind}' if kind else 'a folder holding other files'
-    raise ValueError(f'{path}: is {found}, not a {wanted}; {what} writes only into a new or '
-                     f'empty folder or a {wanted}')
+    found = _a(kind) if kind else 'a folder holding other files'
+    raise ValueError(f'{path}: is {found}, not {_a(wanted)}; {what} writes only into a new or '
+                     f'empty folder or {_a(wanted)}')

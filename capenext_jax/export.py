@@ -23,6 +23,7 @@ alone), so exported models load without TensorFlow, torch or our training code.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -83,10 +84,11 @@ def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray],
   return header
 
 
+@functools.lru_cache(maxsize=16)   # a conversion checks one config several times
 def abstract_weights(config: CapeNextConfig) -> dict:
   """The weights pure dict (`params_lib.WEIGHTS`) of `config`'s model as ShapeDtypeStructs,
-  traced abstractly (`nnx.eval_shape`: nothing is computed; under a second for the headline
-  size on CPU)."""
+  traced abstractly (`nnx.eval_shape`: nothing is computed; ~1 s for the headline size on
+  CPU). Cached: treat the result as read-only."""
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0)))
   return nnx.to_pure_dict(nnx.state(model, params_lib.WEIGHTS))
 

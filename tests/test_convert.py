@@ -178,7 +178,7 @@ def test_destinations_refused_and_replaced_whole(tmp_path, small_export, capsys)
   state = lambda: _digests(exp_a, workdir, dataset)  # noqa: E731
   before = state()
   for src, dst, flags, message in (
-      (exp_a, workdir, ['--overwrite'], 'run: is a train.py workdir, not a export'),
+      (exp_a, workdir, ['--overwrite'], 'run: is a train.py workdir, not an export'),
       (workdir, workdir, [], 'run: is the source'),
       (exp_a, dataset, ['--overwrite'], 'data: is a dataset folder'),
       (exp_a, exp_a, ['--overwrite'], 'exp_a: is the source'),

@@ -158,10 +158,15 @@ class Checkpointer:
     """ValueError when checkpoint `step` holds other parameter names or shapes than `target`
     (trainable params and BatchNorm statistics), read from its metadata without restoring.
     A checkpoint whose metadata does not read is left to `restore` (that is damage)."""
+    # The handler reads the step's tree metadata directly: a manager opened on an existing
+    # directory has no handler registered for 'state' until its first save or restore.
     try:
-      saved = _shapes(self.manager.item_metadata(step)['state'])
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+          Path(self.manager.directory) / str(step) / 'state'))
     except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
       return
+    if not any(k.startswith('trainable/') for k in saved):
+      return   # not a layout this check knows: restore decides
     for part in ('trainable', 'batch_stats'):
       want = {k: v for k, v in _shapes({part: getattr(target, part)}).items()}
       got = {k: v for k, v in saved.items() if k.split('/')[0] == part}
