@@ -90,9 +90,14 @@ def kind_of(path: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------- configs
 def read_config(path: str | os.PathLike) -> CapeNextConfig:
-  """A model config JSON: `CapeNextConfig.to_dict()`, or an export's config.json."""
-  d = json.loads(Path(path).read_text())
-  return CapeNextConfig.from_dict(d['config'] if 'config' in d else d)
+  """A model config JSON: `CapeNextConfig.to_dict()`, an export's config.json, a train.py
+  workdir's (its `model` entry), or the export / workdir folder itself."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / 'config.json'
+  d = json.loads(path.read_text())
+  return CapeNextConfig.from_dict(d['config'] if 'config' in d else
+                                  d['model'] if 'model' in d else d)
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -41,8 +41,11 @@ def _same(a: dict, b: dict) -> bool:
 
 def test_official_to_export_to_official_round_trip(tmp_path, official_state_dict):
   import torch
-  config_json = tmp_path / 'sizes.json'
-  config_json.write_text(json.dumps(loading.load(FIXTURE).config.to_dict()))
+  # The fixture's sizes are no named size: as a train.py workdir's config.json gives them.
+  config_json = tmp_path / 'run' / 'config.json'
+  config_json.parent.mkdir()
+  config_json.write_text(json.dumps({'model': loading.load(FIXTURE).config.to_dict(),
+                                     'optim': {'lr': 1e-5}, 'batch_size': 32}))
   # fixture npz -> export, with provenance
   assert cli.main([str(FIXTURE), str(tmp_path / 'exp')]) == 0
   header = json.loads((tmp_path / 'exp' / 'config.json').read_text())
@@ -59,11 +62,15 @@ def test_official_to_export_to_official_round_trip(tmp_path, official_state_dict
   assert len(expected) < len(official_state_dict)   # the pattern above did leave some out
   for k in expected:
     np.testing.assert_array_equal(state_dict[k].numpy(), official_state_dict[k], err_msg=k)
-  assert json.loads(saved['meta']['capenext_jax'])['kind'] == 'export'
-  # .pth (and .npz) -> export again: the same params; the provenance chains back
-  assert cli.main([str(tmp_path / 'back.pth'), str(tmp_path / 'exp2'),
-                   '--config', str(config_json)]) == 0
-  assert _same(export.read_export(tmp_path / 'exp2')[1], params)
+  pth_provenance = json.loads(saved['meta'][cli.META_PROVENANCE])
+  assert pth_provenance['kind'] == 'export' and pth_provenance['converted_from'] == prov
+  # .pth (our own: its meta holds the config, no flag needed; .npz: --config) -> export again:
+  # the same params; the provenance chains back
+  assert cli.main([str(tmp_path / 'back.pth'), str(tmp_path / 'exp2')]) == 0
+  exp2_config, exp2_params = export.read_export(tmp_path / 'exp2')
+  assert exp2_config == loading.load(FIXTURE).config and _same(exp2_params, params)
+  exp2 = json.loads((tmp_path / 'exp2' / 'config.json').read_text())['provenance']
+  assert exp2['converted_from'] == pth_provenance
   assert cli.main([str(tmp_path / 'exp'), str(tmp_path / 'back.npz')]) == 0
   with np.load(tmp_path / 'back.npz') as z:
     assert set(z.files) == expected
@@ -71,10 +78,11 @@ def test_official_to_export_to_official_round_trip(tmp_path, official_state_dict
                    '--config', str(config_json)]) == 0
   exp3 = json.loads((tmp_path / 'exp3' / 'config.json').read_text())
   assert exp3['dtype'] == 'bfloat16' and exp3['provenance']['kind'] == 'official'
-  # An export of an export remembers where the first one came from.
-  assert cli.main([str(tmp_path / 'exp'), str(tmp_path / 'exp4')]) == 0
+  # An export of an export remembers where the first one came from; its source path is
+  # recorded normalised.
+  assert cli.main([f'{tmp_path}/run/../exp/', str(tmp_path / 'exp4')]) == 0
   exp4 = json.loads((tmp_path / 'exp4' / 'config.json').read_text())['provenance']
-  assert exp4['converted_from'] == prov
+  assert exp4['converted_from'] == prov and exp4['source'] == str(tmp_path / 'exp')
 
 
 def test_refusals(tmp_path, capsys):

@@ -192,26 +192,11 @@ def check_destination(src: Path, dst: Path, *, overwrite: bool) -> None:
 
 
 def read_model_config(path: str | os.PathLike) -> CapeNextConfig:
-  """`--config`: a model config JSON (`CapeNextConfig.to_dict()`), an export's config.json, a
-  train.py workdir's config.json, or the export / workdir folder itself."""
-  path = Path(path)
-  if path.is_dir():
-    path = path / export.CONFIG_FILE
-  if not path.is_file():
-    raise ValueError(f'--config {path}: no such file')
+  """`--config` (`loading.read_config`: a model config JSON, an export's or a train.py
+  workdir's config.json, or that folder), errors naming the flag and the file."""
   try:
-    d = json.loads(path.read_text())
-  except ValueError as e:
-    raise ValueError(f'--config {path}: not valid JSON ({e})') from None
-  if not isinstance(d, dict):
-    raise ValueError(f'--config {path}: expected a JSON object')
-  if 'config' in d:        # an export's config.json
-    d = d['config']
-  elif 'model' in d:       # a train.py workdir's run config
-    d = d['model']
-  try:
-    return CapeNextConfig.from_dict(d)
-  except (TypeError, ValueError) as e:
+    return loading.read_config(path)
+  except (OSError, TypeError, ValueError, AttributeError) as e:
     raise ValueError(f'--config {path}: not a model config ({cli.one_line(e)})') from None
 
 
