@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from capenext_jax import export
+from capenext_jax import artefacts, export
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
@@ -56,8 +56,8 @@ class Checkpoint:
 
 # ----------------------------------------------------------------------------- detection
 def is_train_workdir(path: str | os.PathLike) -> bool:
-  path = Path(path)
-  return (path / 'config.json').is_file() and (path / 'checkpoints').is_dir()
+  """`artefacts.is_train_workdir`: how every program recognises a workdir."""
+  return artefacts.is_train_workdir(path)
 
 
 def _is_fixture(path: Path) -> bool:
