@@ -123,7 +123,7 @@ def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.P
   if dtype not in DTYPES:
     raise ValueError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
   directory = Path(directory)
-  artefacts.check_output_folder(directory, artefacts.EXPORT, what='an export')
+  artefacts.check_output_folder(directory, artefacts.EXPORT, what='export_params')
   check_fits(config, params)
   flat = {k: _cast(v, DTYPES[dtype]) for k, v in params_lib.flatten(params).items()}
   header = json.dumps(_header(config, dtype, flat, provenance), indent=1)
