@@ -31,6 +31,8 @@ def main(argv):
   cli.initialize_distributed()
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
+  from capenext_jax.training.workdir import check_workdir_kind
+  check_workdir_kind(FLAGS.workdir)   # before run_splits draws synthetic data into it
   os.makedirs(FLAGS.workdir, exist_ok=True)
   train_and_evaluate(FLAGS.config, FLAGS.workdir, run_splits(FLAGS.config, FLAGS.workdir),
                      source=config_source())

@@ -9,6 +9,11 @@ An export directory holds (docs/EXPORT.md describes the names for other projects
   params.msgpack       the nested dict (string keys) through `flax.serialization`
   params.orbax/        the nested dict as an orbax StandardCheckpointer pytree
 
+Written whole or not at all (`atomic.new_folder`: a temporary folder beside the destination,
+renamed into place), and only after the params were checked against the config's abstract
+model (`check_fits`): an export always loads. An old export is replaced whole, and only with
+`overwrite=True`; a folder of another kind (a workdir, a dataset, other files) never.
+
 The digests (of the canonical config JSON, and of the parameter names and shapes) make an
 edited config.json fail loudly instead of building another architecture that happens to
 accept the same arrays (e.g. `nhead` 4 -> 2). Exports written before digests load unchecked.
@@ -18,6 +23,7 @@ alone), so exported models load without TensorFlow, torch or our training code.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -29,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capenext_jax import artefacts, atomic
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
@@ -77,14 +84,36 @@ def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray],
   return header
 
 
+@functools.lru_cache(maxsize=16)   # a conversion checks one config several times
+def abstract_weights(config: CapeNextConfig) -> dict:
+  """The weights pure dict (`params_lib.WEIGHTS`) of `config`'s model as ShapeDtypeStructs,
+  traced abstractly (`nnx.eval_shape`: nothing is computed; ~1 s for the headline size on
+  CPU). Cached: treat the result as read-only."""
+  model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, params_lib.WEIGHTS))
+
+
+def check_fits(config: CapeNextConfig, params: Mapping) -> None:
+  """ValueError naming the first parameter that `config`'s model lacks, does not expect or
+  shapes otherwise."""
+  try:
+    params_lib.check_structure(abstract_weights(config), params)
+  except ValueError as e:
+    raise ValueError(f'the weights do not fit the model config ({e})') from None
+
+
 def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.PathLike, *,
                   formats: Iterable[str] = ('safetensors',), dtype: str = 'float32',
-                  provenance: Mapping | None = None) -> dict[str, Path]:
-  """Write `params` (our pure dict) and `config` into `directory` (created if needed).
+                  provenance: Mapping | None = None, overwrite: bool = False
+                  ) -> dict[str, Path]:
+  """Write `params` (our pure dict) and `config` as the export folder `directory`.
 
   formats: any of 'safetensors', 'msgpack', 'orbax'. dtype: 'float32' or 'bfloat16' (floating
   arrays are cast; the loader casts back to float32 by default). provenance: JSON-able facts
   about where the weights came from (`capenext-convert` records source, sha256, step, PCK).
+  overwrite: replace an existing non-empty export (whole: no file of the old one stays).
+  Raises ValueError when the params do not fit `config` or `directory` is not an export or a
+  new / empty folder, OSError naming the file when writing fails (nothing is left behind).
   Returns {format or 'config': path written}.
   """
   formats = tuple(formats)
@@ -94,15 +123,26 @@ def export_params(params: Mapping, config: CapeNextConfig, directory: str | os.P
   if dtype not in DTYPES:
     raise ValueError(f'dtype {dtype!r}: expected one of {sorted(DTYPES)}')
   directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  artefacts.check_output_folder(directory, artefacts.EXPORT, what='export_params')
+  check_fits(config, params)
   flat = {k: _cast(v, DTYPES[dtype]) for k, v in params_lib.flatten(params).items()}
   header = json.dumps(_header(config, dtype, flat, provenance), indent=1)
-  written = {'config': directory / CONFIG_FILE}
-  written['config'].write_text(header + '\n')
-  for fmt in formats:
-    written[fmt] = directory / PARAM_FILES[fmt]
-    _WRITERS[fmt](flat, written[fmt], header)
-  return written
+  names = [CONFIG_FILE] + [PARAM_FILES[fmt] for fmt in formats]
+  with atomic.new_folder(directory, overwrite=overwrite) as tmp:
+    (tmp / CONFIG_FILE).write_text(header + '\n')
+    for fmt in formats:
+      _write_named(_WRITERS[fmt], flat, tmp / PARAM_FILES[fmt], directory / PARAM_FILES[fmt],
+                   header)
+  return {key: directory / name for key, name in zip(['config', *formats], names)}
+
+
+def _write_named(writer, flat: dict, path: Path, final: Path, header: str) -> None:
+  """`writer` into the temporary `path`; a failure (disk full) names the file it was for."""
+  try:
+    writer(flat, path, header)
+  except Exception as e:  # noqa: BLE001 - each storage library fails in its own way
+    raise atomic.WriteError(f'{final}: could not write it ({first_line(e)}); the export was '
+                            f'not written') from e
 
 
 def export_model(model: CapeNext, directory: str | os.PathLike, **kwargs) -> dict[str, Path]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from capenext_jax import export
+from capenext_jax import artefacts, export
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
@@ -56,8 +56,8 @@ class Checkpoint:
 
 # ----------------------------------------------------------------------------- detection
 def is_train_workdir(path: str | os.PathLike) -> bool:
-  path = Path(path)
-  return (path / 'config.json').is_file() and (path / 'checkpoints').is_dir()
+  """`artefacts.is_train_workdir`: how every program recognises a workdir."""
+  return artefacts.is_train_workdir(path)
 
 
 def _is_fixture(path: Path) -> bool:
@@ -90,9 +90,14 @@ def kind_of(path: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------- configs
 def read_config(path: str | os.PathLike) -> CapeNextConfig:
-  """A model config JSON: `CapeNextConfig.to_dict()`, or an export's config.json."""
-  d = json.loads(Path(path).read_text())
-  return CapeNextConfig.from_dict(d['config'] if 'config' in d else d)
+  """A model config JSON: `CapeNextConfig.to_dict()`, an export's config.json, a train.py
+  workdir's (its `model` entry), or the export / workdir folder itself."""
+  path = Path(path)
+  if path.is_dir():
+    path = path / 'config.json'
+  d = json.loads(path.read_text())
+  return CapeNextConfig.from_dict(d['config'] if 'config' in d else
+                                  d['model'] if 'model' in d else d)
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:

@@ -108,7 +108,8 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   tower, the cheapest to compile) and the masked images in training, the CapeX synonyms and
   wrong category prompts in evaluation, the table tool."""
   wd = tmp_path / 'run'
-  out = run(*mp100_mini_train_cmd(wd, ',fusion=SimpleMultiModalWithoutQueryImgEmbedding,mask'))
+  out = run(*mp100_mini_train_cmd(wd, ',fusion=SimpleMultiModalWithoutQueryImgEmbedding,mask'),
+            '--config.checkpoint_every_steps=2')   # step 2 too: an earlier step to convert
   assert 'step 4/4' in out and 'test PCK@0.2 after training' in out, out
   assert json.loads((wd / 'results.json').read_text())['step'] == 4
   run_config = json.loads((wd / 'config.json').read_text())
@@ -150,6 +151,11 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert prov['test_pck'] == results['test_pck_end'] and prov['split']['test'] == str(TEST_ANN)
   assert prov['sha256'] == cli.sha256_of(wd / 'checkpoints' / '4') and 'val_pck' not in prov
   assert cli.main([str(wd), str(tmp_path / 'best'), '--best']) == 2   # this run has no val split
+  # An earlier step carries its own facts, not the final step's test PCK (results.json's).
+  assert cli.main([str(wd), str(tmp_path / 'step2'), '--step', '2']) == 0
+  prov = json.loads((tmp_path / 'step2' / 'config.json').read_text())['provenance']
+  assert prov['step'] == 2 and prov['sha256'] == cli.sha256_of(wd / 'checkpoints' / '2')
+  assert 'test_pck' not in prov and 'val_pck' not in prov
 
 
 def test_eval_official_fixture_checkpoint_on_one_and_two_processes(tmp_path):

@@ -124,7 +124,15 @@ def test_load_errors(tmp_path, tiny):
   export.export_params(params, config, tmp_path / 'ok')
   header = json.loads((tmp_path / 'ok' / 'config.json').read_text())
   wrong = dataclasses.replace(config, head=dataclasses.replace(config.head, dim_feedforward=64))
-  export.export_params(params, wrong, tmp_path / 'shape', formats=('msgpack',))
+  with pytest.raises(ValueError, match=r'do not fit the model config \(params/head/.*shape'):
+    export.export_params(params, wrong, tmp_path / 'shape', formats=('msgpack',))
+  assert not (tmp_path / 'shape').exists()
+  # An export that does not fit (written by other means, digests consistent): the loader says so.
+  export.export_params(params, config, tmp_path / 'shape', formats=('msgpack',))
+  edited = json.loads((tmp_path / 'shape' / 'config.json').read_text())
+  edited['config'] = wrong.to_dict()
+  edited['digest']['config'] = export.config_digest(edited['config'])
+  (tmp_path / 'shape' / 'config.json').write_text(json.dumps(edited))
   with pytest.raises(ValueError, match=r'params/head/.*shape'):
     capenext_jax.load_pretrained(tmp_path / 'shape')
   (tmp_path / 'ok' / 'params.safetensors').rename(tmp_path / 'lone.safetensors')

@@ -179,6 +179,9 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
   prov = json.loads((tmp_path / 'best' / 'config.json').read_text())['provenance']
   assert prov['step'] in best and 100 * prov['val_pck'] == pytest.approx(val[prov['step']],
                                                                          abs=0.006)
+  assert prov['split']['train'] == str(tmp_path / 'data' / 'annotations' / 'synthetic_train.json')
+  assert prov['split']['synthetic']['categories'] == [3, 2, 2]
+  assert ('test_pck' in prov) == (prov['step'] == 4)   # results.json's test PCK is step 4's
 
 
 # ----------------------------------------------------------------------------- 2 devices

@@ -1,4 +1,8 @@
-"""Checkpoint save/restore (exact resume), last-N + best retention, and save on SIGTERM."""
+"""Checkpoint save/restore (exact resume), last-N + best retention, save on SIGTERM / Ctrl-C,
+a checkpoint of another config refused (not moved), and the run config's numbers and workdir
+checked before training."""
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -6,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
@@ -106,6 +111,105 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   restored, position = ckpt.restore(st)
   assert int(restored.step) == 3 and position == {'epoch': 0, 'step_in_epoch': 3}
   ckpt.close()
+
+
+
+def test_ctrl_c_is_a_stop_request_every_time():
+  """SIGINT sets the same flag as SIGTERM (the loop then saves and exits 0) on each press;
+  no KeyboardInterrupt is raised, so none can be swallowed by a callback."""
+  stop = checkpoint.StopSignal()
+  try:
+    assert not stop.should_stop(0)
+    for _ in range(2):
+      os.kill(os.getpid(), signal.SIGINT)
+      assert stop.should_stop(1) and stop.received == 'SIGINT'
+  finally:
+    stop.uninstall()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _tree_digest(folder) -> dict:
+  return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(folder.rglob('*')) if p.is_file()}
+
+
+def test_checkpoint_of_another_config_is_refused_and_not_moved(tmp_path):
+  """A restart whose model differs from the one that saved (a workdir's config.json lost,
+  another head size) is refused naming the step and a parameter; nothing is moved to
+  checkpoints.corrupt (that is for damage: tests/test_bad_inputs.py)."""
+  _, st, _ = setup()
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'), async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, st, {'step': step})
+  ckpt.close()
+  before = _tree_digest(tmp_path)
+  wider = dict(st.trainable, text_proj={'kernel': np.zeros((8, 24), np.float32),
+                                        'bias': np.zeros(24, np.float32)})
+  reader = checkpoint.Checkpointer(str(tmp_path / 'checkpoints'))
+  try:
+    with pytest.raises(ValueError, match=r'checkpoint step 2 does not fit this run\'s model '
+                       r'config \(2 parameter\(s\) differ, first: trainable/text_proj/bias '
+                       r'\(16,\) != \(24,\)\).*no checkpoint was moved'):
+      reader.restore_latest(st.replace(trainable=wider))
+    assert reader.all_steps() == [1, 2]
+    assert int(reader.restore_latest(st)[0].step) == int(st.step)   # the same config resumes
+  finally:
+    reader.close()
+  assert _tree_digest(tmp_path) == before and not (tmp_path / 'checkpoints.corrupt').exists()
+
+
+# ----------------------------------------------------------------------------- before training
+@pytest.mark.parametrize('field, value, must', [
+    ('optim.lr', -0.002, 'a number > 0'),
+    ('total_steps', -5, 'an integer >= 0'),
+    ('batch_size', 0, 'an integer >= 1'),
+    ('log_every_steps', 0, 'an integer >= 1'),
+    ('keep_checkpoints', 0, 'an integer >= 1'),
+    ('data.shots', 0, 'an integer >= 1'),
+])
+def test_run_config_numbers_are_checked(field, value, must):
+  from configs import synthetic
+  from capenext_jax.training.run_config_checks import check_run_config
+  config = synthetic.get_config()
+  check_run_config(config)
+  node, name = config, field
+  while '.' in name:
+    head, name = name.split('.', 1)
+    node = node[head]
+  node[name] = value
+  with pytest.raises(ValueError, match=rf'^--config\.{field}={value}: must be {must}'):
+    check_run_config(config)
+
+
+def _train_cli(tmp_path, *flags):
+  """train.py on the test-size synthetic config (data drawn under tmp_path/data)."""
+  from conftest import REPO
+  config = tmp_path / 'tiny.py'
+  config.write_text('from test_train import tiny_config\n\n'
+                    f'def get_config():\n  c = tiny_config(2)\n  c.data.root = '
+                    f'{str(tmp_path / "data")!r}\n  return c\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
+  return subprocess.run([sys.executable, 'train.py', f'--config={config}', *flags], env=env,
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def test_train_cli_refuses_bad_numbers_and_an_export_as_workdir(tmp_path):
+  proc = _train_cli(tmp_path, f'--workdir={tmp_path / "run"}', '--config.batch_size=0')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'train.py: error: --config.batch_size=0: must be an integer >= 1')
+  assert not (tmp_path / 'run' / 'config.json').exists()
+  export_dir = tmp_path / 'exp'
+  export_dir.mkdir()
+  (export_dir / 'config.json').write_text(json.dumps({'format': 'capenext-jax', 'version': 1}))
+  (export_dir / 'params.safetensors').write_bytes(b'weights')
+  before = _tree_digest(export_dir)
+  proc = _train_cli(tmp_path, f'--workdir={export_dir}')
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f'train.py: error: {export_dir}: is an export, not a train.py workdir; train.py --workdir '
+      f'writes only into a new or empty folder or a train.py workdir')
+  assert _tree_digest(export_dir) == before
 
 
 if __name__ == '__main__':

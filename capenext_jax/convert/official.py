@@ -132,6 +132,37 @@ def official_model_config(state_dict: Mapping[str, np.ndarray]) -> CapeNextConfi
       config, fusion=FusionConfig(module=head_convert.fusion_module_of(fusion_names)))
 
 
+def infer_model_config(state_dict: Mapping[str, np.ndarray], params: Mapping
+                       ) -> CapeNextConfig:
+  """The model config whose weights have the names and shapes of `params` (our pure dict of
+  `state_dict`), among the named sizes of the checkpoint's backbone architecture
+  (`backbones.PRESETS`: official and CPU test sizes, with the fusion variant its keys show).
+  ValueError when none fits (a size of one's own: the checkpoint does not say it) or several
+  do. Each candidate is an abstract build (`export.check_fits`): milliseconds to a second."""
+  from capenext_jax import export   # export imports jax and flax: only this function needs them
+  from capenext_jax.models import backbones
+  official = official_model_config(state_dict)
+  arch = backbones.arch_of(official.backbone)
+  fits = []
+  for name, preset in backbones.PRESETS.items():
+    if preset.arch != arch:
+      continue
+    candidate = CapeNextConfig.variant(name)
+    candidate = dataclasses.replace(candidate, fusion=official.fusion and dataclasses.replace(
+        official.fusion, dropout=candidate.fusion.dropout))
+    try:
+      export.check_fits(candidate, params)
+    except ValueError:
+      continue
+    fits.append((name, candidate))
+  if len(fits) == 1:
+    return fits[0][1]
+  which = (f'the sizes of several named {arch} models fit ({", ".join(n for n, _ in fits)})'
+           if fits else f'no named {arch} model size fits its parameter shapes')
+  raise ValueError(f'{which}: give its model config (a config.json of an export or a train.py '
+                   f'workdir, or CapeNextConfig.to_dict() as JSON)')
+
+
 def load_official(path: str) -> dict:
   """Read an official checkpoint safely (no pickled code runs) and convert it."""
   return capenext_from_official(load_state_dict(path))

@@ -92,7 +92,23 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
     raise ValueError(f'{path}: not a readable .npz ({first_line(e)})') from None
 
 
+def load_meta(path: str | os.PathLike) -> dict:
+  """The `meta` dict a `.pth` checkpoint saved beside its `state_dict` (mmcv's, or ours:
+  `capenext-convert` writes `capenext_jax` and `capenext_jax_config` JSON strings into it);
+  {} for other files. Read with the same weights-only unpickler as the weights."""
+  path = Path(path)
+  if path.suffix not in _TORCH_SUFFIXES:
+    return {}
+  obj = _torch_load(path)
+  meta = obj.get('meta') if isinstance(obj, dict) else None
+  return dict(meta) if isinstance(meta, dict) else {}
+
+
 def _load_torch(path: Path) -> dict[str, np.ndarray]:
+  return _torch_to_numpy(_unwrap(_torch_load(path), path), path)
+
+
+def _torch_load(path: Path):
   import pickle
 
   torch = _torch(path)
@@ -106,7 +122,7 @@ def _load_torch(path: Path) -> dict[str, np.ndarray]:
                        f'state dict alone in a trusted environment, or convert it to '
                        f'.safetensors / .npz (torch weights-only loader: {first_line(e)})') from e
     raise ValueError(f'{path}: not a PyTorch checkpoint ({first_line(e)})') from None
-  return _torch_to_numpy(_unwrap(obj, path), path)
+  return obj
 
 
 def _pickles_objects(path: Path) -> bool:

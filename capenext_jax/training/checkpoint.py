@@ -1,4 +1,5 @@
-"""Checkpoints of the train state and the data position, and preemption (SIGTERM) handling.
+"""Checkpoints of the train state and the data position, and preemption (SIGTERM / Ctrl-C)
+handling.
 
 A checkpoint step directory holds two items:
   state: `TrainState` fields in `state.CHECKPOINTED` (trainable, opt_state, step, rng)
@@ -138,9 +139,12 @@ class Checkpointer:
     """`restore` of the newest checkpoint that restores, or None when there is none.
 
     A checkpoint that fails to restore is moved into `<directory>.corrupt/` (nothing is
-    deleted) with a warning naming it and the reason, and the next older one is tried.
+    deleted) with a warning naming it and the reason, and the next older one is tried. One
+    whose parameters have other names or shapes than `target`'s is not damaged but saved by
+    another model config: ValueError (`check_fits`), and nothing is moved.
     """
     for step in sorted(self.all_steps(), reverse=True):
+      self.check_fits(target, step)   # another config is not damage: refuse, move nothing
       try:
         return self.restore(target, step)
       except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is skipped alike
@@ -149,6 +153,32 @@ class Checkpointer:
               f'({first_line(e)}); moved to {moved}, trying the previous one', file=sys.stderr,
               flush=True)
     return None
+
+  def check_fits(self, target: TrainState, step: int) -> None:
+    """ValueError when checkpoint `step` holds other parameter names or shapes than `target`
+    (trainable params and BatchNorm statistics), read from its metadata without restoring.
+    A checkpoint whose metadata does not read is left to `restore` (that is damage)."""
+    # The handler reads the step's tree metadata directly: a manager opened on an existing
+    # directory has no handler registered for 'state' until its first save or restore.
+    try:
+      saved = _shapes(ocp.StandardCheckpointHandler().metadata(
+          Path(self.manager.directory) / str(step) / 'state'))
+    except Exception:  # noqa: BLE001 - unreadable metadata: a damaged checkpoint
+      return
+    if not any(k.startswith('trainable/') for k in saved):
+      return   # not a layout this check knows: restore decides
+    for part in ('trainable', 'batch_stats'):
+      want = {k: v for k, v in _shapes({part: getattr(target, part)}).items()}
+      got = {k: v for k, v in saved.items() if k.split('/')[0] == part}
+      if want == got:
+        continue
+      diff = (sorted(set(want) ^ set(got)) or
+              [f'{k} {got[k]} != {want[k]}' for k in sorted(want) if got[k] != want[k]])
+      raise ValueError(
+          f'{self.manager.directory}: checkpoint step {step} does not fit this run\'s model '
+          f'config ({len(diff)} parameter(s) differ, first: {diff[0]}); it was saved by '
+          f'another config (was the workdir\'s config.json lost or replaced?). Train with '
+          f'that config, or into another --workdir; no checkpoint was moved')
 
   def _move_aside(self, step: int) -> Path:
     directory = Path(self.manager.directory)
@@ -197,6 +227,18 @@ class Checkpointer:
       logging.getLogger('absl').removeFilter(self._log_filter)
 
 
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  """{'part/a/0/b': shape} of a tree of arrays, ShapeDtypeStructs or orbax ArrayMetadata
+  (int and str list indices alike)."""
+  def name(key) -> str:
+    for attr in ('key', 'idx', 'name'):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
 def _as_abstract(x):
   if isinstance(x, jax.ShapeDtypeStruct):
     return x
@@ -204,17 +246,23 @@ def _as_abstract(x):
 
 
 class StopSignal:
-  """Turns SIGTERM (preemption) into a flag the train loop polls between steps.
+  """Turns SIGTERM (preemption) and SIGINT (Ctrl-C) into a flag the train loop polls between
+  steps, so both save, then end the run with exit status 0.
 
-  Single process: a handler sets the flag (the loop then saves, waits and returns).
+  Single process: a handler sets the flag (the loop then saves, waits and returns). SIGINT's
+  default handler raises KeyboardInterrupt wherever Python happens to be, and inside a
+  callback (jax's `_xla_gc_callback`, a prefetch thread) it is printed and swallowed, so the
+  first Ctrl-C was sometimes lost and otherwise killed the run without a save; the flag makes
+  every Ctrl-C count, and count the same. `received` names the signal.
   Several processes: hosts must agree on the step to stop at, so `should_stop` uses jax's
   preemption sync point (the coordination service started by `jax.distributed.initialize`
   catches SIGTERM itself); no Python handler is installed, which would displace it.
   Install from the main thread (a Python signal-module restriction).
   """
 
-  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+  def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
     self.requested = False
+    self.received: str | None = None
     self._previous = {}
     if jax.process_count() == 1:
       self._previous = {s: signal.signal(s, self._handle) for s in signals}
@@ -222,6 +270,7 @@ class StopSignal:
   def _handle(self, signum, frame):
     del frame
     self.requested = True
+    self.received = signal.Signals(signum).name
 
   def should_stop(self, step: int) -> bool:
     """Poll once per step, on every host, with the same `step`."""

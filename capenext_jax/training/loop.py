@@ -41,7 +41,7 @@ from capenext_jax.models.capenext import image_size_of
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
-from capenext_jax.training import checkpoint, init, partition, prefetch, schedule
+from capenext_jax.training import checkpoint, init, partition, prefetch, run_config_checks, schedule
 from capenext_jax.training import state as state_lib
 from capenext_jax.training import step as step_lib
 from capenext_jax.training import workdir as workdir_lib
@@ -132,6 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Ru
 
   source: where the config came from (file and overrides), for the start banner.
   """
+  run_config_checks.check_run_config(config)
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       jax.default_matmul_precision(init.matmul_precision(config)):
@@ -209,7 +210,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
           if step not in ckpt.all_steps():   # a periodic save may have just written it
             ckpt.save(step, state, {'step': step}, force=True)
             ckpt.wait()
-          log(f'stopped by SIGTERM at step {step}; checkpoint saved')
+          log(f'stopped by {stop.received or "SIGTERM"} at step {step}; checkpoint saved')
           results.update(step=step, preempted=True)
           return results
         ckpt.check()   # a failed background save stops the run now, not at the next save

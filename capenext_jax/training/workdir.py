@@ -10,6 +10,8 @@ object-store mounts it is best effort.)
 config may differ only in how long the run is, how it logs, evaluates and saves, and how it is
 laid out on devices (`RESUMABLE_CHANGES`); anything else (model, data, optimiser, seed) is
 refused unless `config.allow_config_change` is set, and then the old file is kept beside.
+
+`check_workdir_kind`: a workdir is never an export or a dataset folder (`artefacts.py`).
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import ml_collections
 
+from capenext_jax import artefacts
 from capenext_jax.params import flatten
 
 LOCK_FILE = '.lock'
@@ -73,6 +76,14 @@ class WorkdirLock:
     if self._file is not None:
       self._file.close()   # closing releases the flock
       self._file = None
+
+
+def check_workdir_kind(workdir: str | os.PathLike) -> None:
+  """Refuse (ValueError naming it) a --workdir that is an export or a dataset folder
+  (`artefacts.py`): training would write its config.json and checkpoints among their files.
+  Call before anything is written into it (train.py draws synthetic data there first)."""
+  artefacts.check_output_folder(workdir, artefacts.WORKDIR, what='train.py --workdir',
+                                other_files_ok=True)
 
 
 def config_changes(saved: dict, new: dict) -> list[str]:
