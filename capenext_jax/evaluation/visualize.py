@@ -7,6 +7,10 @@ Colours come from a fixed palette of 100 perceptually distinct ones (one per key
 Number labels are placed greedily around their point where they overlap no other label and
 no other point. A prediction outside the image is drawn on its border as a triangle pointing
 the way it left (`outside_image` tells which ones).
+
+Overlay files are named from user-given parts (category names, annotation ids) through
+`file_stems`: safe characters only, unique, and short enough for any file system, so a name
+can neither leave its folder, overwrite another overlay, nor fail after the work is done.
 """
 from __future__ import annotations
 
