@@ -209,6 +209,23 @@ def _draw_box(draw, box, scale: float, width: int) -> None:
   draw.rectangle([x + 1, y + 1, x + w - 1, y + h - 1], outline=LIGHT, width=max(1, width - 1))
 
 
+def draw_box(image, box, corners=()) -> Image.Image:
+  """The photo at its own size with the box (x, y, w, h in image px) drawn as the overlays draw
+  it, and small marks at `corners` ((x, y) clicks that do not make a box yet)."""
+  photo = _to_pil(image)
+  width = max(2, round(max(photo.size) / 250))
+  draw = ImageDraw.Draw(photo)
+  if box is not None:
+    _draw_box(draw, box, 1.0, width)
+  for x, y in corners:
+    r = 3 * width
+    draw.line([(x - r, y), (x + r, y)], fill=OUTLINE, width=width + 2)
+    draw.line([(x, y - r), (x, y + r)], fill=OUTLINE, width=width + 2)
+    draw.line([(x - r, y), (x + r, y)], fill=LIGHT, width=width)
+    draw.line([(x, y - r), (x, y + r)], fill=LIGHT, width=width)
+  return photo
+
+
 def outside_image(keypoints, width: int, height: int) -> np.ndarray:
   """bool [K]: predictions that fall outside [0, width] x [0, height] (image pixels)."""
   k = np.asarray(keypoints, np.float64).reshape(-1, 2)
