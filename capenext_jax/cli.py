@@ -4,7 +4,9 @@ A user's mistake (a bad flag, config field, file or value) ends in one line on s
 names what is wrong, `<prog>: error: <message>`, and exit status 2; a failure of the run
 itself (a checkpoint that cannot be written, a non-finite loss) in the same line and status 1.
 The traceback is printed only when asked for (`-v` / `--verbosity=1` for the absl programs).
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. Before the work, `check_writable` and
+`check_distinct_files` make sure its outputs can be written and that none of them is one of
+the run's inputs or another output.
 
 Only the programs use this module; the library raises ordinary exceptions.
 """

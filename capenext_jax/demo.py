@@ -3,10 +3,12 @@
   capenext-demo --checkpoint my_capenext/ [--categories mp100_split1_test.json] [--port 7860]
 
 Upload a photo; optionally give the object's box (type x,y,w,h, or click its top-left and then
-its bottom-right corner on the photo); pick a category from the annotation files given with
-`--categories` (its keypoint descriptions, by the official renaming, and its skeleton fill in)
-or type a category name, the keypoint names and a skeleton ("0-1,1-2"); get the overlay and
-the keypoints as JSON (image pixels). It runs on CPU. Needs the `[demo]` extra (Gradio).
+its bottom-right corner on the photo, which then shows it); pick a category from the annotation
+files given with `--categories` (its keypoint descriptions, by the official renaming, and its
+skeleton fill in; the page opens with the first one picked) or type a category name, the
+keypoint names and a skeleton ("0-1,1-2"); get the overlay and the keypoints as JSON (image
+pixels), or what is wrong with the input in the message box. It runs on CPU. Needs the `[demo]`
+extra (Gradio).
 """
 from __future__ import annotations
 
