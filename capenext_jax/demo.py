@@ -128,10 +128,11 @@ def build_app(model: DemoModel, presets: dict[str, dict]):
     """A new photo: kept unmarked (predictions and drawings start from it); box cleared."""
     return image, [], ''
 
-  def clicked(photo, box, clicks, evt):
+  def clicked(image, photo, box, clicks, evt):
+    photo = image if photo is None else photo   # a photo that came without an upload event
     new_box, clicks = box_from_clicks(clicks, *evt.index)
     box = new_box or box
-    return box, clicks, photo_with_box(photo, '' if clicks else box, clicks)
+    return box, clicks, photo_with_box(photo, '' if clicks else box, clicks), photo
 
   def box_typed(photo, box, clicks):
     return gr.update() if photo is None else photo_with_box(photo, box, clicks)
@@ -164,7 +165,7 @@ def build_app(model: DemoModel, presets: dict[str, dict]):
     category.change(fill, inputs=[category], outputs=[names, skeleton])
     image.upload(uploaded, inputs=[image], outputs=[photo, clicks, box])
     image.clear(lambda: (None, []), outputs=[photo, clicks])
-    image.select(clicked, inputs=[photo, box, clicks], outputs=[box, clicks, image])
+    image.select(clicked, inputs=[image, photo, box, clicks], outputs=[box, clicks, image, photo])
     box.submit(box_typed, inputs=[photo, box, clicks], outputs=[image])
     box.blur(box_typed, inputs=[photo, box, clicks], outputs=[image])
     button.click(run, inputs=[image, photo, box, category, names, skeleton],

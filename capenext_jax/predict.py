@@ -15,6 +15,7 @@ rename).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -375,7 +376,8 @@ def run(args) -> None:
       cli.check_writable(flag, path)
     cli.check_distinct_files(inputs(args), list(zip(('--output', '--overlay'), outputs)))
     query, given_bbox = image_query(args)
-    work = lambda predictor: predict_image(args, predictor, query, given_bbox, outputs)  # noqa: E731
+    work = functools.partial(predict_image, args, query=query, given_bbox=given_bbox,
+                             outputs=outputs)
   else:
     output = args.output or 'predictions.json'
     cli.check_writable('--output', output)
@@ -385,7 +387,7 @@ def run(args) -> None:
     cli.check_distinct_files(
         inputs(args) + [('an image of --coco', im) for im in images],
         [('--output', output)] + [('an overlay in --overlay_dir', p) for p in overlays])
-    work = lambda predictor: predict_coco(args, predictor, queries, anns, overlays)  # noqa: E731
+    work = functools.partial(predict_coco, args, queries=queries, anns=anns, overlays=overlays)
   config = loading.read_config(args.config) if args.config else None
   predictor = Predictor(loading.load_model(args.checkpoint, config),
                         batch_size=1 if args.image else args.batch_size)

@@ -83,15 +83,20 @@ def test_demo_in_headless_chromium(tmp_path):
       expect(page.locator('#predict')).to_be_visible(timeout=30_000)
       # Opens ready to predict: the first category picked, its names and skeleton filled in.
       first = next(iter(presets))
-      expect(page.locator('#category input')).to_have_value(first)
-      expect(page.locator('#names textarea')).to_have_value(preset_fields(presets[first])[0])
+      expect(page.locator('#category input')).to_have_value(first, timeout=30_000)
+      expect(page.locator('#names textarea')).to_have_value(preset_fields(presets[first])[0],
+                                                            timeout=30_000)
       page.locator('#photo input[type=file]').set_input_files(str(PHOTO))
       expect(page.locator('#photo img')).to_be_visible(timeout=30_000)
       # Two clicks set the box, and the photo shows it (a white line inside a dark casing).
       img = page.locator('#photo img')
       shown = img.bounding_box()
-      for fx, fy in ((0.25, 0.3), (0.7, 0.8)):
-        img.click(position={'x': shown['width'] * fx, 'y': shown['height'] * fy})
+      photo_size = img.evaluate('im => [im.naturalWidth, im.naturalHeight]')
+      img.click(position={'x': shown['width'] * 0.25, 'y': shown['height'] * 0.3})
+      # the first corner is marked (a white cross) before the second click
+      page.wait_for_function(PIXEL_IS_WHITE, arg=[round(photo_size[0] * 0.25),
+                                                  round(photo_size[1] * 0.3)], timeout=30_000)
+      img.click(position={'x': shown['width'] * 0.7, 'y': shown['height'] * 0.8})
       box_field = page.locator('#box input, #box textarea').first
       expect(box_field).to_have_value(re.compile(r'^\d+,\d+,\d+,\d+$'), timeout=30_000)
       x, y, w, h = map(int, box_field.input_value().split(','))
