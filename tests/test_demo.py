@@ -186,6 +186,19 @@ def test_demo_cli_refuses_bad_category_files_and_a_taken_port(tmp_path, capsys):
       err = capsys.readouterr().err
       assert err.startswith(f'capenext-demo: error: {line}'), err
       assert len(err.strip().splitlines()) == 1 and 'Traceback' not in err, err
+    # Taken between that check and the launch: the same one line.
+    import argparse
+
+    import gradio as gr
+
+    from capenext_jax import cli, demo
+    with gr.Blocks() as app:
+      gr.Markdown('page')
+    args = argparse.Namespace(host='127.0.0.1', port=port, verbose=False)
+    assert cli.run_parsed('capenext-demo', lambda a: demo.serve(app, a), args)[0] == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'capenext-demo: error: --port {port}: cannot serve on '
+                          f'127.0.0.1:{port}') and len(err.strip().splitlines()) == 1, err
   # The same category in two files, identical: nothing to choose, so it is taken.
   assert read_category_presets([str(ANNOTATIONS), str(ANNOTATIONS)]) == read_category_presets(
       [str(ANNOTATIONS)])
