@@ -92,6 +92,15 @@ def report(scores, category_names, output, info):
   print(f'wrote {output}')
 
 
+def check_no_overwrite(annotations, outputs) -> None:
+  """Before the work: no output (flag, path) is a file this run reads, or another output."""
+  descriptions = FLAGS.descriptions if os.path.isfile(FLAGS.descriptions) else None
+  cli.check_distinct_files(
+      [('--annotations' if FLAGS.annotations else "the config's annotations", annotations),
+       ('--checkpoint', FLAGS.checkpoint), ('--score_predictions', FLAGS.score_predictions),
+       ('--descriptions', descriptions)], outputs)
+
+
 def main(argv):
   del argv
   if FLAGS.verbosity < 1:   # orbax's INFO lines would drown the report (-v keeps them)
@@ -113,12 +122,14 @@ def main(argv):
     if not is_main_process():
       return
     cli.check_writable('--export_episodes', FLAGS.export_episodes)
+    check_no_overwrite(annotations, [('--export_episodes', FLAGS.export_episodes)])
     n = pairs_lib.export_episodes(annotations, FLAGS.export_episodes, protocol)
     print(f'wrote {n} pairs to {FLAGS.export_episodes}')
     return
   if FLAGS.score_predictions:
     output = FLAGS.output or FLAGS.score_predictions + '.scores.json'
     cli.check_writable('--output', output)
+    check_no_overwrite(annotations, [('--output', output)])
     pairs = pairs_lib.pairs_of_file(annotations, protocol)
     report(pairs.score_file(FLAGS.score_predictions), pairs.category_names, output,
            dict(info, predictions=FLAGS.score_predictions))
@@ -131,6 +142,8 @@ def main(argv):
   overlays = os.path.join(os.path.dirname(os.path.abspath(output)), 'overlays')
   cli.check_writable('--output', output)   # before the work, not after it
   cli.check_writable('--predictions_out', FLAGS.predictions_out)
+  check_no_overwrite(annotations, [('--output', output),
+                                   ('--predictions_out', FLAGS.predictions_out)])
   if FLAGS.visualize:
     cli.check_writable('overlays of --visualize', overlays, directory=True)
   if FLAGS.descriptions != 'regular':   # a bad name or file fails before the work

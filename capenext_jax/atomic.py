@@ -53,9 +53,10 @@ def _write_error(path: Path, error: BaseException) -> WriteError:
 
 
 @contextlib.contextmanager
-def new_file(path: Path) -> Iterator[Path]:
+def new_file(path: Path | str) -> Iterator[Path]:
   """A temporary path beside `path` (same suffix: np.savez adds '.npz' otherwise) that
   replaces `path` when the block ends without an error, and is removed when it fails."""
+  path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, name = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix=path.suffix)
   os.close(fd)

@@ -1,10 +1,12 @@
-"""The command-line boundary of train.py, eval.py and capenext-predict.
+"""The command-line boundary of train.py, eval.py, capenext-predict and capenext-demo.
 
 A user's mistake (a bad flag, config field, file or value) ends in one line on stderr that
 names what is wrong, `<prog>: error: <message>`, and exit status 2; a failure of the run
 itself (a checkpoint that cannot be written, a non-finite loss) in the same line and status 1.
 The traceback is printed only when asked for (`-v` / `--verbosity=1` for the absl programs).
-Anything else is a bug and keeps its traceback.
+Anything else is a bug and keeps its traceback. Before the work, `check_writable` and
+`check_distinct_files` make sure its outputs can be written and that none of them is one of
+the run's inputs or another output.
 
 Only the programs use this module; the library raises ordinary exceptions.
 """
@@ -188,3 +190,40 @@ def check_writable(flag: str, path: str | os.PathLike | None, *, directory: bool
   if not os.access(existing, os.W_OK):
     raise ValueError(f'{flag}={path}: {existing} is not writable')
   folder.mkdir(parents=True, exist_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+  """One file under two names: the same resolved path, or (both existing) the same inode, as
+  a hard link or a symlink elsewhere gives."""
+  if a.resolve() == b.resolve():
+    return True
+  try:
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+  except OSError:
+    return False
+
+
+Paths = Sequence[tuple[str, 'str | os.PathLike | None']]
+
+
+def check_distinct_files(inputs: Paths, outputs: Paths) -> None:
+  """Before the work: no output is one of the run's inputs, and no two outputs are one file.
+
+  inputs / outputs: (flag, path) pairs, e.g. ('IMAGE', 'photo.jpg'), ('--output', 'x.json');
+  a None or empty path is skipped. Raises ValueError naming both flags and the path.
+  """
+  given_inputs = [(flag, Path(p)) for flag, p in inputs if p]
+  seen: list[tuple[str, Path]] = []
+  for flag, p in outputs:
+    if not p:
+      continue
+    path = Path(p)
+    for in_flag, in_path in given_inputs:
+      if _same_file(path, in_path):
+        raise ValueError(f'{flag}={path}: is the input {in_flag}={in_path}; refusing to write '
+                         f'over a file this run reads (give another {flag})')
+    for out_flag, out_path in seen:
+      if _same_file(path, out_path):
+        raise ValueError(f'{flag}={path}: {out_flag} is the same file; each output needs its '
+                         f'own path')
+    seen.append((flag, path))

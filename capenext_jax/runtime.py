@@ -7,6 +7,14 @@ two shared libraries each print through absl before any log level applies, is dr
 `import_tensorflow_quietly()`, which imports TensorFlow once with the process's stderr captured
 (other lines are passed on).
 
+Both also turn TensorFlow's oneDNN graph rewrites off (TF_ENABLE_ONEDNN_OPTS=0 unless the
+caller set it). On a CPU without AVX-512 that pass logs, at ERROR level and so past any
+TF_CPP_MIN_LOG_LEVEL that keeps real errors, `E0000 ... oneDNN supports DT_UINT8 only on
+platforms with AVX-512` in the middle of every run. Nothing here needs it: TensorFlow runs only
+the tf.data input pipeline (decoding, warps and elementwise ops; its arithmetic is numpy's), and
+on such CPUs the uint8 ops fall back to the same Eigen kernels anyway, so the pipeline now runs
+the same kernels on every CPU.
+
 XLA:CPU allocates each step's temporaries (~2.3 GB for a full-size training step) afresh.
 glibc hands such blocks back to the kernel on free, so every step page-faults them in again:
 ~600k faults per step, about 20% of a CPU training step. jemalloc keeps freed pages when
@@ -57,6 +65,7 @@ def tune_allocator() -> None:
 def quiet_startup() -> None:
   """Before TensorFlow is imported (and before `tune_allocator`, whose re-exec inherits it)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
 
 # Start-up lines of TensorFlow that say nothing about this run.
@@ -65,12 +74,14 @@ _TF_NOISE = ('All log messages before absl::InitializeLog() is called',
 
 
 def import_tensorflow_quietly() -> None:
-  """Import TensorFlow (if installed) with file descriptor 2 captured; lines other than the
-  start-up notices in `_TF_NOISE` are written back to stderr."""
+  """Import TensorFlow (if installed) with its oneDNN rewrites off (unless the caller chose)
+  and file descriptor 2 captured; lines other than the start-up notices in `_TF_NOISE` are
+  written back to stderr."""
   import importlib.util
   import tempfile
   if 'tensorflow' in sys.modules or importlib.util.find_spec('tensorflow') is None:
     return
+  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')   # read once, at TF's import
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:

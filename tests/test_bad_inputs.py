@@ -410,3 +410,161 @@ def test_headline_recipe_refuses_random_pretrained_parts(tmp_path):
   assert not (tmp_path / 'run' / 'checkpoints').exists()
   assert mp100.get_config('runlocal').init.from_scratch
   assert not mp100.get_config('split=2').init.from_scratch
+
+
+# ----------------------------------------------------------------------------- outputs vs inputs
+def _digests(paths) -> dict:
+  import hashlib
+  return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['{photo}', '--overlay', '{photo}'], '--overlay={photo}: is the input IMAGE={photo}'),
+    (['{photo}', '--output', '{photo}'], '--output={photo}: is the input IMAGE={photo}'),
+    (['{photo}', '--output', '{tmp}/x.json', '--overlay', '{tmp}/x.json'],
+     '--overlay={tmp}/x.json: --output is the same file'),
+    (['{photo}', '--output', '{tmp}/link.jpg'], '--output={tmp}/link.jpg: is the input IMAGE'),
+    (['{photo}', '--output', '{tmp}/kp.txt', '--keypoints_file', '{tmp}/kp.txt'],
+     '--output={tmp}/kp.txt: is the input --keypoints_file={tmp}/kp.txt'),
+    (['--coco', '{tmp}/ann.json', '--output', '{tmp}/ann.json'],
+     '--output={tmp}/ann.json: is the input --coco={tmp}/ann.json'),
+    (['--coco', '{tmp}/ann.json', '--overlay_dir', '{images}', '--output', '{tmp}/p.json'],
+     'an overlay in --overlay_dir={images}/'),
+])
+def test_predict_never_writes_over_its_inputs(tmp_path, capsys, argv, names):
+  """Refused before the model loads: one line naming both flags and the path, every input
+  byte-identical afterwards (a hard link to the photo counts as the photo)."""
+  from capenext_jax import predict
+  photo = tmp_path / 'photo.jpg'
+  photo.write_bytes(PREDICT_IMAGE.read_bytes())
+  os.link(photo, tmp_path / 'link.jpg')
+  (tmp_path / 'kp.txt').write_text('nose\ntail\n')
+  # The annotations' images, in a folder of their own whose one image is named like an
+  # annotation's overlay (`<id>.png`).
+  images = tmp_path / 'images'
+  data = json.loads(MINI_TEST.read_text())
+  data['annotations'] = data['annotations'][:1]
+  image = next(im for im in data['images'] if im['id'] == data['annotations'][0]['image_id'])
+  images.mkdir()
+  png = images / f'{data["annotations"][0]["id"]}.png'
+  Image.open(MP100_MINI / 'images' / image['file_name']).save(png)
+  image['file_name'] = png.name
+  (tmp_path / 'ann.json').write_text(json.dumps(data))
+  fill = dict(photo=photo, tmp=tmp_path, images=images)
+  args = [a.format(**fill) for a in argv] + ['--checkpoint', str(FIXTURES / 'tiny_capenext.npz')]
+  args += [] if '--output' in args else ['--output', str(tmp_path / 'out.json')]
+  if '--coco' in args:
+    args += ['--image_root', str(images)]
+  else:
+    args += ['--category', 'tiger']
+    args += [] if '--keypoints_file' in args else ['--keypoints', 'nose,tail']
+  before = _digests(p for p in tmp_path.rglob('*') if p.is_file())
+  assert predict.main(args) == 2
+  line = last_line(capsys.readouterr().err)
+  assert line.startswith('capenext-predict: error: ') and names.format(**fill) in line, line
+  assert _digests(p for p in tmp_path.rglob('*') if p.is_file()) == before
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['--keypoints', 'nose,,tail'], "--keypoints 'nose,,tail': name 1 (0-based) is empty"),
+    (['--keypoints', 'nose,tail', '--skeleton', '[[0.6, 1.9]]'],
+     '--skeleton: edge 0 (0-based) is [0.6, 1.9]: expected two 0-based keypoint indices'),
+    (['--keypoints', 'a,b,c', '--skeleton', '0-1,1-2.0'], '--skeleton: edge 1 (0-based) is '
+     '["1", "2.0"]'),
+    (['--keypoints_file', '{tmp}/object.json'], '--keypoints_file {tmp}/object.json: a JSON '
+     'list of keypoint names is needed, not a JSON object'),
+    (['--keypoints_file', '{tmp}/mixed.json'], '--keypoints_file {tmp}/mixed.json: item 1 '
+     '(0-based) is null, not a keypoint name'),
+    (['--keypoints_file', '{tmp}/number.json'], '--keypoints_file {tmp}/number.json: item 0 '
+     '(0-based) is 3, not a keypoint name'),
+    (['--keypoints_file', '{tmp}/gap.txt'], '--keypoints_file {tmp}/gap.txt: line 2 is empty'),
+    (['--keypoints_file', '{tmp}/latin1.txt'], '{tmp}/latin1.txt: not UTF-8 text (byte 0xe9'),
+])
+def test_predict_refuses_names_and_edges_by_position(tmp_path, capsys, argv, names):
+  """Before the model loads: no name dropped (later indices would shift), no float truncated
+  to an index; the one line names the flag / file and the position."""
+  from capenext_jax import predict
+  (tmp_path / 'object.json').write_text('{"nose": 0, "tail": 1}')
+  (tmp_path / 'mixed.json').write_text('["nose", null, 3]')
+  (tmp_path / 'number.json').write_text('[3, "nose"]')
+  (tmp_path / 'gap.txt').write_text('nose\n\ntail\n')
+  (tmp_path / 'latin1.txt').write_bytes('épaule\nqueue\n'.encode('latin-1'))
+  args = [a.format(tmp=tmp_path) for a in argv]
+  assert predict.main([str(PREDICT_IMAGE), '--category', 'tiger', *args, '--checkpoint',
+                       str(tmp_path / 'not_loaded.pth'), '--output',
+                       str(tmp_path / 'out.json')]) == 2
+  line = last_line(capsys.readouterr().err)
+  assert line.startswith('capenext-predict: error: ') and names.format(tmp=tmp_path) in line, line
+  assert not (tmp_path / 'out.json').exists()
+
+
+def test_predict_keypoints_file_in_utf16_and_utf8_bom(tmp_path):
+  from capenext_jax import predict
+  names = ['épaule gauche', 'queue', '鼻']
+  for encoding in ('utf-16', 'utf-8-sig'):
+    (tmp_path / encoding).write_bytes('\n'.join(names).encode(encoding))
+    (tmp_path / f'{encoding}.json').write_bytes(json.dumps(names).encode(encoding))
+    assert list(predict.parse_descriptions(None, str(tmp_path / encoding))) == names
+    assert list(predict.parse_descriptions(None, str(tmp_path / f'{encoding}.json'))) == names
+
+
+def test_predict_overlays_stay_in_their_folder_and_apart(tmp_path):
+  """Annotation ids are file names: '../escaped_overlay' stays inside --overlay_dir, and two
+  annotations with one id get one overlay each."""
+  from capenext_jax import predict
+  data = json.loads(MINI_TEST.read_text())
+  data['annotations'] = data['annotations'][:3]
+  ids = ['../escaped_overlay', 7, 7]
+  for ann, new_id in zip(data['annotations'], ids):
+    ann['id'] = new_id
+  (tmp_path / 'ann.json').write_text(json.dumps(data))
+  out = tmp_path / 'a' / 'b'
+  assert predict.main(['--coco', str(tmp_path / 'ann.json'), '--image_root',
+                       str(MP100_MINI / 'images'), '--checkpoint',
+                       str(FIXTURES / 'tiny_capenext.npz'), '--output',
+                       str(tmp_path / 'p.json'), '--overlay_dir', str(out),
+                       '--batch_size', '4']) == 0
+  assert sorted(p.name for p in out.iterdir()) == ['7.png', '7_2.png', '_escaped_overlay.png']
+  assert not (tmp_path / 'a' / 'escaped_overlay.png').exists()
+
+
+# ----------------------------------------------------------------------------- eval.py outputs
+def test_eval_never_writes_over_its_inputs(tmp_path):
+  from capenext_jax.evaluation.pairs import EvalProtocol, pairs_of_file
+  ann = tmp_path / 'ann.json'
+  ann.write_bytes(MINI_TEST.read_bytes())
+  pairs = pairs_of_file(str(ann), EvalProtocol(shots=1, num_episodes=1, num_queries=1))
+  pairs.write_predictions(tmp_path / 'p.json', pairs.arrays['gt_keypoints'])
+  before = _digests([ann, tmp_path / 'p.json'])
+  base = ('--annotations', ann, '--shots=1', '--num_episodes=1', '--num_queries=1')
+  for argv, names in [
+      ((f'--output={ann}', f'--score_predictions={tmp_path}/p.json'),
+       f'--output={ann}: is the input --annotations={ann}'),
+      ((f'--output={tmp_path}/p.json', f'--score_predictions={tmp_path}/p.json'),
+       f'--output={tmp_path}/p.json: is the input --score_predictions={tmp_path}/p.json'),
+      ((f'--export_episodes={ann}',), f'--export_episodes={ann}: is the input --annotations'),
+      ((f'--checkpoint={FIXTURES}/tiny_capenext.npz', f'--output={tmp_path}/x.json',
+        f'--predictions_out={tmp_path}/x.json'),
+       f'--predictions_out={tmp_path}/x.json: --output is the same file'),
+      ((f'--checkpoint={FIXTURES}/tiny_capenext.npz', f'--output={ann}'),
+       f'--output={ann}: is the input --annotations={ann}')]:
+    status, line = run_eval_cli(*base, *argv)
+    assert status == 2 and line.startswith('eval.py: error: ') and names in line, (argv, line)
+  assert _digests([ann, tmp_path / 'p.json']) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['ann.json', 'p.json']
+
+
+def test_eval_refuses_scores_that_overflow_and_writes_no_report(tmp_path):
+  """Coordinates of 1e308 are finite, but their mean error is inf: one line naming the file,
+  no table printed, no (truncated) report."""
+  from capenext_jax.evaluation.pairs import EvalProtocol, pairs_of_file
+  pairs = pairs_of_file(str(MINI_TEST), EvalProtocol(shots=1, num_episodes=1, num_queries=1))
+  far = pairs.arrays['gt_keypoints'].copy()
+  far[1, 0] = 1e308
+  pairs.write_predictions(tmp_path / 'far.json', far)
+  status, line = run_eval_cli('--annotations', MINI_TEST, '--shots=1', '--num_episodes=1',
+                              '--num_queries=1', f'--score_predictions={tmp_path}/far.json',
+                              f'--output={tmp_path}/report.json')
+  assert status == 2 and line.startswith(f'eval.py: error: {tmp_path}/far.json: the scores are '
+                                         'not finite') and '1e+308 px' in line, line
+  assert not (tmp_path / 'report.json').exists()

@@ -28,8 +28,8 @@ def _display_height(height: int, width: int, min_side: int = 768) -> int:
 
 def test_single_image_cli(tmp_path):
   image = sorted((MP100_MINI / 'images' / TIGER).glob('*.jpg'))[0]
-  # The overlay's default path is next to --output, not in the current directory.
-  out, png = tmp_path / 'tiger.json', tmp_path / f'{image.stem}_overlay.png'
+  # The overlay's default path is named after --output, beside it.
+  out, png = tmp_path / 'tiger.json', tmp_path / 'tiger_overlay.png'
   rc = predict.main([str(image), '--checkpoint', str(FIXTURES / 'tiny_capenext.npz'),
                      '--category', 'tiger', '--keypoints', DESCRIPTIONS,
                      '--skeleton', '0-2,1-2,2-3,3-4,3-5', '--bbox', '100,150,700,800',
@@ -46,6 +46,9 @@ def test_single_image_cli(tmp_path):
   assert np.isfinite(xy).all()
   # the head's points lie in the crop, which the padded square box (1.25 x 800 px) bounds
   center, scale = bbox_to_center_scale(np.array(result['bbox']))
+  # the box as given, and as cleaned (w, h - 1), with the note saying so
+  assert result['bbox_given'] == [100, 150, 700, 800] and result['bbox'] == [100, 150, 699, 799]
+  assert 'official box cleaning' in result['bbox_note']
   assert (np.abs(xy - center) <= scale * 200 / 2 + 1e-3).all()
   overlay = Image.open(png)
   assert overlay.height == _display_height(height, width)
@@ -77,7 +80,7 @@ def test_errors_exit_cleanly(tmp_path, capsys):
 
 
 def test_parsing(tmp_path):
-  (tmp_path / 'kp.txt').write_text('left eye\n\n right eye \nnose, tip\n')
+  (tmp_path / 'kp.txt').write_text('left eye\n right eye \nnose, tip\n\n')
   assert predict.parse_descriptions(None, str(tmp_path / 'kp.txt')) == (
       'left eye', 'right eye', 'nose, tip')
   assert predict.parse_descriptions(' a , b ', None) == ('a', 'b')

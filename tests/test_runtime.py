@@ -32,3 +32,19 @@ def test_caller_choice_is_kept():
   # A caller's own GLIBC_TUNABLES is never overridden, and nothing re-executes.
   assert run(CAPENEXT_NO_JEMALLOC='1', GLIBC_TUNABLES='glibc.malloc.arena_max=2') == \
       ['glibc', 'glibc.malloc.arena_max=2']
+
+
+def test_tensorflow_runs_without_onednn_rewrites():
+  """The oneDNN graph pass logs `E0000 ... oneDNN supports DT_UINT8 only on platforms with
+  AVX-512` on CPUs without AVX-512 (not reproducible on this one): the programs' TensorFlow
+  import turns that pass off, and a caller's own choice is kept."""
+  probe = ('from capenext_jax.runtime import import_tensorflow_quietly as q; q(); '
+           'from tensorflow.python.util import _pywrap_util_port as p; print(p.IsMklEnabled())')
+  env = {k: v for k, v in os.environ.items() if k != 'TF_ENABLE_ONEDNN_OPTS'}
+
+  def onednn(**changes) -> str:
+    return subprocess.run([sys.executable, '-c', probe], env=dict(env, **changes), cwd=REPO,
+                          check=True, capture_output=True, text=True).stdout.strip()
+
+  assert onednn() == 'False'
+  assert onednn(TF_ENABLE_ONEDNN_OPTS='1') == 'True'

@@ -2,6 +2,8 @@
 (capenext-predict's `outside_image` flags and default overlay path: test_predict.py.)"""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from capenext_jax.evaluation import visualize as vis
@@ -57,3 +59,24 @@ def test_box_error_lines_and_points_outside_the_image():
   assert (np.abs(drawn[48:53, 0:6].astype(int) - colour).sum(-1) < 30).any()
   assert vis.outside_image([[-40, 50], [50, 50], [50, 101]], 100, 100).tolist() == [
       True, False, True]
+
+
+def test_overlay_file_names_are_safe_unique_and_short(tmp_path):
+  """Category names and annotation ids become file names: none leaves its folder, repeats get
+  their own file, and a 272-character name still makes a file (eval.py names overlays before
+  the evaluation runs, so no name fails after it)."""
+  from types import SimpleNamespace
+  long = 'x' * 272
+  stems = vis.file_stems(['../escaped', 7, 7, 'Cat', 'cat', long, long, '.hidden', 'chat/猫'])
+  assert stems[:5] == ['_escaped', '7', '7_2', 'Cat', 'cat_2']
+  assert stems[7:] == ['hidden', 'chat_猫']
+  assert stems[5] != stems[6] and all(len(s.encode()) <= vis.MAX_STEM_BYTES for s in stems)
+  # eval.py's overlays: `<category>_<pair>.png`, two pairs of each category
+  dataset = SimpleNamespace(raw_category_names=[long, 'a/b'], category_index={10: 0, 11: 1})
+  pairs = SimpleNamespace(arrays={'category_id': np.array([5, 5, 6, 5]),
+                                  'pairs': np.array([[0, 10], [0, 10], [0, 11], [0, 10]])})
+  paths = vis.overlay_paths(pairs, dataset, str(tmp_path), per_category=2)
+  assert sorted(paths) == [0, 1, 2] and os.path.basename(paths[2]) == 'a_b_2.png'
+  for path in paths.values():
+    assert os.path.dirname(path) == str(tmp_path)
+    open(path, 'wb').close()   # the file system takes the name

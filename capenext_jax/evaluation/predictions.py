@@ -25,11 +25,13 @@ import collections
 import dataclasses
 import json
 import math
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from capenext_jax import metrics
+from capenext_jax.atomic import new_file
 
 FORMAT = 'capenext-predictions'
 VERSION = 1
@@ -97,8 +99,9 @@ def write_predictions(path, records: Sequence[PredictionRecord]) -> None:
   """Write `records` (in evaluation order) to `path` in the format above."""
   lines = [json.dumps(_pair_json(i, r), allow_nan=False) for i, r in enumerate(records)]
   header = json.dumps({'format': FORMAT, 'version': VERSION, 'coordinates': COORDINATES})
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(header[:-1] + ', "pairs": [\n' + ',\n'.join(lines) + '\n]}\n')
+  with new_file(Path(path)) as tmp:   # whole or absent
+    tmp.write_text(header[:-1] + ', "pairs": [\n' + ',\n'.join(lines) + '\n]}\n',
+                   encoding='utf-8')
 
 
 # ----------------------------------------------------------------------------- reading
@@ -212,9 +215,26 @@ def score_predictions_file(predictions_path, episodes: Sequence[EvalPair]) -> di
                        f'{np.shape(p.gt_keypoints)} and {np.shape(p.mask)}')
   preds = align_predictions(read_predictions(predictions_path), episodes)
   slots = max(len(p.gt_keypoints) for p in episodes)
-  return metrics.score_pairs(
-      pred=_pad(preds, slots, 0.0),
-      gt=_pad([np.asarray(p.gt_keypoints, dtype=np.float64) for p in episodes], slots, 0.0),
-      mask=_pad([np.asarray(p.mask, dtype=bool) for p in episodes], slots, False),
-      bbox_thr=np.array([p.bbox_thr for p in episodes], dtype=np.float64),
-      category_ids=np.array([p.category_id for p in episodes], dtype=np.int64))
+  with np.errstate(over='ignore', invalid='ignore'):   # checked below, naming the file
+    scores = metrics.score_pairs(
+        pred=_pad(preds, slots, 0.0),
+        gt=_pad([np.asarray(p.gt_keypoints, dtype=np.float64) for p in episodes], slots, 0.0),
+        mask=_pad([np.asarray(p.mask, dtype=bool) for p in episodes], slots, False),
+        bbox_thr=np.array([p.bbox_thr for p in episodes], dtype=np.float64),
+        category_ids=np.array([p.category_id for p in episodes], dtype=np.int64))
+  check_finite_scores(scores, predictions_path, preds, episodes)
+  return scores
+
+
+def check_finite_scores(scores: dict, predictions_path, preds: Sequence[np.ndarray],
+                        episodes: Sequence[EvalPair]) -> None:
+  """ValueError naming the file when a metric overflowed (finite coordinates as large as 1e308
+  make the mean error inf): nothing of such a score would be printed or written."""
+  rows = [scores, *scores.get('per_category', {}).values()]
+  if all(math.isfinite(row[k]) for row in rows for k in metrics.METRIC_KEYS):
+    return
+  worst = int(np.argmax([np.abs(p).max() for p in preds]))
+  raise ValueError(f'{predictions_path}: the scores are not finite: pair '
+                   f'{_describe(episodes[worst].key)} has a keypoint at '
+                   f'{np.abs(preds[worst]).max():.3g} px; keypoints must be original-image '
+                   f'pixels')

@@ -7,8 +7,10 @@ fraction of the bbox size and EPE in original-image pixels. The JSON report keep
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Mapping
 
+from capenext_jax.atomic import new_file
 from capenext_jax.metrics import METRIC_KEYS, PCK_THRESHOLDS
 
 _PERCENT = {f'PCK@{t}' for t in PCK_THRESHOLDS} | {'mPCK', 'AUC'}
@@ -59,7 +61,9 @@ def report_dict(scores: dict, category_names: Mapping[int, str] | None = None,
 
 def write_report(path, scores: dict, category_names: Mapping[int, str] | None = None,
                  info: Mapping | None = None) -> None:
-  """Write `report_dict(...)` as indented JSON; `info` carries provenance (checkpoint, split)."""
-  with open(path, 'w', encoding='utf-8') as f:
-    json.dump(report_dict(scores, category_names, info), f, indent=2, allow_nan=False)
-    f.write('\n')
+  """Write `report_dict(...)` as indented JSON; `info` carries provenance (checkpoint, split).
+  The text is made first and written whole (temporary name, then rename): a value JSON cannot
+  hold fails before `path` is touched."""
+  text = json.dumps(report_dict(scores, category_names, info), indent=2, allow_nan=False)
+  with new_file(Path(path)) as tmp:
+    tmp.write_text(text + '\n', encoding='utf-8')

@@ -7,11 +7,16 @@ Colours come from a fixed palette of 100 perceptually distinct ones (one per key
 Number labels are placed greedily around their point where they overlap no other label and
 no other point. A prediction outside the image is drawn on its border as a triangle pointing
 the way it left (`outside_image` tells which ones).
+
+Overlay files are named from user-given parts (category names, annotation ids) through
+`file_stems`: safe characters only, unique, and short enough for any file system, so a name
+can neither leave its folder, overwrite another overlay, nor fail after the work is done.
 """
 from __future__ import annotations
 
 import colorsys
 import os
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -204,6 +209,23 @@ def _draw_box(draw, box, scale: float, width: int) -> None:
   draw.rectangle([x + 1, y + 1, x + w - 1, y + h - 1], outline=LIGHT, width=max(1, width - 1))
 
 
+def draw_box(image, box, corners=()) -> Image.Image:
+  """The photo at its own size with the box (x, y, w, h in image px) drawn as the overlays draw
+  it, and small marks at `corners` ((x, y) clicks that do not make a box yet)."""
+  photo = _to_pil(image)
+  width = max(2, round(max(photo.size) / 250))
+  draw = ImageDraw.Draw(photo)
+  if box is not None:
+    _draw_box(draw, box, 1.0, width)
+  for x, y in corners:
+    r = 3 * width
+    draw.line([(x - r, y), (x + r, y)], fill=OUTLINE, width=width + 2)
+    draw.line([(x, y - r), (x, y + r)], fill=OUTLINE, width=width + 2)
+    draw.line([(x - r, y), (x + r, y)], fill=LIGHT, width=width)
+    draw.line([(x, y - r), (x, y + r)], fill=LIGHT, width=width)
+  return photo
+
+
 def outside_image(keypoints, width: int, height: int) -> np.ndarray:
   """bool [K]: predictions that fall outside [0, width] x [0, height] (image pixels)."""
   k = np.asarray(keypoints, np.float64).reshape(-1, 2)
@@ -321,20 +343,54 @@ def pair_overlay(pred: np.ndarray, pairs, dataset, i: int, **kwargs) -> Image.Im
                       bbox=dataset.bbox[q], **kwargs)
 
 
+# Characters a file name keeps from a user's id or name; '/' and the rest become '_'.
+_UNSAFE = re.compile(r'[^\w.+-]+')
+# Bytes of a stem: well under the 255 of common file systems, with room for '_<n>.png'.
+MAX_STEM_BYTES = 120
+
+
+def file_stems(parts: Sequence) -> list[str]:
+  """Safe, unique file-name stems from user-given parts (annotation ids, category names), in
+  order: other characters than letters, digits and '._+-' become '_' and leading dots go (no
+  stem leaves its folder or hides), each is cut to MAX_STEM_BYTES of UTF-8, and a stem met
+  before (compared case-blind, as on macOS and Windows) gets '_2', '_3', ..."""
+  stems, used = [], set()
+  for part in parts:
+    stem = _cut(_UNSAFE.sub('_', str(part)).lstrip('.') or '_', MAX_STEM_BYTES)
+    unique, n = stem, 1
+    while unique.casefold() in used:
+      n += 1
+      unique = f'{_cut(stem, MAX_STEM_BYTES - len(str(n)) - 1)}_{n}'
+    used.add(unique.casefold())
+    stems.append(unique)
+  return stems
+
+
+def _cut(text: str, max_bytes: int) -> str:
+  """`text` shortened to at most `max_bytes` of UTF-8 (whole characters)."""
+  return text.encode()[:max_bytes].decode(errors='ignore')
+
+
+def overlay_paths(pairs, dataset, out_dir: str, per_category: int) -> dict[int, str]:
+  """{pair index: PNG path} of the first `per_category` pairs of every category, named
+  `<category>_<pair>.png` in `out_dir` (through `file_stems`). Known before the evaluation
+  runs, so a name cannot fail after it."""
+  a = pairs.arrays
+  chosen = [int(i) for c in np.unique(a['category_id'])
+            for i in np.flatnonzero(a['category_id'] == c)[:per_category]]
+  names = [f'{dataset.raw_category_names[dataset.category_index[a["pairs"][i, -1]]]}_{i}'
+           for i in chosen]
+  return {i: os.path.join(out_dir, f'{stem}.png') for i, stem in zip(chosen, file_stems(names))}
+
+
 def write_overlays(pred: np.ndarray, pairs, dataset, out_dir: str, per_category: int
                    ) -> list[str]:
-  """PNG overlays (`pair_overlay`) of the first `per_category` pairs of every category, named
-  `<category>_<pair>.png` in `out_dir`. Returns the paths written."""
+  """PNG overlays (`pair_overlay`) at `overlay_paths(...)`. Returns the paths written."""
   os.makedirs(out_dir, exist_ok=True)
-  a = pairs.arrays
-  paths = []
-  for c in np.unique(a['category_id']):
-    for i in np.flatnonzero(a['category_id'] == c)[:per_category]:
-      row = dataset.category_index[a['pairs'][i, -1]]
-      name = dataset.raw_category_names[row].replace('/', '_').replace(' ', '_')
-      paths.append(os.path.join(out_dir, f'{name}_{i}.png'))
-      pair_overlay(pred, pairs, dataset, i).save(paths[-1])
-  return paths
+  paths = overlay_paths(pairs, dataset, out_dir, per_category)
+  for i, path in paths.items():
+    pair_overlay(pred, pairs, dataset, i).save(path, format='PNG')
+  return list(paths.values())
 
 
 def overlay_grid(pred: np.ndarray, pairs, dataset, count: int, size: int = 320) -> np.ndarray:
