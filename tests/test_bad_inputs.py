@@ -33,7 +33,7 @@ def run_script(*args, timeout=120):
 
 # ----------------------------------------------------------------------------- checkpoints
 def tiny_state(value: float):
-  from capenext_jax.training.state import TrainState
+  from capenext_jax.device.state import TrainState
   return TrainState(trainable={'w': jax.numpy.full((4, 3), value)}, batch_stats={}, frozen={},
                     opt_state={'mu': jax.numpy.full((4, 3), value / 2)},
                     step=jax.numpy.int32(int(value)), rng=jax.numpy.zeros(2, jax.numpy.uint32))

@@ -8,8 +8,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax.training import checkpoint, schedule
+
+from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import step as step_lib
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
 

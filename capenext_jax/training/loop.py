@@ -30,20 +30,22 @@ from typing import Protocol
 import jax
 import ml_collections
 
-from capenext_jax import forward as forward_lib
 from capenext_jax import losses
 from capenext_jax import params as params_lib
+from capenext_jax.device import forward as forward_lib
+from capenext_jax.device import partition
+from capenext_jax.device import state as state_lib
+from capenext_jax.device import step as step_lib
 from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
+from capenext_jax.evaluation.predict_fn import predict_fn
 from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
-from capenext_jax.models.capenext import image_size_of
+from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
-from capenext_jax.training import checkpoint, init, partition, prefetch, schedule
-from capenext_jax.training import state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax.training import checkpoint, init, prefetch, schedule
 from capenext_jax.training import workdir as workdir_lib
 
 metric_writers = require('clu.metric_writers', 'train', 'training (metric writers)')
@@ -116,30 +118,55 @@ def eval_progress(evaluator: Evaluator, label: str) -> Progress:
   return Progress(len(evaluator.pairs), label, unit='pairs', stream=sys.stdout)
 
 
-def build_train_step(config: ml_collections.ConfigDict, graphdef, optimizer, shardings):
-  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config`: text from
-  the cache (`replicated_text_cache`), official losses."""
-  size = image_size_of(config.model)
+def build_train_step(config: ml_collections.ConfigDict, size: int, graphdef, optimizer,
+                     shardings):
+  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config` (model
+  input side `size`): text from the cache (`replicated_text_cache`), official losses."""
   loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
   return step_lib.make_train_step(graphdef, loss_fn, optimizer,
                                   forward=forward_lib.make_forward(size),
                                   shardings=shardings)
 
 
+def _read_results(workdir: str) -> dict | None:
+  """The results.json of a finished session of the run in `workdir`, or None."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  return results if 'test_pck_end' in results or 'val_pck' in results else None
+
+
+def held_out_lines(results: dict) -> list[str]:
+  """The final test line and the before -> after line of a run's results (what it has)."""
+  lines = []
+  if 'test_pck_end' in results:
+    lines.append(f'test PCK@0.2 after training (step {results.get("step")}): '
+                 f'{100 * results["test_pck_end"]:.2f}')
+  if 'test_pck_start' in results and 'test_pck_end' in results:
+    lines.append(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
+                 f'trained {100 * results["test_pck_end"]:.2f}')
+  return lines
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
-                       source: str = '') -> dict:
+                       source: str = '', model_config: CapeNextConfig | None = None) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}.
 
   source: where the config came from (file and overrides), for the start banner.
+  model_config: `config.model` as the program parsed it (parsed here when not given).
   """
+  if model_config is None:
+    model_config = CapeNextConfig.from_dict(config.model.to_dict())
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
       jax.default_matmul_precision(init.matmul_precision(config)):
-    return _train_and_evaluate(config, workdir, data, source)
+    return _train_and_evaluate(config, model_config, workdir, data, source)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData,
-                        source: str) -> dict:
+def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNextConfig,
+                        workdir: str, data: RunData, source: str) -> dict:
   workdir_lib.check_resume_config(config, workdir)
   init.check_pretrained(config)
   steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
@@ -159,7 +186,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                    keep_last=config.keep_checkpoints, best_metric='pck',
                                    async_save=config.async_checkpoints)
-    graphdef, state, shardings = init.init_state(config, tx, mesh)
+    graphdef, state, shardings = init.init_state(config, tx, mesh, model_config=model_config)
+    # The frozen weights (CLIP) are stored once, so that the workdir evaluates without the
+    # pretrained files; a resumed run keeps the ones it started with.
+    frozen = checkpoint.restore_frozen(workdir, jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.frozen,
+        shardings.frozen))
+    if frozen is None:
+      checkpoint.save_frozen(workdir, state.frozen)
+    else:
+      state = state.replace(frozen=frozen)
     start = 0
     target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
     restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
@@ -167,6 +203,15 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
       state, position = restored
       start = int(position['step'])
       log(f'resumed from step {start}')
+    if start >= total:
+      previous = _read_results(workdir)
+      log(f'the run in {os.path.abspath(workdir)} is already complete (step {start} of '
+          f'{total})' + ('' if previous else '; testing it again'))
+      if previous:   # its results are on disk: say them again, compute nothing
+        ckpt.close()
+        for line in held_out_lines(previous):
+          log(line)
+        return previous
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json(indent=1))
@@ -182,11 +227,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
 
+    size = model_config.image_size
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
-    train_step = build_train_step(config, graphdef, tx, shardings)
-    size = image_size_of(config.model)
+    train_step = build_train_step(config, size, graphdef, tx, shardings)
+    predict_step = step_lib.make_predict_step(graphdef, size)   # one executable for both
     val, test = (None if split is None else Evaluator(
-        graphdef, split, EvalProtocol.from_config(config, name), mesh, image_size=size)
+        predict_fn(predict_step, graphdef, split.dataset, mesh), split,
+        EvalProtocol.from_config(config, name), mesh, image_size=size)
         for name, split in (('val', data.val), ('test', data.test)))
 
     if test is not None and config.test_at_start and start == 0:
@@ -260,9 +307,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
         results['test_pck_end'] = pck_at(results['test_end'])
         log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
         writer.write_scalars(total, {'test/pck': results['test_pck_end']})
-      if 'test_pck_start' in results and 'test_pck_end' in results:
-        log(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
-            f'trained {100 * results["test_pck_end"]:.2f}')
+      if start > 0:   # the before-training test ran in an earlier session of this run
+        results = {**{k: v for k, v in (_read_results(workdir) or {}).items()
+                      if k.startswith('test_') and k.endswith('start')}, **results}
+      for line in held_out_lines(results)[1:]:
+        log(line)
     finally:
       batches.close()
       ckpt.wait()
