@@ -55,7 +55,7 @@ def measure_pipeline(model: str, annotations: str, image_root: str, batch: int, 
             repeats: int) -> list[dict]:
   """[compile pass, timed pass...] records of `Evaluator.predict` on the annotation file."""
   from capenext_jax.device import partition
-  from capenext_jax.device.step import make_predict_step
+  from capenext_jax.device.step import make_predict_step, matmul_precision
   from capenext_jax.evaluation.evaluator import Evaluator
   from capenext_jax.evaluation.pairs import EvalProtocol
   from capenext_jax.evaluation.predict_fn import predict_fn
@@ -66,7 +66,8 @@ def measure_pipeline(model: str, annotations: str, image_root: str, batch: int, 
   model_config = CapeNextConfig.from_dict(c.model.to_dict())
   size = model_config.image_size
   mesh = partition.make_mesh(c.mesh_shape)
-  with jax.set_mesh(mesh), jax.default_matmul_precision(init.matmul_precision(c)):
+  with jax.set_mesh(mesh), jax.default_matmul_precision(
+      matmul_precision(c.precision, model_config.dtype)):
     t0 = time.perf_counter()
     tx = schedule.make_optimizer(c.optim, 1)
     graphdef, state, _ = init.init_state(c, tx, mesh, model_config=model_config)

@@ -29,10 +29,13 @@ import numpy as np
 from flax import nnx
 
 from capenext_jax import export
+from capenext_jax.convert import official
+from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401
 from capenext_jax.device import partition, state as state_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
+from capenext_jax.training import checkpoint
 
 if TYPE_CHECKING:
   import ml_collections
@@ -124,13 +127,11 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
   if kind == 'export':
     model_config, params = export.read_export(path)
     return Checkpoint(kind, model_config, params=params)
-  from capenext_jax.convert import official
   if kind == 'fixture':
     with np.load(path, allow_pickle=False) as z:
       state_dict = {str(k): z[str(k)] for k in z['state_dict_keys']}
       model_config = official.config_from_fixture(json.loads(str(z['config_json'])))
     return Checkpoint(kind, model_config, params=official.capenext_from_official(state_dict))
-  from capenext_jax.convert.torch_io import load_state_dict
   state_dict = load_state_dict(str(path))
   return Checkpoint(kind, config or official.official_model_config(state_dict),
                     params=official.capenext_from_official(state_dict))
@@ -143,7 +144,6 @@ def _load_workdir(path: Path, mesh, step: int | None,
   state is built and no pretrained file of `config.init` is read (the workdir is
   self-contained). A workdir written before the frozen weights were stored rebuilds them from
   its seed and `config.init.clip_path`, as its training did."""
-  from capenext_jax.training import checkpoint
   model_config = CapeNextConfig.from_dict(run_config.model.to_dict())
   if mesh is None:
     mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])

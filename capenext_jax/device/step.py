@@ -150,3 +150,14 @@ def make_predict_step(graphdef: nnx.GraphDef, image_size: int) -> Callable[..., 
             'pair_index': batch['pair_index'], 'valid': batch['valid']}
 
   return make_eval_step(graphdef, forward=last_layer)
+
+
+def matmul_precision(precision: str, dtype: str) -> str:
+  """`jax_default_matmul_precision` for a run config's `precision` and a model's compute
+  `dtype`: `precision` itself, or for 'auto' the one that suits `dtype`: 'highest' for
+  float32 (the parity mode: true float32 products, where GPUs would use TF32 and TPUs one
+  bf16 pass), 'default' for bfloat16 (the platform's native bf16 matmuls; asking for more
+  would only slow its float32 parts down)."""
+  if precision != 'auto':
+    return precision
+  return 'highest' if dtype == 'float32' else 'default'

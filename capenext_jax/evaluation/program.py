@@ -163,14 +163,13 @@ def run_model_eval(config, data_config, run_config, protocol, annotations, image
   import jax
   from capenext_jax import loading
   from capenext_jax.device import partition
-  from capenext_jax.device.step import make_predict_step
+  from capenext_jax.device.step import make_predict_step, matmul_precision
   from capenext_jax.evaluation.evaluator import Evaluator
   from capenext_jax.evaluation.predict_fn import predict_fn
   from capenext_jax.evaluation.visualize import write_overlays
   from capenext_jax.mp100.text_variants import apply_text_options
   from capenext_jax.progress import Progress
   from capenext_jax.runtime import import_tensorflow_quietly
-  from capenext_jax.training.init import matmul_precision
   import_tensorflow_quietly()   # the eval data pipeline is tf.data (the `train` extra)
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)
@@ -178,7 +177,7 @@ def run_model_eval(config, data_config, run_config, protocol, annotations, image
     ckpt = loading.load(FLAGS.checkpoint, mesh=mesh, step=FLAGS.step, run_config=run_config)
   size = ckpt.config.image_size   # the model's input side: the pipeline's crops
   with jax.set_mesh(mesh), jax.default_matmul_precision(
-      matmul_precision(config, ckpt.config.dtype)):
+      matmul_precision(config.precision, ckpt.config.dtype)):
     graphdef, state = loading.eval_state(
         ckpt, mesh, partition.rules_from_config(config.sharding_rules),
         config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES))

@@ -3,7 +3,10 @@ official keypoint descriptions, episodes and evaluation pairs, top-down geometry
 
   annotations.py   load_annotations -> MP100Dataset; read_categories (K from the annotations)
   descriptions.py  the official "regular_test" description table
+  text_variants.py description variants (CapeX synonyms / typo / translate, user files), wrong
+                   category prompts
   episodes.py      training episodes, the official val/test pairs, the evaluation mask
-  geometry.py      box cleaning, center/scale, affine matrices, crop windows (float64)
+  geometry.py      box cleaning, center/scale, affine matrices, crop windows, heatmap side,
+                   decoding to image pixels (float64), the ImageNet mean / std
   images.py        image decoding to RGB uint8
 """

@@ -1,11 +1,14 @@
-"""Training: the loop and the machinery it wires (nothing here reads flags).
+"""Training: the loop and the machinery it wires (nothing here reads flags but program.py).
 
   loop.py        train_and_evaluate(config, workdir, data): steps, logging, validation,
-                 checkpoints, preemption; train.py builds `data` and calls it
+                 checkpoints, preemption
   init.py        init_state(config, optimizer, mesh): the train state, created sharded
-  state.py       TrainState (trainable / frozen / optimizer state / step / rng), shardings
-  step.py        jitted train and eval steps, generic over forward and loss
-  partition.py   trainable filter, mesh, regex sharding rules, batch sharding, host gather
+  prefetch.py    DevicePrefetch: batches read and placed on the mesh two steps ahead
   schedule.py    the official optimizer and learning-rate schedule
-  checkpoint.py  orbax checkpoints of (state, data position), SIGTERM handling
+  checkpoint.py  orbax checkpoints of (state, data position), weights-only restore, the frozen
+                 weights stored once per workdir, SIGTERM handling
+  workdir.py     WorkdirLock (one training per workdir), the resume-config check
+  program.py     capenext-train / train.py: flags, the run's splits, train_and_evaluate
+
+The state, its sharding and the jitted steps are the device layer's (capenext_jax/device/).
 """

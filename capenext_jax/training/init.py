@@ -64,18 +64,6 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
   return graphdef, state, shardings
 
 
-def matmul_precision(config: ml_collections.ConfigDict, dtype: str | None = None) -> str:
-  """`jax_default_matmul_precision` of a run: `config.precision`, or for 'auto' the one that
-  suits the model's `dtype` (default: `config.model.dtype`): 'highest' for float32 (the parity mode: true float32 products,
-  where GPUs would use TF32 and TPUs one bf16 pass), 'default' for bfloat16 (the platform's
-  native bf16 matmuls; asking for more would only slow its float32 parts down)."""
-  if config.precision != 'auto':
-    return config.precision
-  if dtype is None:
-    dtype = config.model.get('dtype', 'float32')
-  return 'highest' if dtype == 'float32' else 'default'
-
-
 def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:
   """(backbone, CLIP) weight files of `config.init` (None where unset). Run configs written
   before backbones had a choice name the backbone file `swin_path`."""

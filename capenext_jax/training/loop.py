@@ -161,7 +161,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Ru
     model_config = CapeNextConfig.from_dict(config.model.to_dict())
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-      jax.default_matmul_precision(init.matmul_precision(config)):
+      jax.default_matmul_precision(
+          step_lib.matmul_precision(config.precision, model_config.dtype)):
     return _train_and_evaluate(config, model_config, workdir, data, source)
 
 
