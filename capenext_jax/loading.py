@@ -26,16 +26,17 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 
 from capenext_jax import export
 from capenext_jax.convert import official
 from capenext_jax.convert.torch_io import load_state_dict
-from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401
+from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401 - API
 from capenext_jax.device import partition, state as state_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
-from capenext_jax.training import checkpoint
+from capenext_jax.training import checkpoint, init
 
 if TYPE_CHECKING:
   import ml_collections
@@ -159,7 +160,7 @@ def _load_workdir(path: Path, mesh, step: int | None,
   with jax.set_mesh(mesh):
     frozen = checkpoint.restore_frozen(path, target['frozen'])
     if frozen is None:
-      frozen = _rebuilt_frozen(path, model_config, run_config, target['frozen'])
+      frozen = _rebuilt_frozen(path, model_config, run_config, mesh)
     ckpt = checkpoint.Checkpointer(str(path.absolute() / 'checkpoints'))
     try:
       weights, _ = ckpt.restore_weights(target, step)
@@ -174,18 +175,16 @@ def _load_workdir(path: Path, mesh, step: int | None,
 
 
 def _rebuilt_frozen(path: Path, model_config: CapeNextConfig,
-                    run_config: ml_collections.ConfigDict, target):
-  """The frozen part of a run's initial state (its seed's init, then `config.init`'s CLIP
-  file), for workdirs written before `<workdir>/frozen` existed."""
+                    run_config: ml_collections.ConfigDict, mesh):
+  """The frozen part of a run's initial state, rebuilt as its training built it (seed,
+  `config.init`'s files), for workdirs written before `<workdir>/frozen` existed. No
+  optimizer state: the identity optimizer has none."""
   clip_path = run_config.init.get('clip_path') or None
   print(f'warning: {path} has no stored frozen weights (written by an older version); '
         f'rebuilding them from its seed' + (f' and {clip_path}' if clip_path else ''),
         file=sys.stderr, flush=True)
-  model = CapeNext(model_config, rngs=init_rngs(run_config.seed))
-  if clip_path:
-    init_from_pretrained(model, clip_path=clip_path)
-  frozen = partition.split_model(model)[3]
-  return jax.device_put(frozen, jax.tree.map(lambda t: t.sharding, target))
+  _, state, _ = init.init_state(run_config, optax.identity(), mesh, model_config=model_config)
+  return state.frozen
 
 
 def model_params(ckpt: Checkpoint) -> dict:
