@@ -189,6 +189,14 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
   prov = json.loads((tmp_path / 'best' / 'config.json').read_text())['provenance']
   assert prov['step'] in best and 100 * prov['val_pck'] == pytest.approx(val[prov['step']],
                                                                          abs=0.006)
+  # A rerun of the finished run says so and repeats its held-out line, computing nothing.
+  capsys.readouterr()
+  again = train(c, str(wd))
+  out = capsys.readouterr().out
+  assert f'is already complete (step 4 of 4)' in out, out
+  assert (f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> trained '
+          f'{100 * results["test_pck_end"]:.2f}') in out, out
+  assert again == saved and 'compiling' not in out
 
 
 # ----------------------------------------------------------------------------- 2 devices

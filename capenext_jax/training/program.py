@@ -31,7 +31,8 @@ def define_flags(prog: str) -> None:
                    'process_id')
 
 
-def main(argv) -> dict:
+def main(argv) -> None:
+  """The run of the parsed flags (returns nothing: app.run would exit with what it returns)."""
   del argv
   # Our progress lines go to stdout; orbax's per-save INFO lines would drown them (-v keeps them).
   if FLAGS.verbosity < 1:
@@ -46,8 +47,8 @@ def main(argv) -> dict:
   model_config = CapeNextConfig.from_dict(config.model.to_dict())   # the one parse of a run
   os.makedirs(FLAGS.workdir, exist_ok=True)
   data = run_splits(config, FLAGS.workdir, image_size=model_config.image_size)
-  return train_and_evaluate(config, FLAGS.workdir, data, source=config_source(),
-                            model_config=model_config)
+  train_and_evaluate(config, FLAGS.workdir, data, source=config_source(),
+                     model_config=model_config)
 
 
 def config_source() -> str:
