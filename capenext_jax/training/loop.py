@@ -166,6 +166,55 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: Ru
     return _train_and_evaluate(config, model_config, workdir, data, source)
 
 
+def _finished_run(workdir: str, start: int, total: int) -> dict | None:
+  """The results of a run that is already complete (said again), or None to go on."""
+  if start < total:
+    return None
+  previous = _read_results(workdir)
+  log(f'the run in {os.path.abspath(workdir)} is already complete (step {start} of {total})'
+      + ('' if previous else '; testing it again'))
+  for line in held_out_lines(previous or {}):
+    log(line)
+  return previous
+
+
+def _test_at_end(test: Evaluator, state, total: int, results: dict, writer, workdir: str, *,
+                 resumed: bool) -> dict:
+  """`results` with the test scores after training, logged with the before -> after line
+  (whose 'before' a resumed run reads from the session that measured it)."""
+  results['test_end'] = test.run(state, eval_progress(test, 'test (after training)'))
+  results['test_pck_end'] = pck_at(results['test_end'])
+  log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
+  writer.write_scalars(total, {'test/pck': results['test_pck_end']})
+  if resumed:
+    results = {**{k: v for k, v in (_read_results(workdir) or {}).items()
+                  if k.startswith('test_') and k.endswith('start')}, **results}
+  for line in held_out_lines(results)[1:]:
+    log(line)
+  return results
+
+
+def _initial_state(config: ml_collections.ConfigDict, model_config: CapeNextConfig, tx, mesh,
+                   ckpt: checkpoint.Checkpointer, workdir: str):
+  """(graphdef, state, shardings, start step) of a run: its init, or where its latest
+  checkpoint left it. The frozen weights (CLIP) are stored in the workdir once, so that it
+  evaluates without the pretrained files; a resumed run keeps the ones it started with."""
+  graphdef, state, shardings = init.init_state(config, tx, mesh, model_config=model_config)
+  frozen = checkpoint.restore_frozen(workdir, state_lib.abstract_state(state.frozen,
+                                                                       shardings.frozen))
+  if frozen is None:
+    checkpoint.save_frozen(workdir, state.frozen)
+  else:
+    state = state.replace(frozen=frozen)
+  target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
+  restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
+  if restored is None:
+    return graphdef, state, shardings, 0
+  state, position = restored
+  log(f'resumed from step {int(position["step"])}')
+  return graphdef, state, shardings, int(position['step'])
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNextConfig,
                         workdir: str, data: RunData, source: str) -> dict:
   workdir_lib.check_resume_config(config, workdir)
@@ -187,32 +236,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNex
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                    keep_last=config.keep_checkpoints, best_metric='pck',
                                    async_save=config.async_checkpoints)
-    graphdef, state, shardings = init.init_state(config, tx, mesh, model_config=model_config)
-    # The frozen weights (CLIP) are stored once, so that the workdir evaluates without the
-    # pretrained files; a resumed run keeps the ones it started with.
-    frozen = checkpoint.restore_frozen(workdir, jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.frozen,
-        shardings.frozen))
-    if frozen is None:
-      checkpoint.save_frozen(workdir, state.frozen)
-    else:
-      state = state.replace(frozen=frozen)
-    start = 0
-    target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
-    restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
-    if restored is not None:
-      state, position = restored
-      start = int(position['step'])
-      log(f'resumed from step {start}')
-    if start >= total:
-      previous = _read_results(workdir)
-      log(f'the run in {os.path.abspath(workdir)} is already complete (step {start} of '
-          f'{total})' + ('' if previous else '; testing it again'))
-      if previous:   # its results are on disk: say them again, compute nothing
-        ckpt.close()
-        for line in held_out_lines(previous):
-          log(line)
-        return previous
+    graphdef, state, shardings, start = _initial_state(config, model_config, tx, mesh, ckpt,
+                                                       workdir)
+    previous = _finished_run(workdir, start, total)
+    if previous is not None:   # its results are on disk: said again, nothing computed
+      ckpt.close()
+      return previous
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json(indent=1))
@@ -304,15 +333,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNex
           ckpt.save(done, state, {'step': done})
       step = total
       if test is not None and config.test_at_end:
-        results['test_end'] = test.run(state, eval_progress(test, 'test (after training)'))
-        results['test_pck_end'] = pck_at(results['test_end'])
-        log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
-        writer.write_scalars(total, {'test/pck': results['test_pck_end']})
-      if start > 0:   # the before-training test ran in an earlier session of this run
-        results = {**{k: v for k, v in (_read_results(workdir) or {}).items()
-                      if k.startswith('test_') and k.endswith('start')}, **results}
-      for line in held_out_lines(results)[1:]:
-        log(line)
+        results = _test_at_end(test, state, total, results, writer, workdir, resumed=start > 0)
     finally:
       batches.close()
       ckpt.wait()
