@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from capenext_jax import runtime
 from capenext_jax.extras import MissingExtra
 
 # A user's input is wrong, or an optional dependency it needs is not installed: exit 2. (Not
@@ -97,6 +98,16 @@ def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
       fail(prog, config_error_message(argv, e))
 
   return parse
+
+
+def run_absl_program(prog: str, define_flags: Callable[[str], None], main: Callable) -> None:
+  """An absl program (capenext-train / train.py, capenext-eval / eval.py): a quiet start, the
+  allocator (its re-exec comes before any flag work), the flags, the guarded `main`."""
+  from absl import app
+  runtime.quiet_startup()
+  runtime.tune_allocator()
+  define_flags(prog)
+  app.run(guarded(prog, main, verbose=absl_verbose), flags_parser=absl_flags_parser(prog))
 
 
 def define_distributed_flags() -> None:

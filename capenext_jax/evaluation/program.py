@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from capenext_jax import cli
 
@@ -199,10 +199,5 @@ def run_model_eval(config, data_config, run_config, protocol, annotations, image
 
 
 def run(prog: str = 'capenext-eval') -> None:
-  """The console command (and eval.py): flags, quiet start-up, the guarded main."""
-  from capenext_jax.runtime import quiet_startup, tune_allocator
-  quiet_startup()
-  tune_allocator()
-  define_flags(prog)
-  app.run(cli.guarded(prog, main, verbose=cli.absl_verbose),
-          flags_parser=cli.absl_flags_parser(prog))
+  """The console command (and eval.py)."""
+  cli.run_absl_program(prog, define_flags, main)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from capenext_jax import cli
 
@@ -59,10 +59,5 @@ def config_source() -> str:
 
 
 def run(prog: str = 'capenext-train') -> None:
-  """The console command (and train.py): flags, quiet start-up, the guarded main."""
-  from capenext_jax.runtime import quiet_startup, tune_allocator
-  quiet_startup()
-  tune_allocator()
-  define_flags(prog)
-  app.run(cli.guarded(prog, main, verbose=cli.absl_verbose),
-          flags_parser=cli.absl_flags_parser(prog))
+  """The console command (and train.py)."""
+  cli.run_absl_program(prog, define_flags, main)
