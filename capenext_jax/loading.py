@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from capenext_jax import export
@@ -36,7 +35,6 @@ from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # n
 from capenext_jax.device import partition, state as state_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
-from capenext_jax.training import checkpoint, init
 
 if TYPE_CHECKING:
   import ml_collections
@@ -145,6 +143,8 @@ def _load_workdir(path: Path, mesh, step: int | None,
   state is built and no pretrained file of `config.init` is read (the workdir is
   self-contained). A workdir written before the frozen weights were stored rebuilds them from
   its seed and `config.init.clip_path`, as its training did."""
+  # Imported here: loading an export (load_pretrained) stays free of orbax and ml_collections.
+  from capenext_jax.training import checkpoint
   model_config = CapeNextConfig.from_dict(run_config.model.to_dict())
   if mesh is None:
     mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
@@ -183,6 +183,9 @@ def _rebuilt_frozen(path: Path, model_config: CapeNextConfig,
   print(f'warning: {path} has no stored frozen weights (written by an older version); '
         f'rebuilding them from its seed' + (f' and {clip_path}' if clip_path else ''),
         file=sys.stderr, flush=True)
+  import optax
+
+  from capenext_jax.training import init   # as _load_workdir's import of checkpoint
   _, state, _ = init.init_state(run_config, optax.identity(), mesh, model_config=model_config)
   return state.frozen
 

@@ -8,7 +8,7 @@ second.
     modules;
   * imports run only downward through DESIGN.md's layers; the module graph has no cycle; below
     the programs no module imports another of the package inside a function (such imports hid
-    the old cycles); data_pipeline / TensorFlow (the `train` extra) only inside a function of
+    the old cycles; `DEFERRED` names the exceptions and why); data_pipeline / TensorFlow (the `train` extra) only inside a function of
     a program.
 """
 from __future__ import annotations
@@ -22,6 +22,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 PKG = REPO / 'capenext_jax'
 DESIGN = REPO / 'docs' / 'DESIGN.md'
 PACKAGES_WITHOUT_INDEX = {'models'}   # documented in DESIGN.md's layout (GPU: being split)
+# Function-local imports of the package below the programs, each downward, with its reason.
+DEFERRED = {
+    ('loading.py', 'training/checkpoint.py'):
+        'orbax: load_pretrained of an export imports no orbax (test_export)',
+    ('loading.py', 'training/init.py'):
+        'ml_collections: only workdirs from before the frozen weights were stored',
+}
 
 
 def modules(root: pathlib.Path) -> set[str]:
@@ -216,7 +223,8 @@ def test_imports_run_downward_without_cycles():
       if dst > src:
         upward.append(f'capenext_jax/{source}:{line} imports {target} '
                       f'({table[src][0]} -> {table[dst][0]})')
-      if local and src < programs and not source.endswith('__init__.py'):
+      if (local and src < programs and not source.endswith('__init__.py')
+          and (source, target) not in DEFERRED):
         hidden.append(f'capenext_jax/{source}:{line} imports {target} inside a function')
   assert upward == [], 'imports that run upward:\n' + '\n'.join(upward)
   assert hidden == [], 'function-local imports of the package below the programs:\n' + \
