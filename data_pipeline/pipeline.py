@@ -47,7 +47,7 @@ def import_tf():
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  shots: int = 1
+  shots: int = 1                # training episodes' supports (evaluation: its pairs' own)
   image_size: int = 256
   heatmap_size: int = 64
   sigma: float = 1.0
