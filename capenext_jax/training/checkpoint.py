@@ -241,9 +241,13 @@ def save_frozen(workdir: str | Path, frozen: Any) -> bool:
   path = Path(workdir).absolute() / FROZEN_DIR
   if path.exists():
     return False
-  with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(path, jax.tree.map(_key_data, frozen))
-    checkpointer.wait_until_finished()
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, jax.tree.map(_key_data, frozen))
+      checkpointer.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+    raise CheckpointError(f'could not save the frozen weights to {path} ({first_line(e)}); '
+                          f'a restart writes them again') from e
   return True
 
 
