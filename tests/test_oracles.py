@@ -245,15 +245,15 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   table changes, --category_prompt wrong exactly the category rows (both in one run: neither
   touches the other's rows); the reports say which."""
   from capenext_jax.device import forward
-  from capenext_jax.evaluation import evaluator
+  from capenext_jax.evaluation import predict_fn
   caches = []
 
   def recording(*args):
     caches.append(evaluator_cache(*args))
     return caches[-1]
 
-  evaluator_cache = evaluator.replicated_text_cache
-  monkeypatch.setattr(evaluator, 'replicated_text_cache', recording)
+  evaluator_cache = predict_fn.replicated_text_cache
+  monkeypatch.setattr(predict_fn, 'replicated_text_cache', recording)
   monkeypatch.setattr(forward, 'make_forward', oracle_forward())
   reports = {}
   for name, extra in (('regular', []), ('varied', ['--descriptions=synonyms',
