@@ -4,6 +4,9 @@ The same program as the `capenext-train` command (capenext_jax/training/program.
 documents it); `--help` lists its flags.
 """
 from capenext_jax.training import program
+from capenext_jax.training.program import main  # noqa: F401 - tests parse and run it in-process
 
 if __name__ == '__main__':
   program.run('train.py')
+else:   # imported (the tests' in-process parses): the flags, as `run` defines them
+  program.define_flags('train.py')
