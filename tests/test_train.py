@@ -193,7 +193,7 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
   capsys.readouterr()
   again = train(c, str(wd))
   out = capsys.readouterr().out
-  assert f'is already complete (step 4 of 4)' in out, out
+  assert 'is already complete (step 4 of 4)' in out, out
   assert (f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> trained '
           f'{100 * results["test_pck_end"]:.2f}') in out, out
   assert again == saved and 'compiling' not in out
