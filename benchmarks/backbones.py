@@ -23,7 +23,7 @@ from flax import nnx  # noqa: E402
 
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.models.layers import init_rngs  # noqa: E402
-from capenext_jax.training import partition  # noqa: E402
+from capenext_jax.device import partition  # noqa: E402
 
 PAPER_BACKBONES = ('swinv2_t', 'resnet50', 'hrnet_w32', 'vit_b16', 'dinov2_s14')
 # The public weights each one starts from (`config.init.backbone_path`; docs/MODEL.md).

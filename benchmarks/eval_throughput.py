@@ -54,21 +54,28 @@ def eval_config(model: str, batch: int, episodes: int):
 def measure_pipeline(model: str, annotations: str, image_root: str, batch: int, episodes: int,
             repeats: int) -> list[dict]:
   """[compile pass, timed pass...] records of `Evaluator.predict` on the annotation file."""
+  from capenext_jax.device import partition
+  from capenext_jax.device.step import make_predict_step, matmul_precision
   from capenext_jax.evaluation.evaluator import Evaluator
   from capenext_jax.evaluation.pairs import EvalProtocol
-  from capenext_jax.models.capenext import image_size_of
-  from capenext_jax.training import init, partition, schedule
+  from capenext_jax.evaluation.predict_fn import predict_fn
+  from capenext_jax.models.capenext import CapeNextConfig
+  from capenext_jax.training import init, schedule
   from data_pipeline.splits import eval_split
   c = eval_config(model, batch, episodes)
+  model_config = CapeNextConfig.from_dict(c.model.to_dict())
+  size = model_config.image_size
   mesh = partition.make_mesh(c.mesh_shape)
-  with jax.set_mesh(mesh), jax.default_matmul_precision(init.matmul_precision(c)):
+  with jax.set_mesh(mesh), jax.default_matmul_precision(
+      matmul_precision(c.precision, model_config.dtype)):
     t0 = time.perf_counter()
     tx = schedule.make_optimizer(c.optim, 1)
-    graphdef, state, _ = init.init_state(c, tx, mesh)
+    graphdef, state, _ = init.init_state(c, tx, mesh, model_config=model_config)
     state = state.replace(opt_state=())   # eval needs no optimizer state
-    evaluator = Evaluator(graphdef, eval_split(c, annotations, image_root),
-                          EvalProtocol.from_config(c, 'test'), mesh,
-                          image_size=image_size_of(c.model))
+    data = eval_split(c, annotations, image_root, image_size=size)
+    evaluator = Evaluator(predict_fn(make_predict_step(graphdef, size), graphdef, data.dataset,
+                                     mesh), data, EvalProtocol.from_config(c, 'test'), mesh,
+                          image_size=size)
     setup_s = time.perf_counter() - t0
     out = []
     for i in range(repeats + 1):
@@ -76,7 +83,7 @@ def measure_pipeline(model: str, annotations: str, image_root: str, batch: int, 
       pred = evaluator.predict(state)
       seconds = time.perf_counter() - t0
       out.append(dict(benchmark='eval_throughput', model=model,
-                      image_size=image_size_of(c.model), run='compile' if i == 0 else 'timed',
+                      image_size=size, run='compile' if i == 0 else 'timed',
                       pairs=len(pred), batch=batch, seconds=round(seconds, 3),
                       pairs_per_s=round(len(pred) / seconds, 2),
                       setup_s=round(setup_s, 1), device=str(jax.devices()[0].platform),

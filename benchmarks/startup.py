@@ -25,7 +25,8 @@ from capenext_jax import losses  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.models.layers import init_rngs  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
-from capenext_jax.training import init, partition, schedule, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.training import init, schedule  # noqa: E402
+from capenext_jax.device import partition, state as state_lib, step as step_lib  # noqa: E402
 from configs import mp100  # noqa: E402
 
 

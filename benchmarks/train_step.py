@@ -36,7 +36,8 @@ from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.models.layers import init_rngs  # noqa: E402
 from capenext_jax.runtime import allocator, tune_allocator  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
-from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.training import schedule  # noqa: E402
+from capenext_jax.device import partition, state as state_lib, step as step_lib  # noqa: E402
 
 HEATMAP = 64   # the official configs' targets are 64 px at every input size
 TINY_SIZE = 64

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from capenext_jax import runtime
 from capenext_jax.extras import MissingExtra
 
 # A user's input is wrong, or an optional dependency it needs is not installed: exit 2. (Not
@@ -90,6 +91,7 @@ def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
   from absl import flags
 
   def parse(argv: list[str]) -> list[str]:
+    argv = config_argv(argv)
     try:
       return flags.FLAGS(argv)
     except flags.Error as e:
@@ -98,6 +100,16 @@ def absl_flags_parser(prog: str) -> Callable[[list[str]], list[str]]:
       fail(prog, config_error_message(argv, e))
 
   return parse
+
+
+def run_absl_program(prog: str, define_flags: Callable[[str], None], main: Callable) -> None:
+  """An absl program (capenext-train / train.py, capenext-eval / eval.py): a quiet start, the
+  allocator (its re-exec comes before any flag work), the flags, the guarded `main`."""
+  from absl import app
+  runtime.quiet_startup()
+  runtime.tune_allocator()
+  define_flags(prog)
+  app.run(guarded(prog, main, verbose=absl_verbose), flags_parser=absl_flags_parser(prog))
 
 
 def define_distributed_flags() -> None:
@@ -122,15 +134,59 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def define_config_flag(prog: str, default: str, help_text: str, **kwargs):
-  """`config_flags.DEFINE_config_file('config', ...)`. ml_collections applies the
+CONFIG_HELP = ('a config file[:arg] or the name of a module of the installed configs '
+               'package with its argument (mp100:split=1,root=data/mp100); override any field '
+               'with --config.<field>=value (e.g. --config.batch_size=16 '
+               '--config.data.train_ann=annotations/train.json)')
+
+
+def config_spec(spec: str) -> str:
+  """A --config value as ml_collections reads it: 'file.py[:arg]' unchanged, 'name[:arg]' of
+  a module of the `configs` package (installed with the library) -> its file[:arg], so the
+  programs run from any folder and from a non-editable install."""
+  name, sep, arg = spec.partition(':')
+  if os.path.exists(name) or not name.isidentifier():
+    return spec
+  try:
+    module = importlib.util.find_spec(f'configs.{name}')
+  except ImportError:
+    module = None
+  if module is None or not module.origin:
+    return spec   # ml_collections names the file it could not read
+  return module.origin + sep + arg
+
+
+def config_argv(argv: Sequence[str]) -> list[str]:
+  """`argv` with its --config value (either form) through `config_spec`."""
+  out = list(argv)
+  for i, a in enumerate(out):
+    if a.startswith('--config='):
+      out[i] = '--config=' + config_spec(a[len('--config='):])
+    elif a == '--config' and i + 1 < len(out):
+      out[i + 1] = config_spec(out[i + 1])
+  return out
+
+
+def define_config_flag(prog: str, default: str, help_text: str = CONFIG_HELP, **kwargs):
+  """`config_flags.DEFINE_config_file('config', ...)`; `default` and --config may name a
+  module of the `configs` package (`config_spec`). ml_collections applies the
   `--config.a.b=value` overrides of sys.argv while defining the flag, so a misspelt field
   fails here, at import: report it in one line naming the field and the nearest valid ones."""
   from ml_collections import config_flags
+  default = config_spec(default)
+  sys.argv[:] = config_argv(sys.argv)
   try:
     return config_flags.DEFINE_config_file('config', default, help_text, **kwargs)
   except (AttributeError, KeyError, ValueError, TypeError) as e:
     fail(prog, config_error_message(sys.argv, e, default))
+
+
+def show_in_help(*names: str) -> None:
+  """List these flags in `--help` (absl lists there only the main module's own flags; ours
+  are defined by the library, for the scripts and the console commands alike)."""
+  from absl import flags
+  for name in names:
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flags.FLAGS[name])
 
 
 def config_error_message(argv: Sequence[str], error: BaseException,
@@ -152,8 +208,9 @@ def config_error_message(argv: Sequence[str], error: BaseException,
 
 
 def load_config(spec: str):
-  """`get_config(arg)` of a 'path/to/config.py[:arg]' spec, as config_flags loads it."""
-  path, _, arg = spec.partition(':')
+  """`get_config(arg)` of a 'path/to/config.py[:arg]' (or 'module[:arg]') spec, as
+  config_flags loads it."""
+  path, _, arg = config_spec(spec).partition(':')
   module_spec = importlib.util.spec_from_file_location('_capenext_config', path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

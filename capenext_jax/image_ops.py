@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from capenext_jax.mp100.geometry import IMAGENET_MEAN, IMAGENET_STD
+
 
 def _round_half_trunc(t: jax.Array) -> jax.Array:
   """`int(t + 0.5)` (truncation toward 0) without float32 rounding of `t + 0.5`.
@@ -69,10 +71,6 @@ def gaussian_heatmaps(joints: jax.Array, weight: jax.Array, heatmap_size: int = 
 
 # ----------------------------------------------------------------------------------------------
 # Affine warp (cv2.warpAffine, INTER_LINEAR, BORDER_CONSTANT 0) and ImageNet normalisation.
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def imagenet_normalize(images: jax.Array) -> jax.Array:
   """RGB pixels in [0, 255] (uint8 or float) -> float32 ``(x / 255 - mean) / std``."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +29,10 @@ import numpy as np
 from flax import nnx
 
 from capenext_jax import artefacts, export
-from capenext_jax import params as params_lib
-from capenext_jax.errors import first_line
+from capenext_jax.convert import official
+from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401 - API
+from capenext_jax.convert.torch_io import load_state_dict
+from capenext_jax.device import partition, state as state_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
 
@@ -128,13 +131,11 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
   if kind == 'export':
     model_config, params = export.read_export(path)
     return Checkpoint(kind, model_config, params=params)
-  from capenext_jax.convert import official
   if kind == 'fixture':
     with np.load(path, allow_pickle=False) as z:
       state_dict = {str(k): z[str(k)] for k in z['state_dict_keys']}
       model_config = official.config_from_fixture(json.loads(str(z['config_json'])))
     return Checkpoint(kind, model_config, params=official.capenext_from_official(state_dict))
-  from capenext_jax.convert.torch_io import load_state_dict
   state_dict = load_state_dict(str(path))
   return Checkpoint(kind, config or official.official_model_config(state_dict),
                     params=official.capenext_from_official(state_dict))
@@ -142,49 +143,69 @@ def load(path: str | os.PathLike, *, config: CapeNextConfig | None = None, mesh=
 
 def _load_workdir(path: Path, mesh, step: int | None,
                   run_config: ml_collections.ConfigDict) -> Checkpoint:
-  """Rebuilds the run's state (frozen CLIP from its seed / init paths) and restores it."""
-  from capenext_jax.training import checkpoint, init, partition, schedule
-  from capenext_jax.training.state import abstract_state
+  """The weights of a workdir's checkpoint `step` (trainable, batch statistics) and the
+  frozen weights stored beside them, on `mesh` with the run's own shardings: no optimizer
+  state is built and no pretrained file of `config.init` is read (the workdir is
+  self-contained). A workdir written before the frozen weights were stored rebuilds them from
+  its seed and `config.init.clip_path`, as its training did."""
+  # Imported here: loading an export (load_pretrained) stays free of orbax and ml_collections.
+  from capenext_jax.training import checkpoint
+  model_config = CapeNextConfig.from_dict(run_config.model.to_dict())
   if mesh is None:
     mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
+  rules = partition.rules_from_config(run_config.get('sharding_rules', ()))
+  min_bytes = run_config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES)
+  _, *parts = partition.split_model(
+      nnx.eval_shape(lambda: CapeNext(model_config, rngs=init_rngs(run_config.seed))))
+  target = {name: state_lib.abstract_state(
+      part, partition.param_shardings(part, mesh, rules, min_bytes))
+      for name, part in zip(('trainable', 'batch_stats', 'frozen'), parts)}
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target['step'] = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   with jax.set_mesh(mesh):
-    tx = schedule.make_optimizer(run_config.optim, 1)
-    _, state, shardings = init.init_state(run_config, tx, mesh)
+    frozen = checkpoint.restore_frozen(path, target['frozen'])
+    if frozen is None:
+      frozen = _rebuilt_frozen(path, model_config, run_config, mesh)
     ckpt = checkpoint.Checkpointer(str(path.absolute() / 'checkpoints'))
-    target = abstract_state(state, shardings).replace(frozen=state.frozen)
     try:
-      if step is None:
-        restored = ckpt.restore_latest(target)
-        if restored is None:
-          raise ValueError(f'{path}: no checkpoint that restores in {path / "checkpoints"}')
-        state = restored[0]
-      elif step not in ckpt.all_steps():
-        raise ValueError(f'{path}: no checkpoint step {step} (there are {ckpt.all_steps()})')
-      else:
-        try:
-          state, _ = ckpt.restore(target, step=step)
-        except Exception as e:  # noqa: BLE001 - a damaged step: name it
-          raise ValueError(f'{path}: checkpoint step {step} does not restore '
-                           f'({first_line(e)})') from None
+      weights, _ = ckpt.restore_weights(target, step)
+    except ValueError as e:
+      raise ValueError(f'{path}: {e}') from None
     finally:
       ckpt.close()
-  return Checkpoint('workdir', CapeNextConfig.from_dict(run_config.model.to_dict()),
-                    state=state, run_config=run_config)
+  state = state_lib.TrainState(trainable=weights['trainable'],
+                               batch_stats=weights['batch_stats'], frozen=frozen, opt_state=(),
+                               step=weights['step'], rng=np.zeros(2, np.uint32))
+  return Checkpoint('workdir', model_config, state=state, run_config=run_config)
+
+
+def _rebuilt_frozen(path: Path, model_config: CapeNextConfig,
+                    run_config: ml_collections.ConfigDict, mesh):
+  """The frozen part of a run's initial state, rebuilt as its training built it (seed,
+  `config.init`'s files), for workdirs written before `<workdir>/frozen` existed. No
+  optimizer state: the identity optimizer has none."""
+  clip_path = run_config.init.get('clip_path') or None
+  print(f'warning: {path} has no stored frozen weights (written by an older version); '
+        f'rebuilding them from its seed' + (f' and {clip_path}' if clip_path else ''),
+        file=sys.stderr, flush=True)
+  import optax
+
+  from capenext_jax.training import init   # as _load_workdir's import of checkpoint
+  _, state, _ = init.init_state(run_config, optax.identity(), mesh, model_config=model_config)
+  return state.frozen
 
 
 def model_params(ckpt: Checkpoint) -> dict:
   """The params pure dict of any checkpoint (a workdir's state gathered to the host)."""
   if ckpt.params is not None:
     return ckpt.params
-  from capenext_jax.training.partition import to_host
   graphdef = _graphdef(ckpt.config)
-  state = to_host((ckpt.state.trainable, ckpt.state.batch_stats, ckpt.state.frozen))
+  state = partition.to_host((ckpt.state.trainable, ckpt.state.batch_stats, ckpt.state.frozen))
   return export.model_params(nnx.merge(graphdef, *state))
 
 
 def _graphdef(config: CapeNextConfig) -> nnx.GraphDef:
   """The train-state graphdef of `config` (traced abstractly: nothing is computed)."""
-  from capenext_jax.training import partition
   return partition.split_model(nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0))))[0]
 
 
@@ -195,7 +216,7 @@ def load_model(path: str | os.PathLike, config: CapeNextConfig | None = None, *,
   try:
     return export.build_model(ckpt.config, model_params(ckpt), dtype=dtype)
   except ValueError as e:
-    raise _naming(path, e) from e
+    raise with_path(path, e) from e
 
 
 def load_pretrained(path: str | os.PathLike, *, dtype=jnp.float32) -> CapeNext:
@@ -209,64 +230,14 @@ def eval_state(ckpt: Checkpoint, mesh, rules=(), min_shard_bytes: int | None = N
   rules, min_shard_bytes: the sharding of the params over the mesh (`partition.param_shardings`;
   a run config's `sharding_rules` and `fsdp_min_bytes`); a workdir's state keeps its own.
   """
-  from capenext_jax.training import partition
-  from capenext_jax.training.state import TrainState
   graphdef = _graphdef(ckpt.config)
   if ckpt.state is not None:
     return graphdef, ckpt.state
   _, trainable, batch_stats, frozen = partition.split_model(
       export.build_model(ckpt.config, ckpt.params))
-  state = TrainState(trainable=trainable, batch_stats=batch_stats, frozen=frozen, opt_state=(),
-                     step=np.int32(0),
-                     rng=np.zeros(2, np.uint32))
+  state = state_lib.TrainState(trainable=trainable, batch_stats=batch_stats, frozen=frozen,
+                               opt_state=(), step=np.int32(0), rng=np.zeros(2, np.uint32))
   if min_shard_bytes is None:
     min_shard_bytes = partition.FSDP_MIN_BYTES
   return graphdef, jax.device_put(state, partition.param_shardings(state, mesh, rules,
                                                                    min_shard_bytes))
-
-
-# ----------------------------------------------------------------------------- pretrained parts
-def init_from_pretrained(model: CapeNext, backbone_path: str | os.PathLike | None = None,
-                         clip_path: str | os.PathLike | None = None) -> CapeNext:
-  """Overwrite the backbone and / or CLIP weights of `model` in place; returns `model`.
-
-  backbone_path: the public release of the model's backbone architecture, in its own layout
-    (`convert/backbones.py`): Microsoft's Swin V2 (`swinv2_tiny_patch4_window16_256.pth`),
-    torchvision's ResNet-50 (`resnet50-0676ba61.pth`), the HRNet-W32 ImageNet checkpoint
-    (`hrnet_w32-36af842e.pth`; CapeNext's `conv_block1/2` keep their init), or any file with
-    those names. Classifier heads are ignored.
-  clip_path: CLIP ViT weights in the OpenAI layout (`.pt` state dict / `.npz`) or the Hugging
-    Face layout (`model.safetensors`, or its directory with `config.json`).
-  Raises ValueError naming the backbone, the file and the first key or shape that does not fit.
-  """
-  from capenext_jax.convert import backbones as backbone_convert
-  from capenext_jax.convert import clip as clip_convert
-  from capenext_jax.models import backbones
-  if backbone_path is not None:
-    arch = backbones.arch_of(model.config.backbone)
-    converter = backbone_convert.CONVERTERS[arch]
-    target = model.backbone
-    if converter.release_part is not None:
-      target = getattr(target, converter.release_part)
-    try:   # the release readers name the file in their errors
-      weights = converter.load_release(backbone_path, model.config.backbone)
-    except ValueError as e:
-      raise ValueError(f'{arch} backbone: {e}') from e
-    _load_part(target, weights, f'{arch} backbone: {backbone_path}')
-  if clip_path is not None:
-    _, params = clip_convert.load_clip(clip_path, model.config.clip)
-    _load_part(model.clip, params, clip_path)
-  return model
-
-
-def _load_part(module, params: dict, path) -> None:
-  try:
-    params_lib.load_into(module, params)
-  except ValueError as e:
-    raise _naming(path, e) from e
-
-
-def _naming(path, error: ValueError) -> ValueError:
-  """`error` with `path` in front, unless its message already starts with it."""
-  message = str(error)
-  return ValueError(message if message.startswith(str(path)) else f'{path}: {message}')

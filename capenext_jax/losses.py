@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capenext_jax.image_ops import gaussian_heatmaps
+from capenext_jax.mp100.geometry import heatmap_side  # noqa: F401 - also losses.heatmap_side
 
 HEATMAP_LOSS_WEIGHT = 2.0
 PCK_THRESHOLD = 0.2
@@ -113,13 +114,6 @@ def capenext_losses(outputs: dict, query_joints: jax.Array, query_weight: jax.Ar
   losses['loss'] = sum(losses.values())
   losses['acc_pose'] = pck_accuracy(keypoints[-1], query_joints, w, image_size)
   return losses
-
-
-def heatmap_side(image_size: int, configured: int = 0) -> int:
-  """Side of the MSRA heatmap targets: `configured` (a run config's `data.heatmap_size`; the
-  official configs use 64 at every input size, so ViT-B/16's 224 px crops have stride 3.5),
-  or a quarter of the crop side when it is 0."""
-  return configured or image_size // 4
 
 
 def batch_loss_fn(image_size: int, heatmap_size: int = 0):

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import numpy as np
 
+# Decoding is crop geometry (mp100/geometry.py); imported so `metrics.transform_preds` stays.
+from capenext_jax.mp100.geometry import transform_preds  # noqa: F401
+
 PCK_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
 AUC_STEPS = 20
 # Key names follow the official report (`'PCK@' + str(thr)`).
@@ -159,23 +162,3 @@ def keypoint_pck_accuracy(pred, gt, mask, thr: float, normalize):
   cnt = int((num_valid > 0).sum())
   avg_acc = float(acc[num_valid > 0].mean()) if cnt else 0.0
   return acc, avg_acc, cnt
-
-
-def transform_preds(coords_crop, center, scale, image_size: int = 256) -> np.ndarray:
-  """Map crop-pixel predictions back to the original image (docs/MODEL.md §2, non-UDP).
-
-  coords_crop: [N, K, 2] pixels in the `image_size` crop (model output x image_size);
-  center: [N, 2] bbox centre in image pixels; scale: [N, 2] bbox (w, h) / 200.
-  Returns float32 [N, K, 2]: `x * s / image_size + c - s / 2` with `s = scale * 200`.
-  Mirrors the official arithmetic: `s` is formed in float32 (the float32 scale array times
-  200), the affine map runs in float64 and the result lands in a float32 buffer (`all_preds`).
-  """
-  coords = np.asarray(coords_crop, dtype=np.float64)
-  center = np.asarray(center, dtype=np.float32).astype(np.float64)
-  size = (np.asarray(scale, dtype=np.float32) * np.float32(200.0)).astype(np.float64)
-  n = len(coords)
-  if coords.ndim != 3 or coords.shape[-1] != 2 or center.shape != (n, 2) or size.shape != (n, 2):
-    raise ValueError(f'coords [N, K, 2], center and scale [N, 2] expected, got '
-                     f'{coords.shape}, {center.shape}, {size.shape}')
-  out = coords * (size / image_size)[:, None, :] + center[:, None, :] - (size * 0.5)[:, None, :]
-  return out.astype(np.float32)

@@ -91,7 +91,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.fsdp_min_bytes = 4 * 2**20  # 'fsdp' replicates tensors smaller than this (big_vision: 4 MiB)
   # jax_default_matmul_precision: 'highest' | 'high' | 'default', or 'auto': 'highest' for a
   # float32 model (the parity mode; CPU runs and fp32 baselines), 'default' (native) for
-  # model.dtype=bfloat16, the setting for GPUs and TPUs (training/init.py matmul_precision).
+  # model.dtype=bfloat16, the setting for GPUs and TPUs (device/step.py matmul_precision).
   c.precision = 'auto'
 
   c.log_every_steps = 50

@@ -6,7 +6,7 @@ Two image sources share one pipeline:
 * ``data_pipeline.tfds_mp100.load_records`` reads the TFDS records (pre-cut crops, cheap decode).
 
 All geometry (episodes, augmentation draws, affine matrices, transformed joints, target weights,
-support and evaluation masks) is computed per epoch in float64 numpy (``transforms.py``); tf.data
+support and evaluation masks) is computed per epoch in float64 numpy (``capenext_jax/mp100/geometry.py``, ``episodes.py``); tf.data
 only reads and decodes the query pixels and, in ``warp='host'`` mode, warps and normalises them.
 Support pixels are never decoded: the model needs only the support mask (docs/MODEL.md §5.6).
 
@@ -38,8 +38,6 @@ from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import MP100Dataset, load_annotations
 from capenext_jax.mp100.images import exif_orientation, load_rgb
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def import_tf():
@@ -49,7 +47,7 @@ def import_tf():
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-  shots: int = 1
+  shots: int = 1                # training episodes' supports (evaluation: its pairs' own)
   image_size: int = 256
   heatmap_size: int = 64
   sigma: float = 1.0
@@ -253,8 +251,8 @@ def _decode_fn(source: Source, config: PipelineConfig):
         source.dataset.image_path, dtype=object)
     source._table = tf.constant(values, tf.string)
   table = source._table
-  mean = tf.constant(IMAGENET_MEAN)
-  std = tf.constant(IMAGENET_STD)
+  mean = tf.constant(geometry.IMAGENET_MEAN, tf.float32)
+  std = tf.constant(geometry.IMAGENET_STD, tf.float32)
   # Plain graph code: AutoGraph would try (and warn) to convert the lazy TensorFlow import.
   decode_query = tf.autograph.experimental.do_not_convert(
       decode_upright if source.kind == 'json' else decode)

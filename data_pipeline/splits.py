@@ -1,6 +1,6 @@
 """The data of a run config: its annotation files, pipeline settings and one `Split` per role.
 
-    data = run_splits(config, workdir)          # RunData(train, val, test)
+    data = run_splits(config, workdir, image_size=256)   # RunData(train, val, test)
     batches = data.train.train_batches(config.batch_size, start_step=0)
     for batch in data.test.eval_batches(pairs, 32): ...
 
@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 
 from capenext_jax.mp100.annotations import MP100Dataset
+from capenext_jax.mp100.geometry import heatmap_side
 from data_pipeline.pipeline import (PipelineConfig, Source, json_source, make_eval_iterator,
                                     make_train_iterator)
 
@@ -72,39 +73,42 @@ def data_files(config: ml_collections.ConfigDict, workdir: str) -> dict[str, str
   return dict(files, image_root=os.path.join(root, 'images'))
 
 
-def pipeline_config(config: ml_collections.ConfigDict, *, train: bool) -> PipelineConfig:
-  """The pipeline settings of a run config, for training (augmented) or evaluation."""
-  from capenext_jax.losses import heatmap_side  # lazy: jax, flax
-  from capenext_jax.models.capenext import image_size_of
-  size = image_size_of(config.model)
-  heatmap_size = heatmap_side(size, config.data.get('heatmap_size', 0))
-  return PipelineConfig(shots=config.data.shots, image_size=size, heatmap_size=heatmap_size,
-                        warp=config.data.warp, crop_size=size * 3 // 2,
+def pipeline_config(config: ml_collections.ConfigDict, *, image_size: int,
+                    train: bool) -> PipelineConfig:
+  """The pipeline settings of a run config for a model of input side `image_size` (the
+  program's parsed `CapeNextConfig.image_size`), for training (augmented) or evaluation."""
+  heatmap_size = heatmap_side(image_size, config.data.get('heatmap_size', 0))
+  return PipelineConfig(shots=config.data.shots, image_size=image_size,
+                        heatmap_size=heatmap_size, warp=config.data.warp,
+                        crop_size=image_size * 3 // 2,
                         augment=train and config.data.augment, seed=config.seed,
                         # Run configs written before the option existed lack it.
                         mask_outside_bbox=config.data.get('mask_outside_bbox', False))
 
 
 def eval_split(config: ml_collections.ConfigDict, ann_file: str, image_root: str, *,
-               drop_missing_images: bool = False) -> Split:
-  """An evaluation split of any annotation file with the run config's pipeline settings
-  (the official test set keeps records whose image is missing; val drops them)."""
+               image_size: int, drop_missing_images: bool = False) -> Split:
+  """An evaluation split of any annotation file with the run config's pipeline settings for
+  a model of input side `image_size` (the official test set keeps records whose image is
+  missing; val drops them)."""
   source = json_source(ann_file, image_root, drop_missing_images=drop_missing_images,
                        on_bad_image=config.data.on_bad_image,
                        skeleton_base=config.data.get('skeleton_base'))
-  return Split(source, pipeline_config(config, train=False))
+  return Split(source, pipeline_config(config, image_size=image_size, train=False))
 
 
-def run_splits(config: ml_collections.ConfigDict, workdir: str) -> RunData:
-  """The splits a training run reads: train always; val when `config.validate`; test when it
-  is evaluated at the start or the end. A split without an annotation file is None."""
+def run_splits(config: ml_collections.ConfigDict, workdir: str, *, image_size: int) -> RunData:
+  """The splits a training run of a model of input side `image_size` reads: train always;
+  val when `config.validate`; test when it is evaluated at the start or the end. A split
+  without an annotation file is None."""
   files = data_files(config, workdir)
   train = Split(json_source(files['train'], files['image_root'], drop_missing_images=True,
                             on_bad_image=config.data.on_bad_image,
                             skeleton_base=config.data.get('skeleton_base')),
-                pipeline_config(config, train=True))
-  val = (eval_split(config, files['val'], files['image_root'], drop_missing_images=True)
+                pipeline_config(config, image_size=image_size, train=True))
+  val = (eval_split(config, files['val'], files['image_root'], image_size=image_size,
+                    drop_missing_images=True)
          if files['val'] and config.validate else None)
-  test = (eval_split(config, files['test'], files['image_root'])
+  test = (eval_split(config, files['test'], files['image_root'], image_size=image_size)
           if files['test'] and (config.test_at_start or config.test_at_end) else None)
   return RunData(train, val, test)

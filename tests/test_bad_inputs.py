@@ -33,7 +33,7 @@ def run_script(*args, timeout=120):
 
 # ----------------------------------------------------------------------------- checkpoints
 def tiny_state(value: float):
-  from capenext_jax.training.state import TrainState
+  from capenext_jax.device.state import TrainState
   return TrainState(trainable={'w': jax.numpy.full((4, 3), value)}, batch_stats={}, frozen={},
                     opt_state={'mu': jax.numpy.full((4, 3), value / 2)},
                     step=jax.numpy.int32(int(value)), rng=jax.numpy.zeros(2, jax.numpy.uint32))
@@ -116,7 +116,9 @@ def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch):
   c.data.root = str(tmp_path / 'data')
   c.checkpoint_every_steps = c.eval_every_steps = 2
   c.async_checkpoints = True
-  failing_writes(monkeypatch, after=1)      # step 2 is saved, step 4's commit fails
+  # The run's first save is its frozen weights (<workdir>/frozen); then step 2 is saved, and
+  # step 4's commit fails.
+  failing_writes(monkeypatch, after=2)
   with pytest.raises(CheckpointError, match=r'latest complete checkpoint is step 2'):
     train(c, str(tmp_path / 'run'))
   kept = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())

@@ -17,7 +17,7 @@ from capenext_jax.models import backbones, layers
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
 from capenext_jax.models.swin_v2 import SwinV2Config
 from capenext_jax.tools import bf16_fidelity
-from capenext_jax.training import state as state_lib, step as step_lib
+from capenext_jax.device import state as state_lib, step as step_lib
 from conftest import CHEAP_COMPILE
 
 FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures',

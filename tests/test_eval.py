@@ -95,6 +95,35 @@ def test_score_predictions_ground_truth_and_shifted(tmp_path):
   assert b['EPE'] == pytest.approx(np.mean(0.12 * arrays['bbox_thr']), rel=1e-5)
 
 
+def write_clip(path, seed):
+  """A random CLIP of the runlocal size in the OpenAI layout (an `init.clip_path` file):
+  (path, its params)."""
+  from flax import nnx
+
+  from capenext_jax.convert.clip import clip_to_openai
+  from capenext_jax.models.capenext import CapeNextConfig
+  from capenext_jax.models.clip import CLIP
+  from configs import mp100
+  config = CapeNextConfig.from_dict(mp100.get_config('runlocal').model.to_dict())
+  params = nnx.to_pure_dict(nnx.state(CLIP(config.clip, rngs=nnx.Rngs(seed)), nnx.Param))
+  np.savez(path, **clip_to_openai(params))
+  return path, params
+
+
+def assert_workdir_clip(workdir, clip_params):
+  """The workdir loads (weights only: no optimizer state) with `clip_params` as its CLIP."""
+  from capenext_jax import loading
+  from capenext_jax import params as params_lib
+  from capenext_jax.device.partition import to_host
+  ckpt = loading.load(workdir)
+  assert ckpt.state.opt_state == ()
+  got = params_lib.flatten(to_host(ckpt.state.frozen['clip']))
+  want = params_lib.flatten(clip_params)
+  assert set(want) <= set(got)
+  for name, value in want.items():
+    np.testing.assert_array_equal(got[name], value, err_msg=name)
+
+
 def mp100_mini_train_cmd(workdir, options=''):
   """train.py on mp100_mini: configs/mp100.py runlocal (tiny model, 4 steps), no val split."""
   return ('train.py', f'--workdir={workdir}',
@@ -108,9 +137,16 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   tower, the cheapest to compile) and the masked images in training, the CapeX synonyms and
   wrong category prompts in evaluation, the table tool."""
   wd = tmp_path / 'run'
+  clip_file, clip_params = write_clip(tmp_path / 'clip.npz', seed=1)
   out = run(*mp100_mini_train_cmd(wd, ',fusion=SimpleMultiModalWithoutQueryImgEmbedding,mask'),
+            f'--config.init.clip_path={clip_file}',
             '--config.checkpoint_every_steps=2')   # step 2 too: an earlier step to convert
   assert 'step 4/4' in out and 'test PCK@0.2 after training' in out, out
+  # Self-contained: the run's CLIP file replaced by another one, then gone; the workdir
+  # evaluates, predicts and converts below with the CLIP it trained with.
+  write_clip(clip_file, seed=2)
+  assert_workdir_clip(wd, clip_params)
+  clip_file.unlink()
   assert json.loads((wd / 'results.json').read_text())['step'] == 4
   run_config = json.loads((wd / 'config.json').read_text())
   assert run_config['model']['fusion']['module'] == 'SimpleMultiModalWithoutQueryImgEmbedding'

@@ -28,8 +28,9 @@ from capenext_jax.models import capenext
 from capenext_jax.models import fusion
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.layers import init_rngs
-from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax.training import checkpoint, schedule
+from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import step as step_lib
 from conftest import CHEAP_COMPILE
 from training_toy import E, toy_batch, toy_loss
 

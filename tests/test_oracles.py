@@ -46,7 +46,7 @@ def oracle_forward(shift=(0.0, 0.0)):
 
 @pytest.mark.parametrize('warp', ['host', 'device'])
 def test_eval_oracle_scores_perfectly(eval_program, tmp_path, monkeypatch, warp):
-  from capenext_jax import forward
+  from capenext_jax.device import forward
   monkeypatch.setattr(forward, 'make_forward', oracle_forward())
   report = tmp_path / 'report.json'
   config = tmp_path / 'config.py'   # the default config with the warp under test
@@ -74,7 +74,7 @@ def test_eval_oracle_scores_perfectly(eval_program, tmp_path, monkeypatch, warp)
 def test_eval_oracle_shift_gives_the_hand_computed_error(eval_program, tmp_path, monkeypatch):
   """A shift of dx crop px is dx * s / 64 image px, s = the square crop's side (1.25 * the
   longer bbox side); EPE and NME are its per-pair mean over pairs (pairs are never empty here)."""
-  from capenext_jax import forward
+  from capenext_jax.device import forward
   from capenext_jax.evaluation.pairs import EvalProtocol, pairs_of_file
   dx = 3.0
   monkeypatch.setattr(forward, 'make_forward', oracle_forward((dx, 0.0)))
@@ -244,16 +244,16 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   """--descriptions synonyms on mp100_mini re-encodes exactly the keypoint rows whose names the
   table changes, --category_prompt wrong exactly the category rows (both in one run: neither
   touches the other's rows); the reports say which."""
-  from capenext_jax import forward
-  from capenext_jax.evaluation import evaluator
+  from capenext_jax.device import forward
+  from capenext_jax.evaluation import predict_fn
   caches = []
 
   def recording(*args):
     caches.append(evaluator_cache(*args))
     return caches[-1]
 
-  evaluator_cache = evaluator.replicated_text_cache
-  monkeypatch.setattr(evaluator, 'replicated_text_cache', recording)
+  evaluator_cache = predict_fn.replicated_text_cache
+  monkeypatch.setattr(predict_fn, 'replicated_text_cache', recording)
   monkeypatch.setattr(forward, 'make_forward', oracle_forward())
   reports = {}
   for name, extra in (('regular', []), ('varied', ['--descriptions=synonyms',

@@ -60,18 +60,28 @@ def test_configs_build_models():
   assert synthetic.get_config().data.synthetic.enabled
 
 
+def image_size(config) -> int:
+  """The model input side of a run config (as the programs parse it, once)."""
+  from capenext_jax.models.capenext import CapeNextConfig
+  return CapeNextConfig.from_dict(config.model.to_dict()).image_size
+
+
 def train(config, workdir):
   """train.py's work without its flags: the loop over the config's data splits."""
+  from capenext_jax.models.capenext import CapeNextConfig
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
-  return train_and_evaluate(config, workdir, run_splits(config, workdir))
+  model_config = CapeNextConfig.from_dict(config.model.to_dict())
+  return train_and_evaluate(config, workdir, run_splits(
+      config, workdir, image_size=model_config.image_size), model_config=model_config)
 
 
 def checkpoint_reader(config):
   """workdir -> ((trainable params, BatchNorm statistics, optimizer state), data position) of
   the latest checkpoint in `workdir` (host numpy); the restore target is built once."""
   import jax
-  from capenext_jax.training import checkpoint, init, partition, schedule, state as state_lib
+  from capenext_jax.training import checkpoint, init, schedule
+  from capenext_jax.device import partition, state as state_lib
   tx = schedule.make_optimizer(config.optim, 1)
   mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   with jax.set_mesh(mesh):
@@ -126,7 +136,7 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
   from data_pipeline.splits import data_files, pipeline_config
   files = data_files(c, full)
   src = json_source(files['train'], files['image_root'])
-  pc = pipeline_config(c, train=True)
+  pc = pipeline_config(c, image_size=image_size(c), train=True)
   it = make_train_iterator(src, 4, pc, process_index=0, process_count=1)
   uninterrupted = [next(it) for _ in range(5)][4]
   resumed = next(make_train_iterator(src, 4, pc, start_step=4, process_index=0,
@@ -182,6 +192,14 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
   assert prov['split']['train'] == str(tmp_path / 'data' / 'annotations' / 'synthetic_train.json')
   assert prov['split']['synthetic']['categories'] == [3, 2, 2]
   assert ('test_pck' in prov) == (prov['step'] == 4)   # results.json's test PCK is step 4's
+  # A rerun of the finished run says so and repeats its held-out line, computing nothing.
+  capsys.readouterr()
+  again = train(c, str(wd))
+  out = capsys.readouterr().out
+  assert 'is already complete (step 4 of 4)' in out, out
+  assert (f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> trained '
+          f'{100 * results["test_pck_end"]:.2f}') in out, out
+  assert again == saved and 'compiling' not in out
 
 
 # ----------------------------------------------------------------------------- 2 devices
@@ -194,9 +212,10 @@ def two_device_main(data_root, backbone):
   backbone's parameter shapes and its batch statistics; (2, 1) only adds replicated params,
   which no backbone changes (and each layout costs a compile of the init and of the step)."""
   import jax
-  from capenext_jax.forward import device_batch
+  from capenext_jax.device.forward import device_batch
   from capenext_jax.text.cache import replicated_text_cache
-  from capenext_jax.training import init, partition, schedule
+  from capenext_jax.training import init, schedule
+  from capenext_jax.device import partition
   from capenext_jax.training.loop import build_train_step
   from data_pipeline.pipeline import json_source, make_train_iterator
   from data_pipeline.splits import data_files, pipeline_config
@@ -207,7 +226,8 @@ def two_device_main(data_root, backbone):
   c.fsdp_min_bytes = 0           # however small
   files = data_files(c, data_root)
   src = json_source(files['train'], files['image_root'])
-  it = make_train_iterator(src, 4, pipeline_config(c, train=True),
+  it = make_train_iterator(src, 4, pipeline_config(c, image_size=image_size(c),
+                                                    train=True),
                            process_index=0, process_count=1)
   batches = [next(it) for _ in range(2)]
   tx = schedule.make_optimizer(c.optim, 10)

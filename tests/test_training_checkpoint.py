@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capenext_jax.training import checkpoint, partition, schedule, state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax.training import checkpoint, schedule
+
+from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import step as step_lib
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
 

@@ -5,7 +5,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from capenext_jax.training import partition, schedule, state as state_lib
+from capenext_jax.training import schedule
+
+from capenext_jax.device import partition, state as state_lib
 from training_toy import ToyCapeNext
 
 

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from capenext_jax.training import partition
+from capenext_jax.device import partition
 from capenext_jax.training.prefetch import DevicePrefetch
 
 

@@ -11,7 +11,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib
+from capenext_jax.training import schedule
+
+from capenext_jax.device import partition, state as state_lib, step as step_lib
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
 OPTIM = dict(lr=1e-2, warmup_steps=0)  # a visible update, no warmup
@@ -64,7 +66,7 @@ def test_dropout_key_depends_on_step_and_eval_is_deterministic():
 def test_text_cache_is_an_argument_not_a_constant():
   """The frozen-text cache enters the steps as a jit argument: a new cache of the same shape
   reuses the compiled step (one compilation) and changes the result."""
-  from capenext_jax import forward as forward_lib
+  from capenext_jax.device import forward as forward_lib
   from capenext_jax.text.cache import TextCache
   from training_toy import E, K, S
   graphdef, st, tx = setup()

@@ -1,31 +1,37 @@
-"""The official evaluation of a model state: one Evaluator for the training loop and eval.py.
+"""The official evaluation of a model: one Evaluator for the training loop and eval.py.
 
-    evaluator = Evaluator(graphdef, data, EvalProtocol(shots=1, num_episodes=200), mesh,
+    predict_fn = predict_fn.predict_fn(step, graphdef, data.dataset, mesh)   # the caller's
+    evaluator = Evaluator(predict_fn, data, EvalProtocol(shots=1, num_episodes=200), mesh,
                           image_size=256)
     scores = evaluator.run(state)              # PCK@{0.05..0.25}, mPCK, NME, AUC, EPE
     pred = evaluator.predict(state)            # [N, 100, 2] original-image px
 
-The pairs are drawn once at construction (`EvalPairs`); every `run` sends them through the
-jitted eval step in global batches sharded over the mesh (the last one padded and masked), maps
-the last decoder layer's points back to original-image pixels and scores them with the official
-per-instance definitions, overall and per category.
+As big_vision's evaluators, the Evaluator takes a `predict_fn(state, batch)` built by its
+caller and knows nothing of what a state is or how a step is compiled (`evaluation/predict_fn.py`
+builds the one every caller uses: the jitted `device.step.make_predict_step` with the split's
+text cache). The pairs are drawn once at construction (`EvalPairs`); every `run` sends them
+through `predict_fn` in global batches sharded over the mesh (the last one padded and masked),
+maps the last decoder layer's points back to original-image pixels and scores them with the
+official per-instance definitions, overall and per category.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import jax
 import numpy as np
-from flax import nnx
 
-from capenext_jax import forward as forward_lib
-from capenext_jax import metrics
+from capenext_jax.device import forward as forward_lib
+from capenext_jax.device import partition
 from capenext_jax.evaluation.pairs import EvalPairs, EvalProtocol
+from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import MP100Dataset
-from capenext_jax.text.cache import replicated_text_cache
-from capenext_jax.training import partition, step as step_lib
-from capenext_jax.training.state import TrainState
+
+# predict_fn(state, device batch) -> {'keypoints': [B, K, 2] crop-normalised (0..1) points of
+# the last decoder layer, 'pair_index': int32 [B], 'valid': bool [B]} (device arrays; the
+# Evaluator gathers them once from every host at the end).
+PredictFn = Callable[[Any, dict], dict]
 
 
 class EvalData(Protocol):
@@ -39,46 +45,25 @@ class EvalData(Protocol):
 
 
 class Evaluator:
-  """Official scores of a model on one split's pairs.
+  """Official scores of a model on one split's pairs, through the caller's `predict_fn`."""
 
-  The frozen CLIP text embeddings of the split's categories are computed from the first state
-  evaluated and reused (CLIP is frozen: every later state of a run has the same text tower).
-  """
-
-  def __init__(self, graphdef: nnx.GraphDef, data: EvalData, protocol: EvalProtocol, mesh, *,
+  def __init__(self, predict_fn: PredictFn, data: EvalData, protocol: EvalProtocol, mesh, *,
                image_size: int):
-    self.graphdef, self.data, self.protocol, self.mesh = graphdef, data, protocol, mesh
+    self.predict_fn, self.data, self.protocol, self.mesh = predict_fn, data, protocol, mesh
     self.image_size = image_size
     partition.check_batch_size('eval batch size', protocol.batch_size, mesh)
     self.pairs = EvalPairs.build(data.dataset, protocol)
-    self._step = None
 
-  def _eval_step(self, state: TrainState):
-    """(jitted `step(state, batch, cache)`, the split's text cache), built on first use."""
-    if self._step is None:
-      cache = replicated_text_cache(self.graphdef, state, self.data.dataset, self.mesh)
-      forward = forward_lib.make_forward(self.image_size)
-
-      def last_layer(model, batch, cache):
-        # pair_index / valid ride along through the device so that the gathered outputs of
-        # every host carry their own bookkeeping (hosts hold different rows).
-        return {'keypoints': forward(model, batch, cache)['keypoints'][-1],
-                'pair_index': batch['pair_index'], 'valid': batch['valid']}
-
-      self._step = step_lib.make_eval_step(self.graphdef, forward=last_layer), cache
-    return self._step
-
-  def predict(self, state: TrainState, progress=None) -> np.ndarray:
+  def predict(self, state, progress=None) -> np.ndarray:
     """float32 [N, 100, 2]: every pair's keypoints in original-image pixels, pair order.
 
     progress: optional `progress.Progress` over the pairs, told of each batch once it is
     computed (one batch stays in flight, so reporting does not stall the device).
     """
-    step, cache = self._eval_step(state)
     keys = forward_lib.DEVICE_KEYS + ('pair_index', 'valid')
     batch_size, outputs = self.protocol.batch_size, []
     for b in self.data.eval_batches(self.pairs.pairs, batch_size):
-      outputs.append(step(state, forward_lib.device_batch(b, self.mesh, keys), cache))
+      outputs.append(self.predict_fn(state, forward_lib.device_batch(b, self.mesh, keys)))
       if progress is not None and len(outputs) > 1:
         jax.block_until_ready(outputs[-2])
         progress.update(batch_size)
@@ -92,11 +77,11 @@ class Evaluator:
       raise RuntimeError('eval batches do not cover every pair exactly once')
     dataset, q = self.data.dataset, self.pairs.pairs[index, -1]
     pred = np.empty((len(index), crop.shape[1], 2), np.float32)
-    pred[index] = metrics.transform_preds(crop * self.image_size, dataset.center[q],
+    pred[index] = geometry.transform_preds(crop * self.image_size, dataset.center[q],
                                           dataset.scale[q], self.image_size)
     return pred
 
-  def run(self, state: TrainState, progress=None) -> dict:
+  def run(self, state, progress=None) -> dict:
     """Official scores (see `metrics.score_pairs`) of `state` on the pairs."""
     return self.pairs.score(self.predict(state, progress))
 

@@ -22,6 +22,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from capenext_jax.mp100.images import load_rgb
+
 PANEL_BG = (250, 250, 250)
 TEXT = (20, 20, 20)
 OUTLINE = (0, 0, 0)
@@ -333,7 +335,6 @@ def pair_overlay(pred: np.ndarray, pairs, dataset, i: int, **kwargs) -> Image.Im
   pred: [N, 100, 2] original-image px, aligned with `pairs` (an `EvalPairs` of `dataset`).
   kwargs: passed to `draw_overlay`.
   """
-  from capenext_jax.mp100.images import load_rgb
   a = pairs.arrays
   q = a['pairs'][i, -1]
   row, k = dataset.category_index[q], int(a['num_keypoints'][i])

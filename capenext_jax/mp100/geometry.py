@@ -8,6 +8,8 @@
 * :func:`clean_bbox`, :func:`bbox_to_center_scale`: the top-down box of an instance.
 * :func:`crop_window`: the region of the source image any augmented view can read (for crops).
 * :func:`episode_geometry`: everything per episode except pixels.
+* :func:`heatmap_side`: the side of the heatmap targets of a crop size.
+* :func:`transform_preds`: crop-pixel predictions back to original-image pixels (decoding).
 """
 from __future__ import annotations
 
@@ -17,6 +19,10 @@ import numpy as np
 
 PIXEL_STD = 200.0      # mmpose's bbox scale unit
 PADDING = 1.25         # context padding of the top-down bbox
+# The crops' pixel normalisation (x / 255 - mean) / std, RGB: applied by the tf.data pipeline
+# (warp='host') and by `image_ops.imagenet_normalize` (jax, warp='device' and the Predictor).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def clean_bbox(bbox, width, height) -> np.ndarray | None:
@@ -185,3 +191,30 @@ def episode_geometry(dataset, episodes, s_factor=None, rotation=None, image_size
       bbox_thr=dataset.bbox_thr[episodes[:, q]],
       category_index=dataset.category_index[episodes[:, q]],
   )
+
+
+def heatmap_side(image_size: int, configured: int = 0) -> int:
+  """Side of the MSRA heatmap targets: `configured` (a run config's `data.heatmap_size`; the
+  official configs use 64 at every input size, so ViT-B/16's 224 px crops have stride 3.5),
+  or a quarter of the crop side when it is 0."""
+  return configured or image_size // 4
+
+
+def transform_preds(coords_crop, center, scale, image_size: int = 256) -> np.ndarray:
+  """Map crop-pixel predictions back to the original image (docs/MODEL.md §2, non-UDP).
+
+  coords_crop: [N, K, 2] pixels in the `image_size` crop (model output x image_size);
+  center: [N, 2] bbox centre in image pixels; scale: [N, 2] bbox (w, h) / 200.
+  Returns float32 [N, K, 2]: `x * s / image_size + c - s / 2` with `s = scale * 200`.
+  Mirrors the official arithmetic: `s` is formed in float32 (the float32 scale array times
+  200), the affine map runs in float64 and the result lands in a float32 buffer (`all_preds`).
+  """
+  coords = np.asarray(coords_crop, dtype=np.float64)
+  center = np.asarray(center, dtype=np.float32).astype(np.float64)
+  size = (np.asarray(scale, dtype=np.float32) * np.float32(200.0)).astype(np.float64)
+  n = len(coords)
+  if coords.ndim != 3 or coords.shape[-1] != 2 or center.shape != (n, 2) or size.shape != (n, 2):
+    raise ValueError(f'coords [N, K, 2], center and scale [N, 2] expected, got '
+                     f'{coords.shape}, {center.shape}, {size.shape}')
+  out = coords * (size / image_size)[:, None, :] + center[:, None, :] - (size * 0.5)[:, None, :]
+  return out.astype(np.float32)

@@ -18,8 +18,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from capenext_jax.device.partition import to_host
 from capenext_jax.text.tokenizer import tokenize
-from capenext_jax.training.partition import to_host
 
 NUM_SLOTS = 100
 

@@ -2,9 +2,14 @@
 handling.
 
 A checkpoint step directory holds two items:
-  state: `TrainState` fields in `state.CHECKPOINTED` (trainable, opt_state, step, rng)
-  data:  JSON data position, e.g. {'epoch': 3, 'step_in_epoch': 120}, so that a resumed run
-         re-enters its input pipeline where it stopped.
+  state: `TrainState` fields in `state.CHECKPOINTED` (trainable, batch_stats, opt_state, step,
+         rng)
+  data:  JSON data position {'step': next global step}, so that a resumed run re-enters its
+         input pipeline where it stopped (its episodes are a function of the step).
+The frozen part of the state (CLIP, RNG streams) does not change during a run: it is written
+once, beside the checkpoints (`save_frozen`: `<workdir>/frozen`), so that a workdir evaluates
+and converts without the pretrained files its config names (`restore_weights` +
+`restore_frozen`: no optimizer state, no pretrained file read).
 Kept: the last `keep_last` checkpoints plus the best one by `best_metric` (checkpoints saved
 without metrics only count as "last"); each step's metrics are written with it, so the best
 step is known after a restart (`best_step`). Saving is asynchronous: `save` returns once the arrays
@@ -27,12 +32,16 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from capenext_jax.device.state import CHECKPOINTED, TrainState
 from capenext_jax.errors import first_line
-from capenext_jax.training.state import CHECKPOINTED, TrainState
+
+FROZEN_DIR = 'frozen'   # <workdir>/frozen: the run's frozen weights (orbax, written once)
+WEIGHTS = ('trainable', 'batch_stats', 'step')   # what evaluating a checkpoint reads of it
 
 
 class CheckpointError(OSError):
@@ -180,6 +189,34 @@ class Checkpointer:
           f'another config (was the workdir\'s config.json lost or replaced?). Train with '
           f'that config, or into another --workdir; no checkpoint was moved')
 
+  def restore_weights(self, target: Mapping[str, Any], step: int | None = None
+                      ) -> tuple[dict[str, Any], int]:
+    """The model weights of checkpoint `step` (default: the newest that restores), without
+    the optimizer state: (`{'trainable', 'batch_stats', 'step'}` restored into `target`'s
+    abstract shapes and shardings, the step restored). Nothing is moved or written.
+
+    Raises ValueError naming the directory and the step when none (or `step`) restores.
+    """
+    directory = self.manager.directory
+    steps = self.all_steps()
+    if step is not None and step not in steps:
+      raise ValueError(f'{directory}: no checkpoint step {step} (there are {steps})')
+    abstract = {k: jax.tree.map(_as_abstract, target[k]) for k in WEIGHTS}
+    args = ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=True))
+    errors = []
+    for s in [step] if step is not None else sorted(steps, reverse=True):
+      try:
+        return dict(self.manager.restore(s, args=args).state), s
+      except Exception as e:  # noqa: BLE001 - a damaged step: name it, try the one before
+        errors.append(f'step {s}: {first_line(e)}')
+        if step is None:
+          print(f'warning: checkpoint step {s} in {directory} does not restore '
+                f'({first_line(e)}); trying the previous one', file=sys.stderr, flush=True)
+    raise ValueError(f'{directory}: no checkpoint that restores'
+                     + (f' ({"; ".join(errors)})' if errors else ''))
+
   def _move_aside(self, step: int) -> Path:
     directory = Path(self.manager.directory)
     stamp = datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
@@ -237,6 +274,59 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
     return str(key)
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {'/'.join(name(k) for k in path): tuple(leaf.shape) for path, leaf in leaves}
+
+
+def save_frozen(workdir: str | Path, frozen: Any) -> bool:
+  """Write the run's frozen weights to `<workdir>/frozen` unless they are there; True if
+  written. Orbax writes into a temporary folder and renames it when complete, so the folder
+  is whole or absent. Typed PRNG keys (the RNG streams) are stored as their raw key data."""
+  path = Path(workdir).absolute() / FROZEN_DIR
+  if path.exists():
+    return False
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(path, jax.tree.map(_key_data, frozen))
+      checkpointer.wait_until_finished()
+  except Exception as e:  # noqa: BLE001 - any failure to write is reported the same way
+    raise CheckpointError(f'could not save the frozen weights to {path} ({first_line(e)}); '
+                          f'a restart writes them again') from e
+  return True
+
+
+def restore_frozen(workdir: str | Path, target: Any) -> Any | None:
+  """The frozen weights `save_frozen` wrote, restored into `target`'s (abstract) shapes and
+  shardings; None for a workdir written before they were stored."""
+  path = Path(workdir).absolute() / FROZEN_DIR
+  if not path.is_dir():
+    return None
+  abstract = jax.tree.map(lambda x: _key_data(_as_abstract(x)), target)
+  with ocp.StandardCheckpointer() as checkpointer:
+    try:
+      raw = checkpointer.restore(path, abstract)
+    except Exception as e:  # noqa: BLE001 - damaged or from another model: name the folder
+      raise ValueError(f'{path}: the frozen weights do not restore ({first_line(e)})') from None
+  return jax.tree.map(_wrap_key_data, raw, target)
+
+
+def _is_key(x) -> bool:
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _key_data(x):
+  """Typed PRNG keys -> their uint32 key data (abstract too); other leaves unchanged."""
+  if not _is_key(x):
+    return x
+  if isinstance(x, jax.ShapeDtypeStruct):
+    sharding = x.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):   # the key-data axis: replicated
+      sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return jax.ShapeDtypeStruct(jax.eval_shape(jax.random.key_data, x).shape, jnp.uint32,
+                                sharding=sharding)
+  return jax.random.key_data(x)
+
+
+def _wrap_key_data(raw, like):
+  return jax.random.wrap_key_data(raw, impl=like.dtype._impl) if _is_key(like) else raw
 
 
 def _as_abstract(x):

@@ -5,9 +5,10 @@ import jax
 import ml_collections
 from flax import nnx
 
+from capenext_jax.convert.pretrained import init_from_pretrained
+from capenext_jax.device import partition, state as state_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
-from capenext_jax.training import partition, state as state_lib
 
 
 def check_pretrained(config: ml_collections.ConfigDict) -> None:
@@ -25,15 +26,19 @@ def check_pretrained(config: ml_collections.ConfigDict) -> None:
                      f'--config.init.from_scratch=True to train from random weights')
 
 
-def init_state(config: ml_collections.ConfigDict, optimizer, mesh
+def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
+               model_config: CapeNextConfig | None = None
                ) -> tuple[nnx.GraphDef, state_lib.TrainState, state_lib.TrainState]:
   """(graphdef, state, shardings) of `config.model`, seeded by `config.seed`.
+
+  model_config: `config.model` as the program parsed it (parsed here when not given).
 
   The init runs under jit with `out_shardings`, so no device ever holds a full unsharded copy
   (eval_shape -> shardings -> jit(init)). Pretrained backbone / CLIP weights, when configured
   (`config.init`), are then read on the host and placed with the same shardings.
   """
-  model_config = CapeNextConfig.from_dict(config.model.to_dict())
+  if model_config is None:
+    model_config = CapeNextConfig.from_dict(config.model.to_dict())
 
   def init(rng):
     model = CapeNext(model_config, rngs=init_rngs(config.seed))
@@ -49,7 +54,6 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
   state = jax.jit(init, out_shardings=shardings)(rng)
   backbone_path, clip_path = pretrained_paths(config)
   if backbone_path or clip_path:
-    from capenext_jax.loading import init_from_pretrained
     model = nnx.merge(graphdef, *partition.to_host((state.trainable, state.batch_stats,
                                                     state.frozen)))
     init_from_pretrained(model, backbone_path, clip_path)
@@ -58,16 +62,6 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh
                           batch_stats=jax.device_put(batch_stats, shardings.batch_stats),
                           frozen=jax.device_put(frozen, shardings.frozen))
   return graphdef, state, shardings
-
-
-def matmul_precision(config: ml_collections.ConfigDict) -> str:
-  """`jax_default_matmul_precision` of a run: `config.precision`, or for 'auto' the one that
-  suits `config.model.dtype`: 'highest' for float32 (the parity mode: true float32 products,
-  where GPUs would use TF32 and TPUs one bf16 pass), 'default' for bfloat16 (the platform's
-  native bf16 matmuls; asking for more would only slow its float32 parts down)."""
-  if config.precision != 'auto':
-    return config.precision
-  return 'highest' if config.model.get('dtype', 'float32') == 'float32' else 'default'
 
 
 def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str | None, str | None]:

@@ -30,20 +30,22 @@ from typing import Protocol
 import jax
 import ml_collections
 
-from capenext_jax import forward as forward_lib
 from capenext_jax import losses
 from capenext_jax import params as params_lib
+from capenext_jax.device import forward as forward_lib
+from capenext_jax.device import partition
+from capenext_jax.device import state as state_lib
+from capenext_jax.device import step as step_lib
 from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
+from capenext_jax.evaluation.predict_fn import predict_fn
 from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
-from capenext_jax.models.capenext import image_size_of
+from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
-from capenext_jax.training import checkpoint, init, partition, prefetch, run_config_checks, schedule
-from capenext_jax.training import state as state_lib
-from capenext_jax.training import step as step_lib
+from capenext_jax.training import checkpoint, init, prefetch, run_config_checks, schedule
 from capenext_jax.training import workdir as workdir_lib
 
 metric_writers = require('clu.metric_writers', 'train', 'training (metric writers)')
@@ -116,31 +118,106 @@ def eval_progress(evaluator: Evaluator, label: str) -> Progress:
   return Progress(len(evaluator.pairs), label, unit='pairs', stream=sys.stdout)
 
 
-def build_train_step(config: ml_collections.ConfigDict, graphdef, optimizer, shardings):
-  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config`: text from
-  the cache (`replicated_text_cache`), official losses."""
-  size = image_size_of(config.model)
+def build_train_step(config: ml_collections.ConfigDict, size: int, graphdef, optimizer,
+                     shardings):
+  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config` (model
+  input side `size`): text from the cache (`replicated_text_cache`), official losses."""
   loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
   return step_lib.make_train_step(graphdef, loss_fn, optimizer,
                                   forward=forward_lib.make_forward(size),
                                   shardings=shardings)
 
 
+def _read_results(workdir: str) -> dict | None:
+  """The results.json of a finished session of the run in `workdir`, or None."""
+  path = os.path.join(workdir, 'results.json')
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    results = json.load(f)
+  return results if 'test_pck_end' in results or 'val_pck' in results else None
+
+
+def held_out_lines(results: dict) -> list[str]:
+  """The final test line and the before -> after line of a run's results (what it has)."""
+  lines = []
+  if 'test_pck_end' in results:
+    lines.append(f'test PCK@0.2 after training (step {results.get("step")}): '
+                 f'{100 * results["test_pck_end"]:.2f}')
+  if 'test_pck_start' in results and 'test_pck_end' in results:
+    lines.append(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
+                 f'trained {100 * results["test_pck_end"]:.2f}')
+  return lines
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData, *,
-                       source: str = '') -> dict:
+                       source: str = '', model_config: CapeNextConfig | None = None) -> dict:
   """Train (or resume) in `workdir`; returns {'step', 'val_pck', 'test_pck_start', ...}.
 
   source: where the config came from (file and overrides), for the start banner.
+  model_config: `config.model` as the program parsed it (parsed here when not given).
   """
   run_config_checks.check_run_config(config)
+  if model_config is None:
+    model_config = CapeNextConfig.from_dict(config.model.to_dict())
   # Scoped, not jax.config.update: the library leaves the caller's global settings alone.
   with workdir_lib.WorkdirLock(workdir, enabled=jax.process_index() == 0), \
-      jax.default_matmul_precision(init.matmul_precision(config)):
-    return _train_and_evaluate(config, workdir, data, source)
+      jax.default_matmul_precision(
+          step_lib.matmul_precision(config.precision, model_config.dtype)):
+    return _train_and_evaluate(config, model_config, workdir, data, source)
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: RunData,
-                        source: str) -> dict:
+def _finished_run(workdir: str, start: int, total: int) -> dict | None:
+  """The results of a run that is already complete (said again), or None to go on."""
+  if start < total:
+    return None
+  previous = _read_results(workdir)
+  log(f'the run in {os.path.abspath(workdir)} is already complete (step {start} of {total})'
+      + ('' if previous else '; testing it again'))
+  for line in held_out_lines(previous or {}):
+    log(line)
+  return previous
+
+
+def _test_at_end(test: Evaluator, state, total: int, results: dict, writer, workdir: str, *,
+                 resumed: bool) -> dict:
+  """`results` with the test scores after training, logged with the before -> after line
+  (whose 'before' a resumed run reads from the session that measured it)."""
+  results['test_end'] = test.run(state, eval_progress(test, 'test (after training)'))
+  results['test_pck_end'] = pck_at(results['test_end'])
+  log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
+  writer.write_scalars(total, {'test/pck': results['test_pck_end']})
+  if resumed:
+    results = {**{k: v for k, v in (_read_results(workdir) or {}).items()
+                  if k.startswith('test_') and k.endswith('start')}, **results}
+  for line in held_out_lines(results)[1:]:
+    log(line)
+  return results
+
+
+def _initial_state(config: ml_collections.ConfigDict, model_config: CapeNextConfig, tx, mesh,
+                   ckpt: checkpoint.Checkpointer, workdir: str):
+  """(graphdef, state, shardings, start step) of a run: its init, or where its latest
+  checkpoint left it. The frozen weights (CLIP) are stored in the workdir once, so that it
+  evaluates without the pretrained files; a resumed run keeps the ones it started with."""
+  graphdef, state, shardings = init.init_state(config, tx, mesh, model_config=model_config)
+  frozen = checkpoint.restore_frozen(workdir, state_lib.abstract_state(state.frozen,
+                                                                       shardings.frozen))
+  if frozen is None:
+    checkpoint.save_frozen(workdir, state.frozen)
+  else:
+    state = state.replace(frozen=frozen)
+  target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
+  restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
+  if restored is None:
+    return graphdef, state, shardings, 0
+  state, position = restored
+  log(f'resumed from step {int(position["step"])}')
+  return graphdef, state, shardings, int(position['step'])
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNextConfig,
+                        workdir: str, data: RunData, source: str) -> dict:
   workdir_lib.check_resume_config(config, workdir)
   init.check_pretrained(config)
   steps_per_epoch = ep.epoch_length(data.train.dataset) // config.batch_size
@@ -160,14 +237,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
     ckpt = checkpoint.Checkpointer(os.path.join(os.path.abspath(workdir), 'checkpoints'),
                                    keep_last=config.keep_checkpoints, best_metric='pck',
                                    async_save=config.async_checkpoints)
-    graphdef, state, shardings = init.init_state(config, tx, mesh)
-    start = 0
-    target = state_lib.abstract_state(state, shardings).replace(frozen=state.frozen)
-    restored = ckpt.restore_latest(target) if ckpt.latest_step() is not None else None
-    if restored is not None:
-      state, position = restored
-      start = int(position['step'])
-      log(f'resumed from step {start}')
+    graphdef, state, shardings, start = _initial_state(config, model_config, tx, mesh, ckpt,
+                                                       workdir)
+    previous = _finished_run(workdir, start, total)
+    if previous is not None:   # its results are on disk: said again, nothing computed
+      ckpt.close()
+      return previous
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json(indent=1))
@@ -183,11 +258,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)
 
+    size = model_config.image_size
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
-    train_step = build_train_step(config, graphdef, tx, shardings)
-    size = image_size_of(config.model)
+    train_step = build_train_step(config, size, graphdef, tx, shardings)
+    predict_step = step_lib.make_predict_step(graphdef, size)   # one executable for both
     val, test = (None if split is None else Evaluator(
-        graphdef, split, EvalProtocol.from_config(config, name), mesh, image_size=size)
+        predict_fn(predict_step, graphdef, split.dataset, mesh), split,
+        EvalProtocol.from_config(config, name), mesh, image_size=size)
         for name, split in (('val', data.val), ('test', data.test)))
 
     if test is not None and config.test_at_start and start == 0:
@@ -257,13 +334,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
           ckpt.save(done, state, {'step': done})
       step = total
       if test is not None and config.test_at_end:
-        results['test_end'] = test.run(state, eval_progress(test, 'test (after training)'))
-        results['test_pck_end'] = pck_at(results['test_end'])
-        log(f'test PCK@0.2 after training (step {total}): {100 * results["test_pck_end"]:.2f}')
-        writer.write_scalars(total, {'test/pck': results['test_pck_end']})
-      if 'test_pck_start' in results and 'test_pck_end' in results:
-        log(f'held-out test PCK@0.2: untrained {100 * results["test_pck_start"]:.2f} -> '
-            f'trained {100 * results["test_pck_end"]:.2f}')
+        results = _test_at_end(test, state, total, results, writer, workdir, resumed=start > 0)
     finally:
       batches.close()
       ckpt.wait()

@@ -13,7 +13,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from capenext_jax.training import partition
+from capenext_jax.device import partition
 
 # The fields a checkpoint holds. `frozen` is rebuilt by the run's init (pretrained CLIP and
 # RNG streams), so it is not saved again every time.

@@ -20,8 +20,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capenext_jax.training import partition
-from capenext_jax.training.state import TrainState, merge_model
+from capenext_jax.device import forward as forward_lib
+from capenext_jax.device import partition
+from capenext_jax.device.state import TrainState, merge_model
 
 Batch = Mapping[str, jax.Array]
 Forward = Callable[..., Any]   # (model, batch, *context) -> outputs
@@ -44,7 +45,6 @@ def reseed_all(model: nnx.Module, key: jax.Array) -> None:
   """
   tags = sorted({s.key.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
   nnx.reseed(model, **{t: jax.random.fold_in(key, i) for i, t in enumerate(tags)})
-
 
 
 def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
@@ -133,3 +133,31 @@ def check_finite(history: Sequence[tuple[int, Mapping[str, Any]]]) -> None:
     values = ', '.join(f'{k}={np.asarray(metrics[k])}' for k in bad)
     raise FloatingPointError(f'non-finite {", ".join(bad)} at step {step} ({values}); the '
                              'update was applied, so resume from an earlier checkpoint')
+
+
+def make_predict_step(graphdef: nnx.GraphDef, image_size: int) -> Callable[..., dict]:
+  """`predict_step(state, batch, cache) -> {'keypoints', 'pair_index', 'valid'}`, jitted: the
+  last decoder layer's keypoints ([B, K, 2], crop-normalised) of `forward.make_forward`.
+
+  pair_index / valid ride along through the device so that the gathered outputs of every host
+  carry their own bookkeeping (hosts hold different rows). One step serves every split: the
+  text cache is an argument, so another split's cache of the same shape reuses the executable.
+  """
+  forward = forward_lib.make_forward(image_size)
+
+  def last_layer(model, batch, cache):
+    return {'keypoints': forward(model, batch, cache)['keypoints'][-1],
+            'pair_index': batch['pair_index'], 'valid': batch['valid']}
+
+  return make_eval_step(graphdef, forward=last_layer)
+
+
+def matmul_precision(precision: str, dtype: str) -> str:
+  """`jax_default_matmul_precision` for a run config's `precision` and a model's compute
+  `dtype`: `precision` itself, or for 'auto' the one that suits `dtype`: 'highest' for
+  float32 (the parity mode: true float32 products, where GPUs would use TF32 and TPUs one
+  bf16 pass), 'default' for bfloat16 (the platform's native bf16 matmuls; asking for more
+  would only slow its float32 parts down)."""
+  if precision != 'auto':
+    return precision
+  return 'highest' if dtype == 'float32' else 'default'

@@ -9,20 +9,29 @@ split over the mesh (`partition.constrain_batch`, for FSDP).
 """
 from __future__ import annotations
 
+from typing import Protocol
+
+from capenext_jax.device import partition
 from capenext_jax.image_ops import warp_and_normalize
-from capenext_jax.text.cache import TextCache
-from capenext_jax.training import partition
 
 # Batch entries the jitted steps read; the rest of a host batch stays on the host.
 DEVICE_KEYS = ('query_image', 'query_crop', 'query_affine', 'query_joints', 'query_weight',
                'support_mask', 'adjacency', 'category_index')
 
 
-def make_forward(image_size: int):
-  """`forward(model, batch, cache) -> outputs`: text rows of `cache` (a TextCache) by
-  category; device warp if crops given."""
+class TextRows(Protocol):
+  """What the forward reads of a text cache (`text.cache.TextCache` is one; the text layer
+  sits above this one, so it is named by what it does, not imported)."""
 
-  def forward(model, batch, cache: TextCache):
+  def lookup(self, category_index):
+    """(keypoint_text [B, K, D], category_text [B, D]) of each row's category."""
+
+
+def make_forward(image_size: int):
+  """`forward(model, batch, cache) -> outputs`: text rows of `cache` (a `TextRows`, e.g. a
+  TextCache) by category; device warp if crops given."""
+
+  def forward(model, batch, cache: TextRows):
     if 'query_crop' in batch:
       image = warp_and_normalize(batch['query_crop'], batch['query_affine'], image_size)
     else:
