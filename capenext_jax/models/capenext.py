@@ -47,7 +47,7 @@ class CapeNextConfig:
   dtype: 'float32' (the parity mode) or 'bfloat16': the compute dtype of the model, CLIP image
     tower included. Parameters (and so Adam state) stay float32 and are cast at use; softmax,
     LayerNorm / BatchNorm statistics, the similarity logits and soft-argmaxes, the keypoints
-    and the losses are float32 (models/layers.py). Text embeddings are read in float32 and cast.
+    and the losses are float32 (models/layers/). Text embeddings are read in float32 and cast.
   remat: 'none', 'blocks' (recompute each backbone block and head layer in the backward pass,
     keeping only its input) or a `jax.checkpoint_policies` name (what such a block may keep).
   attention: the attention kernel of the Swin / ViT backbones (`layers.ATTENTIONS`): 'auto'

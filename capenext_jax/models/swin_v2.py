@@ -152,21 +152,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- initialisers
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _timm_trunc_normal(key, shape, dtype=jnp.float32):
-  """timm's `trunc_normal_(std=.02)`: the bounds are +-2 absolute, i.e. +-100 std. Jitted so
-  that eager model construction compiles one program per weight shape, not one per op."""
-  return 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, shape, dtype)
-
-
-def _swin_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
-                 use_bias: bool = True) -> layers.Linear:
-  """Linear with the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
-  lin = layers.linear(in_features, out_features, rngs=rngs, use_bias=use_bias, init='zeros')
-  lin.kernel.value = _timm_trunc_normal(rngs.params(), tuple(lin.kernel.value.shape))
-  return lin
-
-
 def _zero_layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """Res-post-norm LayerNorm, zeroed as by `_init_respostnorm` (blocks start as identities)."""
   norm = layers.layer_norm(dim, rngs=rngs)
@@ -203,10 +188,10 @@ class WindowAttention(nnx.Module):
     self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), jnp.float32))
     self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-    self.qkv = _swin_linear(dim, 3 * dim, use_bias=False, rngs=rngs)
-    self.proj = _swin_linear(dim, dim, rngs=rngs)
-    self.cpb_mlp_0 = _swin_linear(2, CPB_HIDDEN, rngs=rngs)
-    self.cpb_mlp_2 = _swin_linear(CPB_HIDDEN, num_heads, use_bias=False, rngs=rngs)
+    self.qkv = layers.trunc_normal_linear(dim, 3 * dim, use_bias=False, rngs=rngs)
+    self.proj = layers.trunc_normal_linear(dim, dim, rngs=rngs)
+    self.cpb_mlp_0 = layers.trunc_normal_linear(2, CPB_HIDDEN, rngs=rngs)
+    self.cpb_mlp_2 = layers.trunc_normal_linear(CPB_HIDDEN, num_heads, use_bias=False, rngs=rngs)
 
   def position_bias(self) -> jax.Array:
     """[heads, N, N] bias 16 * sigmoid(cpb_mlp(table)) gathered per token pair."""
@@ -318,15 +303,6 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.fc1 = _swin_linear(dim, hidden, rngs=rngs)
-    self.fc2 = _swin_linear(hidden, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(layers.gelu(self.fc1(x)))
-
-
 class SwinBlock(nnx.Module):
   """Res-post-norm block: x + DropPath(LN1(attn(x))), then x + DropPath(LN2(mlp(x)))."""
 
@@ -340,7 +316,7 @@ class SwinBlock(nnx.Module):
     self.attn = WindowAttention(dim, config.num_heads[stage], self.window,
                                 config.pretrained_window_sizes[stage], rngs=rngs)
     self.norm2 = _zero_layer_norm(dim, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
+    self.mlp = layers.Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -363,7 +339,7 @@ class PatchMerging(nnx.Module):
   """2x2 neighbourhood to channels, Linear(4C -> 2C, no bias), then LN: [B,H,W,C] -> [B,H/2,W/2,2C]."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.reduction = _swin_linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
+    self.reduction = layers.trunc_normal_linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
     self.norm = layers.layer_norm(2 * dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
