@@ -222,7 +222,8 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (channels `[3, heads, head_dim]`).
 
   `attention` (CapeNextConfig.attention, set by CapeNext) picks the kernel as in Swin's
-  `WindowAttention`: the explicit softmax below, or `jax.nn.dot_product_attention`.
+  `WindowAttention`: the explicit softmax below, or `layers.dot_product_attention` (cuDNN's
+  fused attention on CUDA GPUs under 'auto', with a logged XLA fallback).
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
@@ -239,7 +240,8 @@ class Attention(nnx.Module):
     implementation = layers.attention_implementation(self.attention)
     if implementation != layers.ATTENTION_REFERENCE:
       q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 1, 3, 4)
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+      out = layers.dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                         site=f'ViT attention ({n} tokens, {h} heads)')
       return self.proj(out.reshape(b, n, c))
     # Head-major [3, B, h, N, d], so both attention products are plain batched matmuls.
     q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)

@@ -13,12 +13,16 @@ One module per role; the names below are the package's interface (`layers.linear
   linear.py         Linear, linear, trunc_normal_linear, conv2d, patch_conv, to_input_dtype
   norm.py           LayerNorm, layer_norm, BatchNorm, at_least_float32
   mlp.py            gelu, quick_gelu, Mlp (Swin V2 / ViT blocks)
-  attention.py      attention kernel choice (ATTENTIONS), MultiHeadAttention (torch's)
+  attention.py      attention kernel choice (ATTENTIONS, target_platform), the fused call with
+                    its cuDNN checks and logged XLA fallback, MultiHeadAttention (torch's)
   dropout.py        Dropout, DropPath (hash masks: hash_bits, hash_block), next_key
   remat.py          run_block under `nnx.remat` (CapeNextConfig.remat)
 """
 from capenext_jax.models.layers.attention import (ATTENTION_AUTO, ATTENTION_REFERENCE, ATTENTIONS,
-                                                  MultiHeadAttention, attention_implementation)
+                                                  MultiHeadAttention, attention_implementation,
+                                                  cudnn_refusal, current_platform,
+                                                  dot_product_attention, log_fallback,
+                                                  target_platform, valid_keys_first)
 from capenext_jax.models.layers.cpu_kernels import contract_tokens, dense, sum_rows
 from capenext_jax.models.layers.dropout import (DropPath, Dropout, hash_bits, hash_block,
                                                 next_key)
@@ -38,6 +42,12 @@ __all__ = [
     'ATTENTIONS',
     'MultiHeadAttention',
     'attention_implementation',
+    'cudnn_refusal',
+    'current_platform',
+    'dot_product_attention',
+    'log_fallback',
+    'target_platform',
+    'valid_keys_first',
     'contract_tokens',
     'dense',
     'sum_rows',
