@@ -8,6 +8,8 @@ import dataclasses
 import re
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -88,3 +90,62 @@ def test_no_float32_window_attention_logits(cuda_step_text):
       if elements in expected[shape[-1]]:
         found.append(shape)
   assert not found, f'float32 window-attention logits in the CUDA step: {found[:5]}'
+
+
+# ----------------------------------------------------------------------------- the head's path
+def test_multi_head_attention_without_dropout_lowers_to_cudnn_with_key_padding():
+  """Evaluation: the head's key-padded attention reaches cuDNN (padding mask); in training,
+  with dropout on the probabilities, it keeps the explicit softmax."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  mha = layers.MultiHeadAttention(32, 4, dropout=0.1, rngs=nnx.Rngs(0))
+  x = jax.ShapeDtypeStruct((2, 10, 32), jnp.bfloat16)
+  padding = jax.ShapeDtypeStruct((2, 10), jnp.bool_)
+  graphdef, params = nnx.split(mha)
+
+  def lowered(train: bool) -> str:
+    def f(params, x, padding):
+      module = nnx.merge(graphdef, params)
+      module.eval() if not train else module.train()
+      return module(x, x, x, key_padding_mask=padding)[0]
+    with pytest.MonkeyPatch.context() as patch, layers.target_platform('cuda'):
+      patch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 90800)
+      return jax.jit(f).trace(params, x, padding).lower(lowering_platforms=('cuda',)).as_text()
+
+  evaluation = lowered(train=False)
+  assert '__cudnn$fmhaSoftmax' in evaluation and 'PADDING' in evaluation
+  assert '__cudnn$fmha' not in lowered(train=True)
+
+
+def test_valid_keys_first_with_lengths_equals_the_key_padding_mask():
+  """The exact rewrite the cuDNN path makes of a key padding mask that is not a prefix:
+  valid keys moved first, then sequence lengths. float32 XLA against the masked softmax."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, 6, 2, 8)), jnp.float32) for _ in range(3))
+  padding = jnp.asarray([[False, True, False, True, True, False],
+                         [True, False, False, False, False, False],
+                         [False] * 6])
+  lengths, k2, v2 = layers.valid_keys_first(padding, k, v)
+  np.testing.assert_array_equal(lengths, [3, 5, 6])
+  out = layers.dot_product_attention(q, k2, v2, kv_lengths=lengths, implementation='xla',
+                                     site='test', scale=0.5)
+  logits = jnp.einsum('btnh,bsnh->bnts', q, k) * 0.5
+  weights = jax.nn.softmax(jnp.where(padding[:, None, None], -jnp.inf, logits), axis=-1)
+  np.testing.assert_allclose(out, jnp.einsum('bnts,bsnh->btnh', weights, v), rtol=1e-6,
+                             atol=1e-6)
+
+
+def test_cudnn_refusals_fall_back_to_xla_with_one_log_line(caplog):
+  """float32 is refused (cuDNN takes bf16 / fp16): the call runs XLA's attention and says so
+  once per call site and reason, however often it is traced."""
+  from jax._src.cudnn import fused_attention_stablehlo
+  q = jnp.ones((1, 4, 2, 8), jnp.float32)
+  with pytest.MonkeyPatch.context() as patch, caplog.at_level('WARNING'):
+    patch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 90800)
+    assert layers.cudnn_refusal(q, q, q).startswith('dtype float32')
+    assert layers.cudnn_refusal(q.astype(jnp.bfloat16), q.astype(jnp.bfloat16),
+                                q.astype(jnp.bfloat16)) is None
+    for _ in range(2):
+      out = layers.dot_product_attention(q, q, q, implementation='cudnn', site='test site')
+  np.testing.assert_allclose(out, q)
+  lines = [r.getMessage() for r in caplog.records if 'test site' in r.getMessage()]
+  assert len(lines) == 1 and 'dtype float32' in lines[0], lines
