@@ -20,7 +20,7 @@ One module per role; the names below are the package's interface (`layers.linear
 """
 from capenext_jax.models.layers.attention import (ATTENTION_AUTO, ATTENTION_REFERENCE, ATTENTIONS,
                                                   MultiHeadAttention, attention_implementation,
-                                                  cudnn_refusal, current_platform,
+                                                  cudnn_refusal, cudnn_version, current_platform,
                                                   dot_product_attention, log_fallback,
                                                   target_platform, valid_keys_first)
 from capenext_jax.models.layers.cpu_kernels import contract_tokens, dense, sum_rows
@@ -43,6 +43,7 @@ __all__ = [
     'MultiHeadAttention',
     'attention_implementation',
     'cudnn_refusal',
+    'cudnn_version',
     'current_platform',
     'dot_product_attention',
     'log_fallback',
