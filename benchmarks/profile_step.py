@@ -44,6 +44,8 @@ import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import measure  # noqa: E402
 from capenext_jax import losses  # noqa: E402
 from capenext_jax.models import layers, swin_v2  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
@@ -58,8 +60,9 @@ PROFILE_STEPS = 3
 class Capture:
   """The output folder, the time budget and the summary written after every phase."""
 
-  def __init__(self, out: str, budget_s: float):
+  def __init__(self, out: str, budget_s: float, only: str = ''):
     self.out, self.budget_s, self.t0 = out, budget_s, time.time()
+    self.only = [p for p in only.split(',') if p]
     self.summary: dict = {'skipped': [], 'errors': {}, 'phase_s': {}}
     os.makedirs(os.path.join(out, 'hlo'), exist_ok=True)
 
@@ -75,6 +78,8 @@ class Capture:
 
   def phase(self, name: str, need_s: float, fn) -> None:
     """Run fn() if need_s seconds are left; record its error (and go on) or its time."""
+    if self.only and not any(name.startswith(p) for p in self.only):
+      return
     if self.left() < need_s:
       self.summary['skipped'].append(name)
       print(f'[skip] {name} ({self.left():.0f} s left, needs {need_s:.0f})', flush=True)
@@ -313,20 +318,12 @@ class Steps:
     memory = compiled.memory_analysis()
     if memory is not None:
       record['temp_GiB'] = round(memory.temp_size_in_bytes / 2**30, 3)
-    state = self.state
-    for _ in range(2):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready(state)
-    t = time.perf_counter()
-    for _ in range(self.steps):
-      state, metrics = compiled(state, batch)
-    jax.block_until_ready((state, metrics))
-    step_s = (time.perf_counter() - t) / self.steps
-    stats = jax.devices()[0].memory_stats() or {}
+    step_s, state, metrics = measure.time_steps(compiled, self.state, batch, warmup=2,
+                                                steps=self.steps)
+    peak = measure.device_peak_bytes()
     record.update(step_ms=round(step_s * 1e3, 3), samples_per_s=round(batch_size / step_s, 1),
                   finite=bool(metrics['finite']),
-                  peak_GiB=(round(stats['peak_bytes_in_use'] / 2**30, 2)
-                            if 'peak_bytes_in_use' in stats else None))
+                  peak_GiB=None if peak is None else round(peak / 2**30, 2))
     if profile:
       trace_dir = os.path.join(capture.out, 'trace', name)
       with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
@@ -344,10 +341,6 @@ class Steps:
     self.state = state        # donated: the step hands back the one to use next
     print(name, {k: v for k, v in record.items() if k != 'census'}, flush=True)
     return record
-
-
-def is_out_of_memory(e: Exception) -> bool:
-  return 'RESOURCE_EXHAUSTED' in str(e) or 'out of memory' in str(e).lower()
 
 
 def components(capture: Capture, steps: Steps, batch_size: int) -> None:
@@ -400,11 +393,12 @@ def main(argv=None) -> int:
   parser.add_argument('--attentions', default='auto,xla')
   parser.add_argument('--steps', type=int, default=10, help='timed steps per measurement')
   parser.add_argument('--tiny', action='store_true', help='the CPU test size (wiring check)')
+  parser.add_argument('--only', default='', help='comma-separated phase-name prefixes to run')
   args = parser.parse_args(argv)
   if args.tiny:
     args.batches = ','.join(str(max(1, int(b) // 64)) for b in args.batches.split(','))
     args.steps = min(args.steps, 2)
-  capture = Capture(args.out, args.budget)
+  capture = Capture(args.out, args.budget, args.only)
   env = versions()
   capture.summary['env'] = env
   with open(os.path.join(args.out, 'env.json'), 'w') as f:
@@ -421,17 +415,17 @@ def main(argv=None) -> int:
     for attention in args.attentions.split(','):
       first = batch_size == batches[0]
 
-      def measure(attention=attention, batch_size=batch_size, first=first):
+      def run_step(attention=attention, batch_size=batch_size, first=first):
         try:
           results[f'{attention}_b{batch_size}'] = steps.run(
               capture, attention, batch_size, inspect=first,
               profile=first and attention == layers.ATTENTION_AUTO)
         except Exception as e:  # noqa: BLE001 (out of memory is a result, the rest raises)
-          if not is_out_of_memory(e):
+          if not measure.is_out_of_memory(e):
             raise
           results[f'{attention}_b{batch_size}'] = 'OOM'
           steps.state = None     # the donated state may be gone with the failed step
-      capture.phase(f'step_{attention}_b{batch_size}', (150 if first else 100) * scale, measure)
+      capture.phase(f'step_{attention}_b{batch_size}', (150 if first else 100) * scale, run_step)
   capture.phase('components', 90 * scale, lambda: components(capture, steps, batches[0]))
   capture.save()
   print(json.dumps({k: v for k, v in capture.summary.items() if k != 'env'},
