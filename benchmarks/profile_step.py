@@ -370,7 +370,7 @@ def components(capture: Capture, steps: Steps, batch_size: int) -> None:
   timeit('backbone_fwd', backbone_loss, backbone_params, image)
   timeit('backbone_fwd_bwd', jax.grad(backbone_loss), backbone_params, image)
   timeit('clip_image_tower_fwd', lambda x: model.encode_query_image(x), image)
-  feature = model.backbone(image)
+  feature = jax.jit(lambda p, x: backbone(p)(x))(backbone_params, image)
   head, head_params = split(model.head)
   text = batch['keypoint_text'].astype(jnp.bfloat16)
   mask, adjacency = batch['support_mask'], batch['adjacency'].astype(jnp.bfloat16)
