@@ -4,6 +4,8 @@ Imports only jax (the accelerator hosts have no TensorFlow and no ml_collections
 """
 from __future__ import annotations
 
+import time
+
 import jax
 
 # Dense peak FLOP/s per chip (vendor data sheets) by compute dtype; 'float32' is the true fp32
@@ -58,6 +60,19 @@ def device_peak_bytes() -> int | None:
   """The device allocator's peak so far in this process (GPUs / TPUs; None on CPU)."""
   stats = jax.devices()[0].memory_stats()
   return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def time_steps(compiled, state, batch, *, warmup: int, steps: int):
+  """(seconds per step, state, metrics) of a compiled train step that donates its state:
+  `warmup` steps, then `steps` back to back with one wait at the end."""
+  for _ in range(warmup):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready((state, metrics))
+  return (time.perf_counter() - t0) / steps, state, metrics
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -63,14 +63,8 @@ def time_batch(train_step, state, batch_size: int, config: CapeNextConfig, args)
   compiled = train_step.lower(state, batch).compile()
   compile_s = time.perf_counter() - t0
   flops = measure.compiled_flops(compiled)
-  for _ in range(args.warmup):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready(state)
-  t0 = time.perf_counter()
-  for _ in range(args.steps):
-    state, metrics = compiled(state, batch)
-  jax.block_until_ready((state, metrics))
-  step_s = (time.perf_counter() - t0) / args.steps
+  step_s, state, metrics = measure.time_steps(compiled, state, batch, warmup=args.warmup,
+                                              steps=args.steps)
   kind = jax.devices()[0].device_kind
   util = measure.mfu(flops, step_s, kind, args.dtype)
   record = {

@@ -47,12 +47,12 @@ class CapeNextConfig:
   dtype: 'float32' (the parity mode) or 'bfloat16': the compute dtype of the model, CLIP image
     tower included. Parameters (and so Adam state) stay float32 and are cast at use; softmax,
     LayerNorm / BatchNorm statistics, the similarity logits and soft-argmaxes, the keypoints
-    and the losses are float32 (models/layers.py). Text embeddings are read in float32 and cast.
+    and the losses are float32 (models/layers/). Text embeddings are read in float32 and cast.
   remat: 'none', 'blocks' (recompute each backbone block and head layer in the backward pass,
     keeping only its input) or a `jax.checkpoint_policies` name (what such a block may keep).
-  attention: the attention kernel of the Swin / ViT backbones (`layers.ATTENTIONS`): 'auto'
-    (hand-written on CPU, `jax.nn.dot_product_attention` elsewhere), 'reference', 'fused',
-    'xla', 'cudnn'.
+  attention: the attention kernels (`layers.ATTENTIONS`; every attention of the model):
+    'auto' (hand-written on CPU, cuDNN's fused attention on CUDA GPUs where it takes the call
+    and XLA's where not, XLA's on TPUs), 'reference', 'fused', 'xla', 'cudnn'.
   """
   backbone: Any = SwinV2Config()
   clip: CLIPConfig = CLIPConfig()
@@ -169,8 +169,8 @@ class CapeNext(nnx.Module):
     self._set_compute()
 
   def _set_compute(self):
-    """Hand `config.remat` to the modules with block loops and `config.attention` to the Swin /
-    ViT attentions (`dtype` is read in `__call__`)."""
+    """Hand `config.remat` to the modules with block loops and `config.attention` to every
+    attention module (`dtype` is read in `__call__`)."""
     self.set_attributes(remat=self.config.remat, attention=self.config.attention,
                         raise_if_not_found=False)
 

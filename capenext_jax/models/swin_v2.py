@@ -152,21 +152,6 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- initialisers
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _timm_trunc_normal(key, shape, dtype=jnp.float32):
-  """timm's `trunc_normal_(std=.02)`: the bounds are +-2 absolute, i.e. +-100 std. Jitted so
-  that eager model construction compiles one program per weight shape, not one per op."""
-  return 0.02 * jax.random.truncated_normal(key, -100.0, 100.0, shape, dtype)
-
-
-def _swin_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs,
-                 use_bias: bool = True) -> layers.Linear:
-  """Linear with the official `_init_weights`: trunc-normal(0.02) weight, zero bias."""
-  lin = layers.linear(in_features, out_features, rngs=rngs, use_bias=use_bias, init='zeros')
-  lin.kernel.value = _timm_trunc_normal(rngs.params(), tuple(lin.kernel.value.shape))
-  return lin
-
-
 def _zero_layer_norm(dim: int, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
   """Res-post-norm LayerNorm, zeroed as by `_init_respostnorm` (blocks start as identities)."""
   norm = layers.layer_norm(dim, rngs=rngs)
@@ -190,10 +175,11 @@ class PatchEmbed(nnx.Module):
 class WindowAttention(nnx.Module):
   """Cosine window self-attention with a continuous (MLP) relative position bias.
 
-  `attention` (set by CapeNext from `CapeNextConfig.attention`) picks the kernel: 'reference'
-  `biased_attention` (hand-written backward), 'xla' / 'cudnn' `jax.nn.dot_product_attention`
-  with that implementation, 'fused' the same letting JAX pick, 'auto' the reference on CPU and
-  'fused' elsewhere.
+  `attention` (set by CapeNext from `CapeNextConfig.attention`) picks the kernel
+  (`layers.attention_implementation`): 'reference' `biased_attention` (hand-written backward),
+  else `fused_biased_attention` with that implementation ('cudnn': cuDNN's fused attention
+  where it takes the call, XLA elsewhere; 'xla' / None: XLA). 'auto' is the reference on CPU,
+  'cudnn' on CUDA GPUs, 'xla' elsewhere.
   """
 
   def __init__(self, dim: int, num_heads: int, window: int, pretrained_window: int, *,
@@ -203,10 +189,10 @@ class WindowAttention(nnx.Module):
     self.logit_scale = nnx.Param(jnp.full((num_heads, 1, 1), math.log(10.0), jnp.float32))
     self.q_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
     self.v_bias = nnx.Param(jnp.zeros((dim,), jnp.float32))
-    self.qkv = _swin_linear(dim, 3 * dim, use_bias=False, rngs=rngs)
-    self.proj = _swin_linear(dim, dim, rngs=rngs)
-    self.cpb_mlp_0 = _swin_linear(2, CPB_HIDDEN, rngs=rngs)
-    self.cpb_mlp_2 = _swin_linear(CPB_HIDDEN, num_heads, use_bias=False, rngs=rngs)
+    self.qkv = layers.trunc_normal_linear(dim, 3 * dim, use_bias=False, rngs=rngs)
+    self.proj = layers.trunc_normal_linear(dim, dim, rngs=rngs)
+    self.cpb_mlp_0 = layers.trunc_normal_linear(2, CPB_HIDDEN, rngs=rngs)
+    self.cpb_mlp_2 = layers.trunc_normal_linear(CPB_HIDDEN, num_heads, use_bias=False, rngs=rngs)
 
   def position_bias(self) -> jax.Array:
     """[heads, N, N] bias 16 * sigmoid(cpb_mlp(table)) gathered per token pair."""
@@ -227,22 +213,27 @@ class WindowAttention(nnx.Module):
                             self.v_bias.value]).astype(x.dtype)
     qkv = layers.dense(x, self.qkv.kernel[...].astype(x.dtype), bias)
     qkv = qkv.reshape(b, nw, n, 3, h, c // h)
-    # Head-major [3, B, nW, h, N, d]: every attention product is then a plain batched matmul
-    # (with heads between window and token, XLA:CPU ran the logits product at half speed).
-    q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)
     # The per-head scale multiplies q (N*d values per head) rather than the logits (N*N):
     # the same product, but no pass over the large logits tensor, and its backward needs no
     # saved copy of the unscaled logits.
     scale = jnp.exp(jnp.minimum(self.logit_scale.value, MAX_LOGIT_SCALE))   # [h, 1, 1]
-    q = (_l2_normalize(q.astype(jnp.float32)) * scale).astype(x.dtype)
-    k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
     mask = None if mask is None else jnp.asarray(mask)
     implementation = layers.attention_implementation(self.attention)
     if implementation == layers.ATTENTION_REFERENCE:
-      out = biased_attention(q, k, v, self.position_bias(), mask)
+      # Head-major [3, B, nW, h, N, d]: every attention product is then a plain batched
+      # matmul (with heads between window and token, XLA:CPU ran the logits product at half
+      # speed).
+      q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)
+      q = (_l2_normalize(q.astype(jnp.float32)) * scale).astype(x.dtype)
+      k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
+      out = biased_attention(q, k, v, self.position_bias(), mask).transpose(0, 1, 3, 2, 4)
     else:
+      # Token-major [B, nW, N, h, d], the layout the qkv product writes (no transpose).
+      q, k, v = (qkv[:, :, :, i] for i in range(3))
+      q = (_l2_normalize(q.astype(jnp.float32)) * scale.reshape(h, 1)).astype(x.dtype)
+      k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
       out = fused_biased_attention(q, k, v, self.position_bias(), mask, implementation)
-    return self.proj(out.transpose(0, 1, 3, 2, 4).reshape(b, nw, n, c))
+    return self.proj(out.reshape(b, nw, n, c))
 
 
 @jax.custom_vjp
@@ -294,37 +285,38 @@ biased_attention.defvjp(_biased_attention_fwd, _biased_attention_bwd)
 
 def fused_biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, position_bias: jax.Array,
                            mask: jax.Array | None, implementation: str | None) -> jax.Array:
-  """`biased_attention` through `jax.nn.dot_product_attention` (fused kernels off CPU).
+  """`biased_attention` through `layers.dot_product_attention` (cuDNN's fused attention on
+  CUDA GPUs, with its logged XLA fallback; XLA elsewhere).
 
-  Windows are independent, like heads, so they are folded into the heads axis: q, k, v
-  [B, nW, h, N, d] -> [B, N, nW*h, d], and the bias (position bias plus the shifted-window
-  mask) is one [1, nW*h, N, N] array shared by the batch instead of a per-sample copy. The
-  logit scale is already in q, hence scale=1. implementation: None (JAX picks), 'xla',
-  'cudnn' (which wants the bias in q's dtype). Returns [B, nW, h, N, d].
+  q, k, v: [B, nW, N, h, d] (token-major, as the qkv product writes them); position_bias
+  [h, N, N]; mask: constant [nW, N, N] or None. Windows are independent, like samples and
+  heads. Without a mask they go into the batch axis ([B*nW, N, h, d], a free reshape) and the
+  bias is the position bias alone, [1, h, N, N]. With the shifted-window mask they go into
+  the heads axis ([B, N, nW*h, d], one transpose of q, k, v and out) so that the bias,
+  position bias plus mask, stays one [1, nW*h, N, N] array shared by the batch rather than a
+  per-sample copy. cuDNN adds the bias in q's dtype (bfloat16 in training: the position bias
+  is at most 16, so its rounding is at most 2^-4) and returns its gradient, which flows back
+  to the position-bias MLP. The logit scale is already in q, hence scale=1.
+  Returns [B, nW, N, h, d].
   """
-  b, nw, h, n, d = q.shape
-  fold = lambda t: t.transpose(0, 3, 1, 2, 4).reshape(b, n, nw * h, d)
-  bias = position_bias[None] if mask is None else position_bias[None] + mask[:, None]
-  bias = jnp.broadcast_to(bias, (nw, h, n, n)).reshape(1, nw * h, n, n)
-  if implementation == 'cudnn':
-    bias = bias.astype(q.dtype)
-  out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias, scale=1.0,
-                                     implementation=implementation)
-  return out.reshape(b, n, nw, h, d).transpose(0, 2, 3, 1, 4)
+  b, nw, n, h, d = q.shape
+  if mask is None:
+    fold = lambda t: t.reshape(b * nw, n, h, d)
+    out = layers.dot_product_attention(fold(q), fold(k), fold(v), bias=position_bias[None],
+                                       scale=1.0, implementation=implementation,
+                                       site=f'Swin window attention ({n} tokens, {h} heads)')
+    return out.reshape(b, nw, n, h, d)
+  fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(b, n, nw * h, d)
+  bias = (position_bias[None] + mask[:, None]).reshape(1, nw * h, n, n)
+  out = layers.dot_product_attention(
+      fold(q), fold(k), fold(v), bias=bias, scale=1.0, implementation=implementation,
+      site=f'Swin shifted-window attention ({n} tokens, {nw}x{h} heads)')
+  return out.reshape(b, n, nw, h, d).transpose(0, 2, 1, 3, 4)
 
 
 def _l2_normalize(x: jax.Array) -> jax.Array:
   """`F.normalize(x, dim=-1)`: x / max(||x||, 1e-12)."""
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.fc1 = _swin_linear(dim, hidden, rngs=rngs)
-    self.fc2 = _swin_linear(hidden, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(layers.gelu(self.fc1(x)))
 
 
 class SwinBlock(nnx.Module):
@@ -340,7 +332,7 @@ class SwinBlock(nnx.Module):
     self.attn = WindowAttention(dim, config.num_heads[stage], self.window,
                                 config.pretrained_window_sizes[stage], rngs=rngs)
     self.norm2 = _zero_layer_norm(dim, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
+    self.mlp = layers.Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -363,7 +355,7 @@ class PatchMerging(nnx.Module):
   """2x2 neighbourhood to channels, Linear(4C -> 2C, no bias), then LN: [B,H,W,C] -> [B,H/2,W/2,2C]."""
 
   def __init__(self, dim: int, *, rngs: nnx.Rngs):
-    self.reduction = _swin_linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
+    self.reduction = layers.trunc_normal_linear(4 * dim, 2 * dim, use_bias=False, rngs=rngs)
     self.norm = layers.layer_norm(2 * dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:

@@ -202,19 +202,6 @@ def dinov2_position_resample(pos_grid: int, grid: int, offset: float) -> np.ndar
 
 
 # ----------------------------------------------------------------------------- initialisers
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _trunc_normal(key, shape, std: float = 0.02):
-  """timm's `trunc_normal_(std)`: the bounds are +-2 absolute, i.e. +-100 std at 0.02."""
-  return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, jnp.float32)
-
-
-def _vit_linear(in_features: int, out_features: int, *, rngs: nnx.Rngs) -> layers.Linear:
-  """Linear with timm's `init_weights_vit_timm` (also DINOv2's): trunc-normal(0.02), zero bias."""
-  lin = layers.linear(in_features, out_features, rngs=rngs, init='zeros')
-  lin.kernel.value = _trunc_normal(rngs.params(), tuple(lin.kernel.value.shape))
-  return lin
-
-
 def _layer_norm(dim: int, *, rngs: nnx.Rngs) -> layers.LayerNorm:
   return layers.layer_norm(dim, epsilon=VIT_LN_EPS, rngs=rngs)
 
@@ -235,13 +222,14 @@ class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (channels `[3, heads, head_dim]`).
 
   `attention` (CapeNextConfig.attention, set by CapeNext) picks the kernel as in Swin's
-  `WindowAttention`: the explicit softmax below, or `jax.nn.dot_product_attention`.
+  `WindowAttention`: the explicit softmax below, or `layers.dot_product_attention` (cuDNN's
+  fused attention on CUDA GPUs under 'auto', with a logged XLA fallback).
   """
 
   def __init__(self, dim: int, num_heads: int, *, rngs: nnx.Rngs):
     self.num_heads = num_heads
-    self.qkv = _vit_linear(dim, 3 * dim, rngs=rngs)
-    self.proj = _vit_linear(dim, dim, rngs=rngs)
+    self.qkv = layers.trunc_normal_linear(dim, 3 * dim, rngs=rngs)
+    self.proj = layers.trunc_normal_linear(dim, dim, rngs=rngs)
     self.attention = layers.ATTENTION_AUTO
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -252,7 +240,8 @@ class Attention(nnx.Module):
     implementation = layers.attention_implementation(self.attention)
     if implementation != layers.ATTENTION_REFERENCE:
       q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 1, 3, 4)
-      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+      out = layers.dot_product_attention(q, k, v, scale=scale, implementation=implementation,
+                                         site=f'ViT attention ({n} tokens, {h} heads)')
       return self.proj(out.reshape(b, n, c))
     # Head-major [3, B, h, N, d], so both attention products are plain batched matmuls.
     q, k, v = self.qkv(x).reshape(b, n, 3, h, c // h).transpose(2, 0, 3, 1, 4)
@@ -261,15 +250,6 @@ class Attention(nnx.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum('bhqk,bhkd->bhqd', weights, v)
     return self.proj(out.transpose(0, 2, 1, 3).reshape(b, n, c))
-
-
-class Mlp(nnx.Module):
-  def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs):
-    self.fc1 = _vit_linear(dim, hidden, rngs=rngs)
-    self.fc2 = _vit_linear(hidden, dim, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(layers.gelu(self.fc1(x)))
 
 
 class LayerScale(nnx.Module):
@@ -290,7 +270,7 @@ class Block(nnx.Module):
     self.norm1 = _layer_norm(dim, rngs=rngs)
     self.attn = Attention(dim, config.num_heads, rngs=rngs)
     self.norm2 = _layer_norm(dim, rngs=rngs)
-    self.mlp = Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
+    self.mlp = layers.Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
     scaled = config.layer_scale is not None
     self.ls1 = LayerScale(dim, config.layer_scale) if scaled else None
     self.ls2 = LayerScale(dim, config.layer_scale) if scaled else None
@@ -313,7 +293,7 @@ class VisionTransformer(nnx.Module):
     d = config.embed_dim
     self.patch_embed = PatchEmbed(config, rngs=rngs)
     self.cls_token = nnx.Param(1e-6 * jax.random.normal(rngs.params(), (1, 1, d), jnp.float32))
-    self.pos_embed = nnx.Param(_trunc_normal(rngs.params(), (1, 1 + config.pos_grid ** 2, d)))
+    self.pos_embed = nnx.Param(layers.trunc_normal(rngs.params(), (1, 1 + config.pos_grid ** 2, d)))
     self.mask_token = nnx.Param(jnp.zeros((1, d), jnp.float32)) if config.mask_token else None
     self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.depth)])
     self.norm = _layer_norm(d, rngs=rngs)

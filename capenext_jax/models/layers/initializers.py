@@ -1,0 +1,53 @@
+"""Initialisers: PyTorch's and timm's weight inits, and the Rngs a model is built with."""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def init_rngs(seed: int) -> nnx.Rngs:
+  """`nnx.Rngs(seed)` for building a model: the same keys, drawn with counters that live on
+  the host, so building under a trace (jit, eval_shape) stays linear in the model's size.
+
+  Each draw of a plain `nnx.Rngs` updates a traced counter, and flax's update asks the new
+  tracer for its `.sharding`; jax's "not available" error message behind that attribute walks
+  the whole trace built so far, so tracing a model's construction grew quadratically (the
+  full-size `init_state` took 45 s on CPU with it, 35 s without: benchmarks/startup.py). A
+  numpy counter is never traced. Its reads hand out copies, because the trace holds on to the
+  numpy constants it sees and the counter is updated in place. The model keeps no reference to these counters (dropout streams are forks).
+  """
+  rngs = nnx.Rngs(seed)
+  for _, stream in rngs.items():
+    stream.count.set_raw_value(np.zeros(stream.count.shape, np.uint32))
+    stream.count.set_metadata('on_get_value', lambda _, count: np.array(count))
+  return rngs
+
+
+def uniform(bound: float):
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  return init
+
+
+def xavier_uniform(fan_in: int, fan_out: int):
+  """`nn.init.xavier_uniform_` for a matrix whose torch shape is `[fan_out, fan_in]`."""
+  return uniform(math.sqrt(6.0 / (fan_in + fan_out)))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def trunc_normal(key, shape, std: float = 0.02, dtype=jnp.float32):
+  """timm's `trunc_normal_(std)`: the bounds are +-2 absolute, i.e. +-100 std at 0.02. Jitted
+  so that eager model construction compiles one program per weight shape, not one per op."""
+  return std * jax.random.truncated_normal(key, -2.0 / std, 2.0 / std, shape, dtype)
+
+
+def kaiming_normal_fan_out(key, shape, dtype=jnp.float32):
+  """`nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')` of a conv kernel
+  `[kh, kw, in, out]` (torchvision's and mmpose's ResNet init)."""
+  kh, kw, _, out = shape
+  return math.sqrt(2.0 / (out * kh * kw)) * jax.random.normal(key, shape, dtype)
