@@ -14,10 +14,13 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+
+from capenext_jax import export
 from capenext_jax.convert import backbones as backbone_convert
 from capenext_jax.convert import clip as clip_convert
 from capenext_jax.convert import head as head_convert
 from capenext_jax.convert.torch_io import load_state_dict
+from capenext_jax.models import backbones
 from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.models.clip import CLIPConfig
 from capenext_jax.models.fusion import (CROSS_ATTENTION_ENCODER, CROSS_ATTENTION_LAYER,
@@ -139,8 +142,6 @@ def infer_model_config(state_dict: Mapping[str, np.ndarray], params: Mapping
   (`backbones.PRESETS`: official and CPU test sizes, with the fusion variant its keys show).
   ValueError when none fits (a size of one's own: the checkpoint does not say it) or several
   do. Each candidate is an abstract build (`export.check_fits`): milliseconds to a second."""
-  from capenext_jax import export   # export imports jax and flax: only this function needs them
-  from capenext_jax.models import backbones
   official = official_model_config(state_dict)
   arch = backbones.arch_of(official.backbone)
   fits = []

@@ -19,6 +19,8 @@ import functools
 import json
 import os
 
+from capenext_jax.text.tokenizer import CONTEXT_LENGTH, default_tokenizer
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _TABLE_PATH = os.path.join(_HERE, 'regular_descriptions.json')
 VARIANTS_PATH = os.path.join(_HERE, 'description_variants.json')
@@ -85,7 +87,6 @@ def regular_descriptions(category: dict) -> list[str]:
 def check_descriptions(descriptions, source: str) -> list[str]:
   """Problems of the descriptions a category uses (its first K), each naming the keypoint index
   and `source` (where the names come from): empty names and names longer than CLIP's context."""
-  from capenext_jax.text.tokenizer import CONTEXT_LENGTH, default_tokenizer  # ~0.5 s, once
   problems = []
   for index, text in enumerate(descriptions):
     if not str(text).strip():
