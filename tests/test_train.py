@@ -135,6 +135,41 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
     np.testing.assert_array_equal(uninterrupted[k], resumed[k])
 
 
+def test_resume_with_another_model_is_refused_but_another_compute_is_not(tmp_path):
+  """The restart check (training/workdir.py, which the loop runs before building anything) on a
+  workdir holding a checkpoint: another backbone, fusion module or model size is another run and
+  is refused, naming the field; how the same model computes (dtype, remat, attention kernel,
+  matmul precision) leaves the checkpoint's layout unchanged and resumes."""
+  from capenext_jax.training import workdir
+  wd = tmp_path / 'run'
+  (wd / 'checkpoints' / '4').mkdir(parents=True)
+  (wd / 'config.json').write_text(tiny_config().to_json(indent=1))
+
+  compute = tiny_config()
+  compute.model.dtype, compute.model.remat, compute.model.attention = 'bfloat16', 'blocks', 'xla'
+  compute.precision = 'default'
+  workdir.check_resume_config(compute, wd)
+
+  def another(change):
+    c = tiny_config()
+    change(c)
+    c.model.dtype = 'bfloat16'   # never named beside a refused field
+    return c
+
+  for change, named in (
+      (lambda c: c.update(model=tiny_config(backbone='resnet_tiny').model),
+       r"model.backbone.arch: 'swin_v2' -> 'resnet'"),
+      (lambda c: c.model.backbone.update(embed_dim=64), r'model.backbone.embed_dim: 16 -> 64'),
+      (lambda c: c.model.fusion.update(module='CrossAttentionLayer'),
+       r"model.fusion.module: '<absent>' -> 'CrossAttentionLayer'"),
+      (lambda c: setattr(c.model, 'fusion', None), r"model.fusion: '<absent>' -> None"),
+      (lambda c: c.model.head.update(d_model=64), r'model.head.d_model: 32 -> 64')):
+    with pytest.raises(ValueError, match=r'another config \(' + named) as refused:
+      workdir.check_resume_config(another(change), wd)
+    assert 'model.dtype' not in str(refused.value)
+  assert (wd / 'config.json').read_text() == tiny_config().to_json(indent=1)
+
+
 def test_non_finite_loss_is_named(tmp_path):
   c = tiny_config(2)
   c.optim.lr = 1e30   # the first update blows the params up; step 1's loss is not finite
