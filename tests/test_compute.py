@@ -63,7 +63,8 @@ def _matmul_flops(jaxpr, out):
   return out
 
 
-def _loss_and_grad_jaxpr(config: CapeNextConfig):
+def _loss_and_grad_jaxpr(config: CapeNextConfig, grad: bool = True):
+  """The jaxpr of the eval-mode loss and its parameter gradients (grad=False: the loss alone)."""
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=layers.init_rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -77,7 +78,35 @@ def _loss_and_grad_jaxpr(config: CapeNextConfig):
             keypoint_text=batch['keypoint_text'], category_text=batch['category_text'])
     return loss_fn(out, batch)['loss']
 
-  return jax.make_jaxpr(jax.value_and_grad(loss))(params, rest, batch)
+  return jax.make_jaxpr(jax.value_and_grad(loss) if grad else loss)(params, rest, batch)
+
+
+def _bfloat16_computations(jaxpr, out):
+  """Count the primitives of `jaxpr` (and its sub-jaxprs) with a bfloat16 result into `out`."""
+  for eqn in jaxpr.eqns:
+    if any(getattr(v.aval, 'dtype', None) == jnp.bfloat16 for v in eqn.outvars):
+      out[eqn.primitive.name] = out.get(eqn.primitive.name, 0) + 1
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          _bfloat16_computations(sub.jaxpr, out)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          _bfloat16_computations(sub, out)
+  return out
+
+
+# What the bfloat16 forward may compute in bfloat16: products (matmul and convolution outputs),
+# sums of two terms (residuals, biases), scaling, ReLU / GELU / sigmoid, max pooling (it picks
+# one of its inputs: exact in any dtype), casts, and moving data.
+# Everything that accumulates or amplifies rounding stays float32: reductions (norm statistics,
+# softmax sums, pooling, losses), exp / log / division / square roots (softmax, normalisation,
+# cosine attention) and the sines of the position encodings.
+BFLOAT16_FORWARD_OPS = {
+    'dot_general', 'conv_general_dilated', 'add', 'mul', 'max', 'erf', 'logistic',
+    'reduce_window_max',
+    'convert_element_type', 'broadcast_in_dim', 'concatenate', 'reshape', 'slice', 'squeeze',
+    'stack', 'transpose', 'pad', 'select_n', 'rev', 'stop_gradient',
+    'jit', 'pjit', 'custom_jvp_call', 'custom_vjp_call'}
 
 
 @pytest.mark.parametrize('backbone', [
@@ -98,25 +127,41 @@ def test_bfloat16_model_runs_its_matmuls_in_bfloat16(backbone):
       assert bf16 == 0
     else:
       assert bf16 / total > 0.9, (backbone, bf16 / total)
+  # The float32 islands of the forward, exactly: a norm or softmax computed in the compute dtype
+  # moves the fidelity numbers below by about their own noise, but shows here as a bfloat16
+  # reduction or exp.
+  forward = _bfloat16_computations(_loss_and_grad_jaxpr(_tiny(backbone, dtype='bfloat16'),
+                                                        grad=False).jaxpr, {})
+  assert forward.keys() <= BFLOAT16_FORWARD_OPS, set(forward) - BFLOAT16_FORWARD_OPS
+  assert forward['dot_general'] > 10 and forward['add'] > 10
 
 
 # ----------------------------------------------------------------------------- fidelity
-def _check_fidelity(result: dict):
+def _check_fidelity(result: dict, keypoint_mean: float = bf16_fidelity.BOUNDS['keypoint_mean']):
   assert result['keypoint_max'] <= bf16_fidelity.BOUNDS['keypoint_max'], result
-  assert result['keypoint_mean'] <= bf16_fidelity.BOUNDS['keypoint_mean'], result
+  assert result['keypoint_mean'] <= keypoint_mean, result
   assert result['loss_rel'] <= bf16_fidelity.BOUNDS['loss_rel'], result
   assert result['argmax_moved'] <= bf16_fidelity.MAX_MOVED * result['keypoints_counted'], result
-  assert result['ok'] is True
   json.dumps(result)   # the tool prints it
+
+
+# The fixture's mean keypoint distance is 2.85e-3 of the crop side on both an AVX-512 Xeon and an
+# AVX2 EPYC: the rounding of bfloat16 itself, averaged over only 24 keypoints, too close to the
+# tool's 3e-3 for another CPU's bfloat16 kernels or jax version. A float32 island lost to
+# bfloat16 (the fusion / head attention's softmax in bfloat16 measured 3.50e-3) moves it by about
+# its own noise, so the sharp check of those islands is the op-dtype one in
+# test_bfloat16_model_runs_its_matmuls_in_bfloat16; this bound (1.5x the measured value) catches
+# gross errors (a wrong cast of coordinates or weights moves keypoints by cells).
+FIXTURE_KEYPOINT_MEAN = 4.5e-3
 
 
 def test_bfloat16_fidelity_on_the_shared_fixture():
   """The official tiny model's weights and episodes: no arg-max cell moves, keypoints within
-  1e-2 (max) / 3e-3 (mean) of the crop side, losses within 2%."""
+  1e-2 (max) / 4.5e-3 (mean, see FIXTURE_KEYPOINT_MEAN) of the crop side, losses within 2%."""
   model, batch, heatmap = bf16_fidelity.fixture_model_and_batch(FIXTURE)
   result = bf16_fidelity.compare(model, batch, heatmap)
   assert result['argmax_moved'] == 0
-  _check_fidelity(result)
+  _check_fidelity(result, FIXTURE_KEYPOINT_MEAN)
 
 
 @pytest.mark.slow
@@ -125,7 +170,9 @@ def test_bfloat16_fidelity_on_a_random_model():
   config = _tiny('tiny')
   model = CapeNext(config, rngs=nnx.Rngs(0))
   batch = bf16_fidelity.random_batch(config, 8, 0)
-  _check_fidelity(bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size)))
+  result = bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size))
+  _check_fidelity(result)
+  assert result['ok'] is True
 
 
 # ----------------------------------------------------------------------------- remat
