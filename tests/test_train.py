@@ -294,7 +294,7 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
 # layout) for two steps each. CPU time of the tiny subprocess 195 s -> 147 s. Not HRNet: compiled
 # cheaply its (1, 2) layout moved a transition kernel by 3.98e-6, past `mismatches`' atol.
 CHEAP_XLA_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in CHEAP_COMPILE.items())
-CHEAP_TWO_DEVICE_BACKBONES = ('tiny', 'resnet_tiny')
+CHEAP_TWO_DEVICE_BACKBONES = ('tiny', 'resnet_tiny', 'vit_tiny', 'dinov2_tiny')
 
 
 @pytest.mark.parametrize('backbone', BACKBONES)
