@@ -42,9 +42,21 @@ def test_compute_fields_round_trip_and_old_dicts_load():
 
 
 # ----------------------------------------------------------------------------- bf16 matmuls
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of its sub-jaxprs (jit, custom_vjp, remat, cond, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else [value]:
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _equations(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _equations(sub)
+
+
 def _matmul_flops(jaxpr, out):
   """Append (operand dtypes, FLOPs) of every dot_general / conv in `jaxpr` and its sub-jaxprs."""
-  for eqn in jaxpr.eqns:
+  for eqn in _equations(jaxpr):
     name = eqn.primitive.name
     if name in ('dot_general', 'conv_general_dilated'):
       a, b = (v.aval for v in eqn.invars[:2])
@@ -54,16 +66,11 @@ def _matmul_flops(jaxpr, out):
       else:
         k = math.prod(b.shape[:-1])   # HWIO kernel: window x input channels per output
       out.append(({str(a.dtype), str(b.dtype)}, 2 * math.prod(eqn.outvars[0].aval.shape) * k))
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (list, tuple)) else [value]:
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          _matmul_flops(sub.jaxpr, out)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          _matmul_flops(sub, out)
   return out
 
 
-def _loss_and_grad_jaxpr(config: CapeNextConfig):
+def _loss_and_grad_jaxpr(config: CapeNextConfig, grad: bool = True):
+  """The jaxpr of the eval-mode loss and its parameter gradients (grad=False: the loss alone)."""
   model = nnx.eval_shape(lambda: CapeNext(config, rngs=layers.init_rngs(0)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   batch = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
@@ -77,7 +84,27 @@ def _loss_and_grad_jaxpr(config: CapeNextConfig):
             keypoint_text=batch['keypoint_text'], category_text=batch['category_text'])
     return loss_fn(out, batch)['loss']
 
-  return jax.make_jaxpr(jax.value_and_grad(loss))(params, rest, batch)
+  return jax.make_jaxpr(jax.value_and_grad(loss) if grad else loss)(params, rest, batch)
+
+
+def _bfloat16_computations(jaxpr) -> set[str]:
+  """The primitives of `jaxpr` (and its sub-jaxprs) with a bfloat16 result."""
+  return {eqn.primitive.name for eqn in _equations(jaxpr)
+          if any(getattr(v.aval, 'dtype', None) == jnp.bfloat16 for v in eqn.outvars)}
+
+
+# What the bfloat16 forward may compute in bfloat16: products (matmul and convolution outputs),
+# sums of two terms (residuals, biases), scaling, ReLU / GELU / sigmoid, max pooling (it picks
+# one of its inputs: exact in any dtype), casts, and moving data.
+# Everything that accumulates or amplifies rounding stays float32: reductions (norm statistics,
+# softmax sums, pooling, losses), exp / log / division / square roots (softmax, normalisation,
+# cosine attention) and the sines of the position encodings.
+BFLOAT16_FORWARD_OPS = {
+    'dot_general', 'conv_general_dilated', 'add', 'mul', 'max', 'erf', 'logistic',
+    'reduce_window_max',
+    'convert_element_type', 'broadcast_in_dim', 'concatenate', 'reshape', 'slice', 'squeeze',
+    'stack', 'transpose', 'pad', 'select_n', 'rev', 'stop_gradient',
+    'jit', 'pjit', 'custom_jvp_call', 'custom_vjp_call'}
 
 
 @pytest.mark.parametrize('backbone', [
@@ -98,25 +125,41 @@ def test_bfloat16_model_runs_its_matmuls_in_bfloat16(backbone):
       assert bf16 == 0
     else:
       assert bf16 / total > 0.9, (backbone, bf16 / total)
+  # The float32 islands of the forward, exactly: a norm or softmax computed in the compute dtype
+  # moves the fidelity numbers below by about their own noise, but shows here as a bfloat16
+  # reduction or exp.
+  forward = _bfloat16_computations(_loss_and_grad_jaxpr(_tiny(backbone, dtype='bfloat16'),
+                                                        grad=False).jaxpr)
+  assert forward <= BFLOAT16_FORWARD_OPS, forward - BFLOAT16_FORWARD_OPS
+  assert {'dot_general', 'add', 'erf'} <= forward
 
 
 # ----------------------------------------------------------------------------- fidelity
-def _check_fidelity(result: dict):
+def _check_fidelity(result: dict, keypoint_mean: float = bf16_fidelity.BOUNDS['keypoint_mean']):
   assert result['keypoint_max'] <= bf16_fidelity.BOUNDS['keypoint_max'], result
-  assert result['keypoint_mean'] <= bf16_fidelity.BOUNDS['keypoint_mean'], result
+  assert result['keypoint_mean'] <= keypoint_mean, result
   assert result['loss_rel'] <= bf16_fidelity.BOUNDS['loss_rel'], result
   assert result['argmax_moved'] <= bf16_fidelity.MAX_MOVED * result['keypoints_counted'], result
-  assert result['ok'] is True
   json.dumps(result)   # the tool prints it
+
+
+# The fixture's mean keypoint distance is 2.85e-3 of the crop side on both an AVX-512 Xeon and an
+# AVX2 EPYC: the rounding of bfloat16 itself, averaged over only 24 keypoints, too close to the
+# tool's 3e-3 for another CPU's bfloat16 kernels or jax version. A float32 island lost to
+# bfloat16 (the fusion / head attention's softmax in bfloat16 measured 3.50e-3) moves it by about
+# its own noise, so the sharp check of those islands is the op-dtype one in
+# test_bfloat16_model_runs_its_matmuls_in_bfloat16; this bound (1.5x the measured value) catches
+# gross errors (a wrong cast of coordinates or weights moves keypoints by cells).
+FIXTURE_KEYPOINT_MEAN = 4.5e-3
 
 
 def test_bfloat16_fidelity_on_the_shared_fixture():
   """The official tiny model's weights and episodes: no arg-max cell moves, keypoints within
-  1e-2 (max) / 3e-3 (mean) of the crop side, losses within 2%."""
+  1e-2 (max) / 4.5e-3 (mean, see FIXTURE_KEYPOINT_MEAN) of the crop side, losses within 2%."""
   model, batch, heatmap = bf16_fidelity.fixture_model_and_batch(FIXTURE)
   result = bf16_fidelity.compare(model, batch, heatmap)
   assert result['argmax_moved'] == 0
-  _check_fidelity(result)
+  _check_fidelity(result, FIXTURE_KEYPOINT_MEAN)
 
 
 @pytest.mark.slow
@@ -125,7 +168,9 @@ def test_bfloat16_fidelity_on_a_random_model():
   config = _tiny('tiny')
   model = CapeNext(config, rngs=nnx.Rngs(0))
   batch = bf16_fidelity.random_batch(config, 8, 0)
-  _check_fidelity(bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size)))
+  result = bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size))
+  _check_fidelity(result)
+  assert result['ok'] is True
 
 
 # ----------------------------------------------------------------------------- remat
@@ -149,9 +194,11 @@ def _train_grads(model: CapeNext, batch: dict):
 
 
 # Backbone sizes with something to check: Swin with shifted windows (two blocks a stage), HRNet
-# (BatchNorm statistics updated inside the remat), ViT.
+# (BatchNorm statistics updated inside the remat), ViT. Swin's first stage has several windows
+# (8x8 tokens, window 4) AND several heads, so the fused attention's [windows x heads] bias
+# layout is checked: with one of the two axes of size 1 every fold order is the same.
 SMALL_BACKBONES = {
-    'swin': SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+    'swin': SwinV2Config(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
                          window_size=4, pretrained_window_sizes=(0, 0), drop_path_rate=0.0),
     'hrnet': backbones.preset('hrnet_tiny').config(64),
     'vit': backbones.preset('vit_tiny').config(64),
@@ -187,6 +234,18 @@ def _copy_with(module: nnx.Module, **attributes) -> nnx.Module:
 def _assert_trees_close(got, want, rtol, atol):
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+def _assert_trees_close_to_scale(got, want, rel):
+  """Every tensor within `rel` times its own largest magnitude: max|got - want| <= rel *
+  max|want|, tensor by tensor. For float32 gradients computed in another summation order: an
+  element of a gradient is a sum of many products, and reordering it moves the element by some
+  float32 epsilons of its terms, whose scale is the tensor's, not the element's own (an element
+  that cancels to near zero keeps its terms' absolute error, so a per-element rtol fails on it)."""
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    error, scale = np.abs(b - a).max(), np.abs(a).max()
+    assert error <= rel * scale, (jax.tree_util.keystr(path), error, scale)
 
 
 @pytest.mark.parametrize('name,remat', [
@@ -252,4 +311,8 @@ def test_dot_product_attention_path_equals_the_reference(name):
   y, grads = _backbone_grads(_copy_with(module, attention='reference'), x, train=False)
   y_fused, grads_fused = _backbone_grads(_copy_with(module, attention='xla'), x, train=False)
   np.testing.assert_allclose(y_fused, y, rtol=1e-5, atol=1e-5)
-  _assert_trees_close(grads_fused, grads, rtol=1e-4, atol=1e-6)
+  # 2e-5 of each tensor's scale: ~10x the largest reordering error seen (1.8e-6 of the scale,
+  # Swin's logit_scale on an AVX-512 Xeon; an AVX2 EPYC put a downsample kernel element 2.2e-6
+  # off at values ~10, past a per-element rtol=1e-4 / atol=1e-6), while a wrong attention layout
+  # (bias of another head or window) moves gradients by a sizeable fraction of their scale.
+  _assert_trees_close_to_scale(grads_fused, grads, rel=2e-5)

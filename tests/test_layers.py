@@ -254,3 +254,24 @@ def test_next_key_is_the_streams_call():
   for got in (keys(layers.next_key), jax.jit(lambda: keys(layers.next_key))()):
     jax.tree.map(np.testing.assert_array_equal, want, got)
   assert int(want[1]) == 3 and len(set(map(tuple, np.asarray(want[0])))) == 3
+
+
+def test_hash_bits_past_2_32_elements_are_pinned_and_rows_are_unrelated():
+  """Whole rows of a mask over 2^32 elements, through `hash_bits` itself (not `hash_block`, which
+  shares the outer-index fold with it): values at outer indices 1 and 4200 are pinned (exact
+  resume of a run with such a mask depends on them), and no two rows hold the same multiset of
+  bits. A fold that xor-ed the outer index into the inner index (with the key kept) would make
+  every row a permutation of row 0 while each still looked Bernoulli and independent."""
+  rows = jnp.asarray([0, 1, 4200])
+  bits = jax.jit(lambda k: layers.hash_bits(k, HUGE)[rows])(jax.random.key(3))
+  bits = np.asarray(bits).reshape(len(rows), -1)                        # [3, 2^20]
+  assert bits[1, :4].tolist() == [963376642, 1896463385, 3997236664, 4180341971]
+  assert bits[2, :4].tolist() == [2373389990, 972974995, 2741851682, 550173063]
+  assert bits[1, -2:].tolist() == [2834722434, 2227175753]
+  assert bits[2, -2:].tolist() == [1741992282, 3363054035]
+  assert bits.astype(np.uint64).sum(axis=1).tolist() == [
+      2252538918609651, 2253012911572870, 2250995689152295]
+  # Two independent sets of 2^20 uniform uint32 share ~2^40 / 2^32 = 256 values (sd 16); a
+  # permutation shares all 2^20.
+  for i, j in ((0, 1), (0, 2), (1, 2)):
+    assert np.intersect1d(bits[i], bits[j]).size < 512, (i, j)

@@ -26,25 +26,47 @@ def _display_height(height: int, width: int, min_side: int = 768) -> int:
   return round(height * max(1.0, min_side / max(height, width)))
 
 
+def test_outside_image_on_non_square_photos():
+  """A point is off a W != H photo by its own side: x against the width, y against the height
+  (points in the band between the two sides are inside under one orientation only), in
+  `outside_image` and in the keypoint records capenext-predict writes (both modes)."""
+  from capenext_jax.evaluation.visualize import outside_image
+  points = np.array([[150, 50], [50, 150], [150, 150], [-1, 50], [200, 100], [0, 0]], float)
+  wide_off = [False, True, True, True, False, False]    # 200 wide, 100 high
+  tall_off = [True, False, True, True, True, False]     # 100 wide, 200 high
+  for (width, height), off in (((200, 100), wide_off), ((100, 200), tall_off)):
+    assert outside_image(points, width, height).tolist() == off
+    query = predictor.Query(image=np.zeros((height, width, 3), np.uint8),
+                            bbox=np.array([0, 0, width, height], np.float32), category='c',
+                            descriptions=tuple('abcdef'), skeleton=())
+    assert [k['outside_image'] for k in predict.keypoints_record(points, query)] == off
+
+
 def test_single_image_cli(tmp_path):
-  image = sorted((MP100_MINI / 'images' / TIGER).glob('*.jpg'))[0]
+  photo = sorted((MP100_MINI / 'images' / TIGER).glob('*.jpg'))[0]
+  # A wide strip of the photo (925 x 300), with a box whose padded square crop reaches below
+  # the strip: some predictions land in the band 300 < y <= 925, off the image only if y is
+  # compared with the height (and not the width).
+  image = tmp_path / 'tiger_strip.png'
+  Image.open(photo).crop((0, 200, 925, 500)).save(image)
   # The overlay's default path is named after --output, beside it.
   out, png = tmp_path / 'tiger.json', tmp_path / 'tiger_overlay.png'
   rc = predict.main([str(image), '--checkpoint', str(FIXTURES / 'tiny_capenext.npz'),
                      '--category', 'tiger', '--keypoints', DESCRIPTIONS,
-                     '--skeleton', '0-2,1-2,2-3,3-4,3-5', '--bbox', '100,150,700,800',
+                     '--skeleton', '0-2,1-2,2-3,3-4,3-5', '--bbox', '100,50,700,250',
                      '--output', str(out)])
   assert rc == 0
   result = json.loads(out.read_text())
-  for k in result['keypoints']:
-    off = not (0 <= k['x'] <= result['width'] and 0 <= k['y'] <= result['height'])
-    assert k['outside_image'] is off
   width, height = Image.open(image).size
-  assert (result['width'], result['height']) == (width, height)
+  assert (result['width'], result['height']) == (width, height) == (925, 300)
+  for k in result['keypoints']:
+    off = not (0 <= k['x'] <= width and 0 <= k['y'] <= height)
+    assert k['outside_image'] is off
+  assert any(0 <= k['x'] <= width and height < k['y'] <= width for k in result['keypoints'])
   assert [k['description'] for k in result['keypoints']] == DESCRIPTIONS.split(',')
   xy = np.array([[k['x'], k['y']] for k in result['keypoints']])
   assert np.isfinite(xy).all()
-  # the head's points lie in the crop, which the padded square box (1.25 x 800 px) bounds
+  # the head's points lie in the crop, which the padded square box (1.25 x 600 px) bounds
   center, scale = bbox_to_center_scale(np.array(result['bbox']))
   # the box as given, and as cleaned (w, h - 1), with the note saying so
   assert result['bbox_given'] == [100, 150, 700, 800] and result['bbox'] == [100, 150, 699, 799]

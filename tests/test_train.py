@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import CHEAP_COMPILE, REPO
 
 from configs import mp100, synthetic
 
@@ -145,6 +145,41 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
     np.testing.assert_array_equal(uninterrupted[k], resumed[k])
 
 
+def test_resume_with_another_model_is_refused_but_another_compute_is_not(tmp_path):
+  """The restart check (training/workdir.py, which the loop runs before building anything) on a
+  workdir holding a checkpoint: another backbone, fusion module or model size is another run and
+  is refused, naming the field; how the same model computes (dtype, remat, attention kernel,
+  matmul precision) leaves the checkpoint's layout unchanged and resumes."""
+  from capenext_jax.training import workdir
+  wd = tmp_path / 'run'
+  (wd / 'checkpoints' / '4').mkdir(parents=True)
+  (wd / 'config.json').write_text(tiny_config().to_json(indent=1))
+
+  compute = tiny_config()
+  compute.model.dtype, compute.model.remat, compute.model.attention = 'bfloat16', 'blocks', 'xla'
+  compute.precision = 'default'
+  workdir.check_resume_config(compute, wd)
+
+  def another(change):
+    c = tiny_config()
+    change(c)
+    c.model.dtype = 'bfloat16'   # never named beside a refused field
+    return c
+
+  for change, named in (
+      (lambda c: c.update(model=tiny_config(backbone='resnet_tiny').model),
+       r"model.backbone.arch: 'swin_v2' -> 'resnet'"),
+      (lambda c: c.model.backbone.update(embed_dim=64), r'model.backbone.embed_dim: 16 -> 64'),
+      (lambda c: c.model.fusion.update(module='CrossAttentionLayer'),
+       r"model.fusion.module: '<absent>' -> 'CrossAttentionLayer'"),
+      (lambda c: setattr(c.model, 'fusion', None), r"model.fusion: '<absent>' -> None"),
+      (lambda c: c.model.head.update(d_model=64), r'model.head.d_model: 32 -> 64')):
+    with pytest.raises(ValueError, match=r'another config \(' + named) as refused:
+      workdir.check_resume_config(another(change), wd)
+    assert 'model.dtype' not in str(refused.value)
+  assert (wd / 'config.json').read_text() == tiny_config().to_json(indent=1)
+
+
 def test_non_finite_loss_is_named(tmp_path):
   c = tiny_config(2)
   c.optim.lr = 1e30   # the first update blows the params up; step 1's loss is not finite
@@ -277,9 +312,18 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
   return out
 
 
+# XLA's cheap backend settings (conftest.CHEAP_COMPILE) for every program of the subprocess, all
+# layouts alike: its time is nearly all compiling (an init, a text cache and a train step per
+# layout) for two steps each. CPU time of the tiny subprocess 195 s -> 147 s. Not HRNet: compiled
+# cheaply its (1, 2) layout moved a transition kernel by 3.98e-6, past `mismatches`' atol.
+CHEAP_XLA_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in CHEAP_COMPILE.items())
+CHEAP_TWO_DEVICE_BACKBONES = ('tiny', 'resnet_tiny', 'vit_tiny', 'dinov2_tiny')
+
+
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_two_devices_match_one(tmp_path, backbone):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  cheap = CHEAP_XLA_FLAGS if backbone in CHEAP_TWO_DEVICE_BACKBONES else ''
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {cheap}',
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone], env=env,
                         capture_output=True, text=True, timeout=600, cwd=REPO)
