@@ -129,13 +129,6 @@ class CapeNextConfig:
 COMPUTE_FIELDS = ('dtype', 'remat', 'attention')   # how the model computes, not what
 
 
-def image_size_of(model_section) -> int:
-  """The input size of a run config's `model` section (a `to_dict()` as ConfigDict or dict,
-  including ones written before backbones had a choice)."""
-  d = model_section.to_dict() if hasattr(model_section, 'to_dict') else dict(model_section)
-  return CapeNextConfig.from_dict(d).image_size
-
-
 def _check_fields(cls, d: dict, where: str) -> None:
   unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
   if unknown:
