@@ -248,11 +248,16 @@ class CapeNext(nnx.Module):
         extras['category_embedding'] = category_text
       image_text = None
       if self.config.fusion.uses_image:
-        image_text = extras['image_embedding'] = self.encode_query_image(query_image)
-      fused_text = self.fusion(image_text, joint_text, category_text)
+        with jax.named_scope('clip_tower'):
+          image_text = extras['image_embedding'] = self.encode_query_image(query_image)
+      with jax.named_scope('fusion'):
+        fused_text = self.fusion(image_text, joint_text, category_text)
 
-    feature = self.backbone(query_image)
-    out = self.head(feature, fused_text, mask, adjacency.astype(dtype))
+    # The named scopes label the ops for profiles and benchmarks/hlo_traffic.py.
+    with jax.named_scope('backbone'):
+      feature = self.backbone(query_image)
+    with jax.named_scope('head'):
+      out = self.head(feature, fused_text, mask, adjacency.astype(dtype))
     return {**out, **extras, 'fused_text': fused_text, 'backbone_feature': feature}
 
   def _check_inputs(self, query_image, support_mask, adjacency):
