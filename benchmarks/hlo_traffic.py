@@ -81,6 +81,12 @@ def component_of(name: str) -> str:
   return 'loss' if ('jvp(' in name or 'transpose(' in name) else 'optimizer'
 
 
+def short_name(loc: str, kind: str) -> str:
+  """A name stack without the jit prefix and indices, for the --top table."""
+  name = re.sub(r'^jit\([^)]*\)/', '', loc) or kind
+  return re.sub(r'\d+', '#', name)
+
+
 class Op:
   __slots__ = ('kind', 'results', 'sizes', 'operands', 'loc', 'sig', 'rest', 'callee', 'aliases')
 
@@ -210,12 +216,14 @@ class Traffic:
   def __init__(self, functions):
     self.functions = functions
     self.memo = {}
+    self.by_name = collections.Counter()   # bytes by op name (the name stack's tail)
+    self.kernel_memo = {}
 
   def of(self, fname: str) -> collections.Counter:
     if fname in self.memo:
       return self.memo[fname]
     args, ops, returned = self.functions[fname]
-    self.memo[fname] = collections.Counter()   # recursion guard
+    self.memo[fname] = self.kernel_memo[fname] = collections.Counter()   # recursion guard
     producer, size = {}, dict(args)
     for op in ops:
       for i, r in enumerate(op.results):
@@ -273,12 +281,14 @@ class Traffic:
       else:
         parent[find(id(op))] = find(id(users[0]))
 
-    total = collections.Counter()
+    total, kernels = collections.Counter(), collections.Counter()
+    counted = set()   # kernels already counted
     read = set()   # (kernel, value) pairs already charged
     for op in ops:
       if op.kind in FREE:
         continue
       comp = component_of(op.loc)
+      before = total[comp]
       kernel = id(op) if is_kernel(op) else find(id(op))
       for o in op.operands:
         for r in real(o):
@@ -287,11 +297,17 @@ class Traffic:
             total[comp] += size.get(r, 0)
       if op.kind == 'call' and op.callee in self.functions:
         total[comp] += sum(self.of(op.callee).values())   # its kernels, charged to this call
+        kernels[comp] += sum(self.kernel_memo[op.callee].values())
         continue
+      if kernel not in counted:
+        counted.add(kernel)
+        kernels[comp] += 1
       for r in op.results:
         if r in boundary and (r in consumers or r in out_values):
           total[comp] += size.get(r, 0)
-    self.memo[fname] = total
+      if fname == 'main':
+        self.by_name[short_name(op.loc, op.kind)] += total[comp] - before
+    self.memo[fname], self.kernel_memo[fname] = total, kernels
     return total
 
 
@@ -334,10 +350,12 @@ def census(functions) -> dict:
           'vector_matmuls': vector_matmuls}
 
 
-def analyse(text: str, batch_size: int) -> dict:
-  """The JSON record of a lowering of a train step on `batch_size` samples."""
+def analyse(text: str, batch_size: int, top: int = 0) -> dict:
+  """The JSON record of a lowering of a train step on `batch_size` samples; `top`: also the
+  op names that move the most bytes."""
   functions = parse_module(text)
-  traffic = Traffic(functions).of('main')
+  model = Traffic(functions)
+  traffic = model.of('main')
   c = census(functions)
   total = sum(traffic.values())
   per_sample = {k: round(traffic.get(k, 0) / batch_size / 1e6, 2)
@@ -349,12 +367,17 @@ def analyse(text: str, batch_size: int) -> dict:
       'traffic_mb_per_sample': round(total / batch_size / 1e6, 2),
       'traffic_mb_per_sample_by_component': per_sample,
       'optimizer_mb_per_step': round(traffic.get('optimizer', 0) / 1e6, 2),
+      'kernels_per_step': sum(model.kernel_memo['main'].values()),
+      'kernels_per_step_by_component': {k: model.kernel_memo['main'].get(k, 0)
+                                        for k in (*COMPONENTS, 'loss', 'optimizer')},
       'matmuls_by_dtype': {k: {'count': v['count'], 'gflop': round(v['gflop'], 2)}
                            for k, v in sorted(c['matmuls'].items())},
       'vector_matmuls': c['vector_matmuls'],
       'custom_calls': dict(sorted(c['custom_calls'].items())),
       'op_counts': dict(c['op_counts'].most_common(25)),
-      'functions': len(functions)}
+      'functions': len(functions),
+      **({'top_mb_per_sample': {k: round(v / batch_size / 1e6, 2)
+                                for k, v in model.by_name.most_common(top)}} if top else {})}
 
 
 def main(argv=None):
@@ -367,6 +390,7 @@ def main(argv=None):
   parser.add_argument('--tiny', action='store_true', help='the CPU test size (seconds)')
   parser.add_argument('--hlo', help='analyse this saved lowering instead of lowering')
   parser.add_argument('--save', help='also write the lowering to this file')
+  parser.add_argument('--top', type=int, default=0, help='list the N op names moving most bytes')
   args = parser.parse_args(argv)
 
   record = {'benchmark': 'hlo_traffic', 'batch': args.batch, 'dtype': args.dtype,
@@ -391,7 +415,7 @@ def main(argv=None):
         f.write(text)
       os.replace(tmp, args.save)
   record['lower_s'] = round(time.perf_counter() - t0, 2)
-  record.update(analyse(text, args.batch))
+  record.update(analyse(text, args.batch, args.top))
   print(json.dumps(record), flush=True)
   return record
 

@@ -1,0 +1,59 @@
+"""benchmarks/hlo_traffic.py: the CUDA lowering of the train step read op by op on a CPU host."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+import hlo_traffic  # noqa: E402
+
+
+def _lowered(f, *args) -> str:
+  return jax.jit(f).trace(*args).lower(lowering_platforms=('cuda',)).as_text(debug_info=True)
+
+
+def _model(f, *args) -> hlo_traffic.Traffic:
+  model = hlo_traffic.Traffic(hlo_traffic.parse_module(_lowered(f, *args)))
+  model.of('main')
+  return model
+
+
+def test_traffic_model_counts_kernels_and_bytes_of_a_known_function():
+  # x @ w is a kernel (reads x and w, writes y); tanh, * 2 and the float32 sum fuse into one
+  # kernel that reads y and writes a float32 scalar, and the cast back to bfloat16 after the
+  # reduce is a third; under the scope 'head' every op is the head's.
+  def f(x, w):
+    with jax.named_scope('head'):
+      return (jnp.tanh(x @ w) * 2.0).sum()
+
+  x, w = jnp.ones((64, 32), jnp.bfloat16), jnp.ones((32, 16), jnp.bfloat16)
+  model = _model(f, x, w)
+  y = 64 * 16 * 2
+  assert model.memo['main'] == {'head': (64 * 32 * 2 + 32 * 16 * 2 + y) + (y + 4) + (4 + 2)}
+  assert model.kernel_memo['main'] == {'head': 3}
+  record = hlo_traffic.analyse(_lowered(f, x, w), batch_size=1)
+  assert record['matmuls_by_dtype'] == {'dot_general: bf16 x bf16 -> bf16':
+                                        {'count': 1, 'gflop': round(2 * 64 * 32 * 16 / 1e9, 2)}}
+  # y, read by a matmul and by exp, is written once and read by both; kernels: 2 matmuls,
+  # w.T, the second product's sum, exp + sum, and the final add (a reduce ends its kernel).
+  def g(x, w):
+    y = x @ w
+    return (y @ w.T).sum() + jnp.exp(y).sum()
+  two = _model(g, x, w)
+  assert sum(two.kernel_memo['main'].values()) == 6
+  w_bytes, y2 = 32 * 16 * 2, 64 * 32 * 2
+  reads = (64 * 32 * 2 + w_bytes) + w_bytes + (y + w_bytes) + y2 + y + (4 + 4)
+  writes = y + w_bytes + y2 + 4 + 4 + 2
+  assert sum(two.memo['main'].values()) == reads + writes
+
+
+def test_tiny_train_step_lowers_and_every_component_moves_bytes():
+  record = hlo_traffic.main(['--tiny', '--batch', '2'])
+  by_component = record['traffic_mb_per_sample_by_component']
+  for component in ('backbone', 'clip_tower', 'fusion', 'head', 'optimizer'):
+    assert by_component[component] > 0, component
+    assert record['gflop_per_sample_by_component'].get(component, 1) >= 0
+  assert record['gflop_per_sample_by_component']['backbone'] > 0
+  assert abs(record['traffic_mb_per_sample'] - sum(by_component.values())) < 0.05
+  assert record['kernels_per_step'] > 100
