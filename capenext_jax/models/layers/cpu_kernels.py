@@ -1,5 +1,7 @@
 """Linear algebra with backward passes arranged for XLA:CPU (docs/DESIGN.md, "Hand-written
-backward passes"): the product every `Linear` computes, and the reductions of its gradients."""
+backward passes"): the product every `Linear` computes, and the reductions of its gradients.
+Where a CPU form is a poor accelerator kernel, the accelerators get their own
+(`jax.lax.platform_dependent`)."""
 from __future__ import annotations
 
 import jax
@@ -33,9 +35,21 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def sum_rows(x: jax.Array) -> jax.Array:
-  """x [R, C] summed over rows -> [C], as a ones-vector matrix product: the reduction that
-  autodiff emits for a broadcast add ran at a fraction of memory speed on XLA:CPU."""
-  return jnp.ones((x.shape[0],), x.dtype) @ x
+  """x [R, C] summed over rows -> [C] in x's dtype.
+
+  On CPU a ones-vector matrix product: the reduction that autodiff emits for a broadcast add
+  ran at a fraction of memory speed on XLA:CPU. Elsewhere `sum_rows_float32`: a one-row
+  matmul is a poor GPU/TPU kernel (a launch and a pass of its own, where a reduction fuses
+  with the op that produces x)."""
+  return jax.lax.platform_dependent(x, cpu=lambda x: jnp.ones((x.shape[0],), x.dtype) @ x,
+                                    default=sum_rows_float32)
+
+
+def sum_rows_float32(x: jax.Array) -> jax.Array:
+  """x [R, C] summed over rows in float32 (at least), returned in x's dtype: the accumulation
+  a bfloat16 matmul does too."""
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.sum(x, axis=0, dtype=acc).astype(x.dtype)
 
 
 def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:

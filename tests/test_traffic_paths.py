@@ -1,0 +1,38 @@
+"""The accelerator paths that cut a train step's memory traffic (issue 23), each against the
+formula it replaces, on CPU. The CPU step itself keeps its own paths (float32 parity and the
+CPU training numbers do not move); the accelerator's are lowered for CUDA here and inspected."""
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from capenext_jax.models import layers
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+import hlo_traffic  # noqa: E402
+
+
+def _census(f, *args, platform: str) -> dict:
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text(debug_info=True)
+  return hlo_traffic.census(hlo_traffic.parse_module(text))
+
+
+def test_bias_gradient_is_a_float32_reduction_off_cpu_and_a_matvec_on_cpu():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(300, 24)), jnp.float32)
+  old = jnp.ones((300,), jnp.float32) @ x
+  np.testing.assert_allclose(layers.cpu_kernels.sum_rows_float32(x), old, rtol=1e-5, atol=1e-5)
+  xb = x.astype(jnp.bfloat16)
+  np.testing.assert_array_equal(layers.cpu_kernels.sum_rows_float32(xb),
+                                x.astype(jnp.bfloat16).astype(jnp.float32).sum(0)
+                                .astype(jnp.bfloat16))
+  np.testing.assert_array_equal(layers.sum_rows(x), old)   # CPU: the old product, exactly
+
+  def bias_grad(x, kernel, bias):
+    return jax.grad(lambda b: layers.dense(x, kernel, b).sum())(bias)
+
+  args = (xb, jnp.ones((24, 8), jnp.bfloat16), jnp.zeros((8,), jnp.bfloat16))
+  assert _census(bias_grad, *args, platform='cpu')['vector_matmuls'] == 1
+  assert _census(bias_grad, *args, platform='cuda')['vector_matmuls'] == 0
