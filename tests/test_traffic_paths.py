@@ -36,3 +36,32 @@ def test_bias_gradient_is_a_float32_reduction_off_cpu_and_a_matvec_on_cpu():
   args = (xb, jnp.ones((24, 8), jnp.bfloat16), jnp.zeros((8,), jnp.bfloat16))
   assert _census(bias_grad, *args, platform='cpu')['vector_matmuls'] == 1
   assert _census(bias_grad, *args, platform='cuda')['vector_matmuls'] == 0
+
+
+def test_patch_embedding_is_a_matmul_off_cpu_equal_to_the_convolution():
+  from flax import nnx
+  conv = layers.patch_conv(3, 8, 4, rngs=nnx.Rngs(0))
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 12, 3)), jnp.float32)
+
+  def loss(f, x, kernel, bias):
+    return (f(x, kernel, bias) ** 2).sum()
+
+  old = lambda x, k, b: jax.lax.conv_general_dilated(   # noqa: E731  (nnx.Conv's product)
+      x, k, (4, 4), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + b
+  args = (x, conv.kernel[...], conv.bias[...])
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(layers.patch_matmul(*args), old(*args), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(conv(x), nnx.Conv.__call__(conv, x))   # CPU: the conv
+    for new_grad, old_grad in zip(jax.grad(loss, argnums=(1, 2, 3))(layers.patch_matmul, *args),
+                                  jax.grad(loss, argnums=(1, 2, 3))(old, *args)):
+      np.testing.assert_allclose(new_grad, old_grad, rtol=1e-4, atol=1e-4)
+
+  def step(model, x):
+    return jax.grad(lambda m: (m(x).astype(jnp.float32) ** 2).sum())(model)
+
+  xb = x.astype(jnp.bfloat16)
+  graphdef, params = nnx.split(conv)
+  f = lambda p, x: step(nnx.merge(graphdef, p), x)   # noqa: E731
+  assert _census(f, params, xb, platform='cpu')['op_counts']['convolution'] > 0
+  cuda = _census(f, params, xb, platform='cuda')
+  assert 'convolution' not in cuda['op_counts'] and cuda['vector_matmuls'] == 0

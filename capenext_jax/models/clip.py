@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from capenext_jax.models.layers import (MultiHeadAttention, layer_norm, linear, quick_gelu,
-                                        to_input_dtype)
+from capenext_jax.models.layers import (MultiHeadAttention, PatchConv, layer_norm, linear,
+                                        quick_gelu, to_input_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,9 @@ class CLIPVisionTower(nnx.Module):
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
     width, patch = config.vision_width, config.vision_patch_size
     self.image_resolution = config.image_resolution
-    self.conv1 = nnx.Conv(3, width, kernel_size=(patch, patch), strides=(patch, patch),
-                          padding='VALID', use_bias=False, promote_dtype=to_input_dtype,
-                          rngs=rngs)
+    self.conv1 = PatchConv(3, width, kernel_size=(patch, patch), strides=(patch, patch),
+                           padding='VALID', use_bias=False, promote_dtype=to_input_dtype,
+                           rngs=rngs)
     scale = width ** -0.5
     self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (width,)))
     self.positional_embedding = nnx.Param(
