@@ -65,3 +65,57 @@ def test_patch_embedding_is_a_matmul_off_cpu_equal_to_the_convolution():
   assert _census(f, params, xb, platform='cpu')['op_counts']['convolution'] > 0
   cuda = _census(f, params, xb, platform='cuda')
   assert 'convolution' not in cuda['op_counts'] and cuda['vector_matmuls'] == 0
+
+
+def test_shifted_windows_by_one_permutation_equal_roll_then_partition():
+  from capenext_jax.models.swin_v2 import token_permutation, window_merge, window_partition
+  res, window, shift, c = 8, 4, 2, 3
+  grid = jnp.asarray(np.random.default_rng(2).normal(size=(2, res, res, c)), jnp.float32)
+  tokens = window_partition(grid, window).reshape(2, -1, c)          # window order
+
+  def old(grid):   # the official path: roll, then partition
+    return window_partition(jnp.roll(grid, (-shift, -shift), axis=(1, 2)), window)
+
+  def old_back(windows):   # merge, then roll back
+    return jnp.roll(window_merge(windows, window, res, res), (shift, shift), axis=(1, 2))
+
+  shifted = token_permutation(res, window, shift)(tokens)
+  np.testing.assert_array_equal(shifted, old(grid).reshape(2, -1, c))
+  back = token_permutation(res, window, shift, inverse=True)(shifted)
+  np.testing.assert_array_equal(back, tokens)
+  np.testing.assert_array_equal(window_merge(back.reshape(2, -1, window * window, c), window,
+                                             res, res), old_back(old(grid)))
+  cotangent = jnp.asarray(np.random.default_rng(3).normal(size=shifted.shape), jnp.float32)
+  new_grad = jax.vjp(token_permutation(res, window, shift), tokens)[1](cotangent)[0]
+  old_grad = jax.vjp(old, grid)[1](cotangent.reshape(2, -1, window * window, c))[0]
+  np.testing.assert_array_equal(new_grad, window_partition(old_grad, window).reshape(2, -1, c))
+
+
+def test_stage_position_biases_batched_equal_each_blocks_own():
+  from flax import nnx
+  from capenext_jax.models.swin_v2 import (WindowAttention, stage_position_biases,
+                                           stage_position_biases_batched)
+  rngs = nnx.Rngs(0)
+  attns = [WindowAttention(8, 2, 4, 0, rngs=rngs) for _ in range(3)]
+  for i, a in enumerate(attns):   # distinct non-zero biases (the init zeroes them)
+    a.cpb_mlp_0.bias.value = jnp.asarray(np.random.default_rng(i).normal(size=(512,)) * 0.1,
+                                         jnp.float32)
+  graphdef, params = nnx.split(attns)
+
+  def per_block(params):
+    return jnp.stack([a.position_bias() for a in nnx.merge(graphdef, params)])
+
+  def batched(params):
+    return stage_position_biases_batched(nnx.merge(graphdef, params))
+
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(batched(params), per_block(params), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(stage_position_biases(nnx.merge(graphdef, params)),
+                                  per_block(params))   # CPU: block by block, exactly
+    cot = jnp.asarray(np.random.default_rng(4).normal(size=(3, 2, 16, 16)), jnp.float32)
+    grads = [jax.vjp(f, params)[1](cot)[0] for f in (batched, per_block)]
+    for new, old in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+      np.testing.assert_allclose(new, old, rtol=1e-5, atol=1e-6)
+  cuda = _census(lambda p: jax.grad(lambda p: stage_position_biases(
+      nnx.merge(graphdef, p)).sum())(p), params, platform='cuda')
+  assert cuda['op_counts']['scatter'] == 1 and cuda['op_counts']['gather'] == 1
