@@ -119,3 +119,30 @@ def test_stage_position_biases_batched_equal_each_blocks_own():
   cuda = _census(lambda p: jax.grad(lambda p: stage_position_biases(
       nnx.merge(graphdef, p)).sum())(p), params, platform='cuda')
   assert cuda['op_counts']['scatter'] == 1 and cuda['op_counts']['gather'] == 1
+
+
+def test_frozen_image_tower_in_bfloat16_gives_the_same_embedding():
+  from flax import nnx
+  from capenext_jax.models.capenext import frozen_in_compute_dtype
+  from capenext_jax.models.clip import CLIP, CLIPConfig
+  config = CLIPConfig(embed_dim=16, image_resolution=32, vision_layers=2, vision_width=64,
+                      vision_patch_size=16, transformer_width=32, transformer_heads=2,
+                      transformer_layers=1, vocab_size=100)
+  clip = CLIP(config, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(clip)
+  rng = np.random.default_rng(6)   # LayerNorms off 1 / 0: bfloat16 could not hold them
+  frozen = jax.tree.map(lambda a: a + jnp.asarray(rng.normal(size=a.shape) * 0.05, a.dtype)
+                        if jnp.issubdtype(a.dtype, jnp.floating) else a, nnx.to_pure_dict(state))
+  held = frozen_in_compute_dtype({'clip': frozen}, jnp.bfloat16)['clip']
+  vision = held['vision']
+  assert vision['conv1']['kernel'].dtype == jnp.bfloat16
+  assert vision['ln_post']['scale'].dtype == jnp.float32
+  assert vision['transformer']['resblocks'][0]['ln_1']['bias'].dtype == jnp.float32
+  assert held['text']['positional_embedding'].dtype == jnp.float32   # only the image tower
+  assert frozen_in_compute_dtype({'clip': frozen}, jnp.float32)['clip'] is frozen
+  images = jnp.asarray(np.random.default_rng(5).normal(size=(2, 32, 32, 3)), jnp.bfloat16)
+
+  def embed(pure):
+    return nnx.merge(graphdef, pure).encode_image(images)
+
+  np.testing.assert_array_equal(jax.jit(embed)(held), jax.jit(embed)(frozen))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capenext_jax.models import backbones, layers
-from capenext_jax.models.clip import CLIP, CLIPConfig
+from capenext_jax.models.clip import CLIP, CLIPConfig, vision_in_compute_dtype
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.head import HeadConfig, PoseHead
 from capenext_jax.models.swin_v2 import SwinV2Config
@@ -274,6 +274,17 @@ class CapeNext(nnx.Module):
     if adjacency.shape != (b, NUM_SLOTS, NUM_SLOTS):
       raise ValueError(f'adjacency must be [B={b}, {NUM_SLOTS}, {NUM_SLOTS}], '
                        f'got {tuple(adjacency.shape)}')
+
+
+def frozen_in_compute_dtype(frozen: dict, dtype) -> dict:
+  """A train state's `frozen` pure dict with the CLIP image tower held in the compute dtype
+  `dtype` where its forward would cast it at every step (`clip.vision_in_compute_dtype`);
+  float32 leaves it as it is. For the state a run steps with, not for one that is saved or
+  exported (their CLIP stays float32)."""
+  if jnp.dtype(dtype) == jnp.float32 or 'vision' not in frozen.get('clip', {}):
+    return frozen
+  clip = dict(frozen['clip'], vision=vision_in_compute_dtype(frozen['clip']['vision'], dtype))
+  return dict(frozen, clip=clip)
 
 
 def with_compute(model: CapeNext, **compute) -> CapeNext:

@@ -186,6 +186,25 @@ class CLIPVisionTower(nnx.Module):
                       **{f'block{i}': b for i, b in enumerate(blocks)}, 'ln_post': pooled}
 
 
+def vision_in_compute_dtype(vision: dict, dtype) -> dict:
+  """The image tower's parameters (a pure dict of `CLIPVisionTower`'s state) with every one
+  the forward casts to its input's dtype at use (matmul and conv weights, biases, class and
+  position embeddings, `proj`) held in `dtype`, and the LayerNorms' (`ln_*`, which compute in
+  float32) left as they are. A frozen tower run in bfloat16 then reads its weights as they
+  are instead of casting 88 M float32 values at every step; its outputs are bit for bit the
+  same (both round the same float32 values to `dtype` once)."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(tree, under_norm=False):
+    if isinstance(tree, dict):
+      return {k: cast(v, under_norm or str(k).startswith('ln_')) for k, v in tree.items()}
+    if under_norm or not jnp.issubdtype(tree.dtype, jnp.floating):
+      return tree
+    return tree.astype(dtype)
+
+  return cast(vision)
+
+
 class CLIP(nnx.Module):
   """OpenAI CLIP: `.text` and `.vision` towers plus `logit_scale`.
 

@@ -37,7 +37,7 @@ from capenext_jax.evaluation.evaluator import EvalData, Evaluator, pck_at
 from capenext_jax.evaluation.pairs import EvalProtocol
 from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
-from capenext_jax.models.capenext import image_size_of
+from capenext_jax.models.capenext import frozen_in_compute_dtype, image_size_of
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
@@ -167,6 +167,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, data: R
       state, position = restored
       start = int(position['step'])
       log(f'resumed from step {start}')
+    # Steps and evaluations read the frozen CLIP image tower as held, in the compute dtype
+    # (no per-step cast); checkpoints do not hold `frozen`.
+    state = state.replace(frozen=frozen_in_compute_dtype(state.frozen, config.model.get('dtype', 'float32')))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json(indent=1))
