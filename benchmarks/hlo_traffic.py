@@ -12,8 +12,9 @@ The traffic model, a stand-in for XLA's fusion on a GPU: every matmul, convoluti
 scatter, sort, reduce-window or call is its own kernel reading its operands and writing its
 results; the other ops (elementwise, reduce, transpose, slice, concatenate, gather, ...) are
 fused along single-consumer edges into loop kernels that read their inputs from and write
-their outputs to memory once; a value read by two kernels, read by a matmul-like op, produced
-by a reduce or returned is written once and read by each kernel that uses it. Broadcasts,
+their outputs to memory once (a reduce ends its kernel, except for an elementwise op of the
+reduce's shape, its epilogue); a value read by two kernels, read by a matmul-like op, or
+returned is written once and read by each kernel that uses it. Broadcasts,
 reshapes, constants and iotas are free (their kernel reads the source). It ignores caches and
 what XLA's own passes would change (it sees the step before optimisation), so it is a model to
 compare versions of the code with, not a prediction of a profile.
@@ -88,11 +89,12 @@ def short_name(loc: str, kind: str) -> str:
 
 
 class Op:
-  __slots__ = ('kind', 'results', 'sizes', 'operands', 'loc', 'sig', 'rest', 'callee', 'aliases')
+  __slots__ = ('kind', 'results', 'sizes', 'elems', 'operands', 'loc', 'sig', 'rest', 'callee',
+               'aliases')
 
   def __init__(self, kind, results, operands, rest):
     self.kind, self.results, self.operands, self.rest = kind, results, operands, rest
-    self.sizes, self.loc, self.sig, self.callee, self.aliases = [], '', '', None, None
+    self.sizes, self.elems, self.loc, self.sig, self.callee, self.aliases = [], [], '', '', None, None
 
 
 def split_results(text: str) -> list[str]:
@@ -119,6 +121,7 @@ def finish(op: Op, tail: str) -> None:
   if len(types) < len(op.results):   # elementwise ops print one type for all
     types = (types[-1:] or ['f32']) * len(op.results)
   op.sizes = [tensor_bytes(t) for t in types[:len(op.results)]]
+  op.elems = [math.prod(tensor_dims(t)[0]) for t in types[:len(op.results)]]
 
 
 def parse_module(text: str):
@@ -272,11 +275,15 @@ class Traffic:
         x = parent[x]
       return x
 
+    def epilogue(op, user):
+      """An elementwise op on a reduce's result, fused into the reduction (same shape)."""
+      return op.kind == 'reduce' and user.elems[:1] == op.elems[:1] and user.kind != 'reduce'
+
     boundary = set(args) | out_values
     for v, users in consumers.items():
       op = producer.get(v)
-      if (op is None or is_kernel(op) or op.kind == 'reduce' or len(users) != 1
-          or is_kernel(users[0]) or v in out_values):
+      if (op is None or is_kernel(op) or len(users) != 1 or is_kernel(users[0])
+          or v in out_values or (op.kind == 'reduce' and not epilogue(op, users[0]))):
         boundary.add(v)
       else:
         parent[find(id(op))] = find(id(users[0]))
