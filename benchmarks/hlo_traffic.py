@@ -125,11 +125,30 @@ def finish(op: Op, tail: str) -> None:
 
 
 def parse_module(text: str):
-  """({function name: (arg sizes {name: bytes}, [Op], [returned names])}, {loc: name})."""
+  """{function name: (arg sizes {name: bytes}, [Op], [returned names])}; each op's `loc` is
+  its name stack. Values defined inside regions (case branches, reduce bodies) are renamed
+  per region: MLIR numbers them afresh in every region, so names repeat."""
   locs, callsites = {}, {}
   functions = {}
   current = None
-  stack = []   # region ops open around the current line (their results come at the close)
+  stack = []    # region ops open around the current line (their results come at the close)
+  scopes = []   # {printed name: unique name} of the function, then of each open region
+  regions = iter(range(1 << 62))
+
+  def lookup(name):
+    if '#' in name:   # result i of a multi-result op: '%5#1'
+      base, index = name.split('#', 1)
+      return f'{lookup(base)}#{index}'
+    for scope in reversed(scopes):
+      if name in scope:
+        return scope[name]
+    return name
+
+  def define(name):
+    unique = name if len(scopes) == 1 else f'{name}@{next(regions)}'
+    scopes[-1][name] = unique
+    return unique
+
   for line in text.splitlines():
     if line.startswith('#loc'):
       m = NAMED_LOC.match(line)
@@ -145,19 +164,27 @@ def parse_module(text: str):
       args = {a: tensor_bytes(t) for a, t in re.findall(r'(%arg\d+): tensor<([^>]*)>',
                                                          m.group(2))}
       current = functions[m.group(1)] = (args, [], [])
+      scopes, stack = [{a: a for a in args}], []
       continue
     if current is None:
       continue
     stripped = line.strip()
+    if stripped.startswith('^'):   # a region's block arguments
+      for name in re.findall(r'(%[\w#.]+):', stripped):
+        define(name)
+      continue
     if stripped.startswith('})') or stripped.startswith('}, {'):
       if stripped.startswith('})') and stack:
         finish(stack.pop(), stripped)
-      elif stack and stack[-1].kind == 'case':
-        stack[-1].aliases = []   # a new branch: the last branch's returns are the results
+        scopes.pop()
+      elif stack:
+        scopes[-1] = {}
+        if stack[-1].kind == 'case':
+          stack[-1].aliases = []   # a new branch: the last branch's returns are the results
       continue
     if stripped.startswith('stablehlo.return') or stripped.startswith('return') \
         or stripped.startswith('func.return'):
-      names = VALUE.findall(stripped.split(' : ')[0])
+      names = [lookup(v) for v in VALUE.findall(stripped.split(' : ')[0])]
       if stack:
         if stack[-1].kind == 'case':
           stack[-1].aliases = names
@@ -168,16 +195,20 @@ def parse_module(text: str):
     if not m:
       continue
     results, kind, rest = split_results(m.group(1)), m.group(2), m.group(3)
-    op = Op(kind, results, [], rest)
+    head = rest.split(' : ')[0] if not rest.rstrip().endswith('({') else rest
+    op = Op(kind, [], [lookup(v) for v in VALUE.findall(head)], rest)
+    bases = {r.split('#')[0]: None for r in results}
+    for base in bases:
+      bases[base] = define(base)
+    op.results = [bases[r.split('#')[0]] + (r[len(r.split('#')[0]):]) for r in results]
     c = CALL.search(line)
     if kind == 'call' and c:
       op.callee = c.group(1)
-    head = rest.split(' : ')[0] if not rest.rstrip().endswith('({') else rest
-    op.operands = VALUE.findall(head)
     current[1].append(op)
     if rest.rstrip().endswith('({') or rest.rstrip().endswith('{'):
       op.aliases = [] if kind == 'case' else None
       stack.append(op)
+      scopes.append({})
     else:
       finish(op, rest)
 

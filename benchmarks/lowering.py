@@ -2,7 +2,8 @@
 
 `lower_train_step` builds the real step (`training.step.make_train_step` with the headline
 loss, Adam and the official schedule) over an abstract state, so nothing is allocated, and
-lowers it for `platform` (default 'cuda'; lowering needs only jaxlib, not a GPU). The text it
+lowers it for `platform` (default 'cuda'; lowering needs only jaxlib, not a GPU), with the
+frozen CLIP image tower in the compute dtype as the training loop holds it. The text it
 returns is StableHLO with debug locations: every op ends in `loc(#locN)`, and the `#locN`
 aliases at the end of the module carry jax's name stack (`jit(train_step)/jvp(backbone)/...`,
 `transpose(jvp(...))` in the backward), so ops can be attributed to the model's named scopes.
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capenext_jax import losses
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, frozen_in_compute_dtype
 from capenext_jax.models.layers import init_rngs
 from capenext_jax.tools.bf16_fidelity import random_batch
 from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib
@@ -45,6 +46,9 @@ def lower_train_step(config: CapeNextConfig, batch_size: int, *, platform: str =
   """
   tx = schedule.make_optimizer(schedule.default_optim_config(), steps_per_epoch=1000)
   graphdef, state = abstract_train_state(config, tx)
+  # As the training loop steps it: the frozen CLIP image tower held in the compute dtype.
+  state = state.replace(frozen=jax.eval_shape(
+      lambda frozen: frozen_in_compute_dtype(frozen, config.dtype), state.frozen))
   train_step = step_lib.make_train_step(
       graphdef, losses.batch_loss_fn(config.image_size, HEATMAP), tx)
   batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype)

@@ -57,3 +57,13 @@ def test_tiny_train_step_lowers_and_every_component_moves_bytes():
   assert record['gflop_per_sample_by_component']['backbone'] > 0
   assert abs(record['traffic_mb_per_sample'] - sum(by_component.values())) < 0.05
   assert record['kernels_per_step'] > 100
+
+
+def test_values_of_separate_regions_are_told_apart():
+  # Each sum_rows lowers to a case whose branch numbers its values afresh (the same names in
+  # both); the two reductions, x * 2 and the add are still one kernel reading x once.
+  from capenext_jax.models import layers
+  x = jnp.ones((64, 32), jnp.float32)
+  model = _model(lambda x: layers.sum_rows(x) + layers.sum_rows(x * 2.0), x)
+  assert sum(model.kernel_memo['main'].values()) == 1
+  assert sum(model.memo['main'].values()) == 64 * 32 * 4 + 32 * 4
