@@ -146,3 +146,16 @@ def test_frozen_image_tower_in_bfloat16_gives_the_same_embedding():
     return nnx.merge(graphdef, pure).encode_image(images)
 
   np.testing.assert_array_equal(jax.jit(embed)(held), jax.jit(embed)(frozen))
+
+
+def test_token_contraction_off_cpu_is_one_dot_general_equal_to_the_cpu_form():
+  rng = np.random.default_rng(7)
+  a = jnp.asarray(rng.normal(size=(3, 40, 8)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(3, 40, 24)), jnp.float32)
+  old = jnp.swapaxes(a, -1, -2) @ b
+  with jax.default_matmul_precision('highest'):
+    np.testing.assert_allclose(jnp.einsum('...tm,...tn->...mn', a, b), old, rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(layers.contract_tokens(a, b), old, rtol=1e-5, atol=1e-5)
+  cuda = _census(layers.contract_tokens, a, b, platform='cuda')['op_counts']
+  assert cuda['dot_general'] == 1 and 'transpose' not in cuda

@@ -60,7 +60,8 @@ def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
   XLA:CPU transposed the larger one or handed the product to a slow generic matmul; on CPU the
   smaller operand (and then the small result) is transposed explicitly, behind barriers so
   XLA cannot fold the transposes back, and the product is an ordinary one. Other backends,
-  whose matmuls read transposed operands natively, get the plain product.
+  whose matmuls read transposed operands natively, get one dot_general contracting the token
+  axes (no transpose op for XLA to fold or, failing that, to run as a pass of its own).
   """
   def on_cpu(a, b):
     barrier, swap = jax.lax.optimization_barrier, lambda t: jnp.swapaxes(t, -1, -2)
@@ -68,5 +69,5 @@ def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
       return barrier(swap(a)) @ b
     return swap(barrier(barrier(swap(b)) @ a))
 
-  return jax.lax.platform_dependent(a, b, cpu=on_cpu,
-                                    default=lambda a, b: jnp.swapaxes(a, -1, -2) @ b)
+  return jax.lax.platform_dependent(
+      a, b, cpu=on_cpu, default=lambda a, b: jnp.einsum('...tm,...tn->...mn', a, b))
