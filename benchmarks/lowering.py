@@ -30,7 +30,10 @@ def abstract_train_state(config: CapeNextConfig, tx) -> tuple[nnx.GraphDef, stat
   """(graphdef, TrainState of ShapeDtypeStructs) of a randomly initialised model: nothing is
   computed or allocated."""
   make = lambda: CapeNext(config, rngs=init_rngs(0))
-  graphdef = partition.split_model(nnx.eval_shape(make))[0]
+  abstract = nnx.eval_shape(make)
+  # The accelerator's layouts, which 'auto' picks by the default backend (a CPU here).
+  abstract.set_attributes(token_order='window', raise_if_not_found=False)
+  graphdef = partition.split_model(abstract)[0]
   state = jax.eval_shape(lambda: state_lib.init_train_state(make(), tx,
                                                             jax.random.PRNGKey(0))[1])
   return graphdef, state

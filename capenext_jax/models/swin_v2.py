@@ -1,11 +1,12 @@
 """Swin Transformer V2 image backbone (CapeNext's `backbone`, docs/MODEL.md §1.6).
 
 Images are NHWC. Between stages tokens are a `[B, H, W, C]` grid (row-major, so a flattened
-grid is exactly the official `[B, L, C]` token order). Inside a stage they are kept in window
+grid is exactly the official `[B, L, C]` token order). Inside a stage, off CPU, they are kept in window
 order (`window_partition` flattened to `[B, L, C]`): the blocks' LayerNorms, MLPs and residuals
 are token-wise, so only a shifted block moves tokens, by one constant permutation into the
-shifted windows and its inverse back (`shift_permutation`, `permute_tokens`), where the
-official code rolls the grid and partitions it, then merges and rolls back, in every block.
+shifted windows and its inverse back (`shift_permutation`, `token_permutation`), where the
+official code rolls the grid and partitions it, then merges and rolls back, in every block
+(`BasicLayer.token_order`: the window order off CPU, the official order on CPU).
 Window attention works on all windows at once through reshapes; the position biases of a
 stage's blocks come from one batched MLP (`stage_position_biases`); the shift masks,
 relative-position tables, indices and permutations are numpy constants derived from the
@@ -389,8 +390,11 @@ class SwinBlock(nnx.Module):
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, position_bias: jax.Array | None = None) -> jax.Array:
-    """x: [B, L, C] tokens in window order (`window_partition` of the stage's grid,
-    flattened) -> same shape; position_bias: the attention's, when already computed."""
+    """x: [B, H, W, C] grid, or [B, L, C] tokens in window order (`window_partition` of the
+    stage's grid, flattened) -> same shape; position_bias: the attention's, when already
+    computed."""
+    if x.ndim == 4:
+      return self._on_grid(x)
     b, length, c = x.shape
     mask = None
     y = x
@@ -403,6 +407,24 @@ class SwinBlock(nnx.Module):
       y = token_permutation(self.resolution, self.window, self.shift, inverse=True)(y)
     x = x + self.drop_path(self.norm1(y))
     return x + self.drop_path(self.norm2(self.mlp(x)))
+
+  def _on_grid(self, x: jax.Array) -> jax.Array:
+    """The official order: roll, partition, attend, merge, roll back (CPU's path)."""
+    _, h, w, _ = x.shape
+    mask = None
+    y = x
+    if self.shift:
+      y = jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2))
+      mask = shifted_window_mask(self.resolution, self.window, self.shift)
+    y = self.attn(window_partition(y, self.window), mask)
+    y = window_merge(y, self.window, h, w)
+    if self.shift:
+      y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
+    x = x + self.drop_path(self.norm1(y))
+    return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+TOKEN_ORDERS = ('auto', 'grid', 'window')
 
 
 class PatchMerging(nnx.Module):
@@ -430,9 +452,22 @@ class BasicLayer(nnx.Module):
     last = stage == len(config.depths) - 1
     self.downsample = None if last else PatchMerging(config.stage_dim(stage), rngs=rngs)
     self.remat = layers.REMAT_NONE   # CapeNextConfig.remat, set by CapeNext
+    # 'window': tokens in window order through the stage, one permutation per shifted block
+    # and the position biases from one batched MLP; 'grid': the official order block by
+    # block; 'auto' (default): 'grid' on CPU (its float32 and bfloat16 numbers stay as they
+    # were: the other order rounds sums differently), 'window' elsewhere (decided when
+    # tracing, by the default backend, as `layers.attention_implementation`).
+    self.token_order = 'auto'
 
   def __call__(self, x: jax.Array) -> jax.Array:
     """x: [B, H, W, C] grid -> the next stage's grid (or this one's, for the last stage)."""
+    if self.token_order not in TOKEN_ORDERS:
+      raise ValueError(f'token_order {self.token_order!r}: expected one of {TOKEN_ORDERS}')
+    if self.token_order == 'grid' or (self.token_order == 'auto'
+                                      and jax.default_backend() == 'cpu'):
+      for block in self.blocks:
+        x = layers.run_block(block, x, remat=self.remat)
+      return x if self.downsample is None else self.downsample(x)
     b, h, w, c = x.shape
     window = self.blocks[0].window
     biases = stage_position_biases([block.attn for block in self.blocks])
