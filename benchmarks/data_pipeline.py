@@ -5,7 +5,10 @@ tf.data ('host') or shipping crops + matrices for the accelerator ('device': the
 
     python benchmarks/data_pipeline.py [--root MP100_ROOT --ann annotations/x.json --image-dir images]
 
-Without --root a synthetic MP-100-format dataset is generated in a temporary folder.
+Without --root a synthetic MP-100-format dataset is generated in a temporary folder. Each line
+also gives the rate per host core (`episodes_per_s_per_core`: the rate over the cores this
+process may run on, as tf.data spreads over all of them) and the cores that rate needs to
+feed `--target` samples/s (3,000: issue 23's H100 training goal).
 """
 from __future__ import annotations
 
@@ -56,6 +59,17 @@ def measure_device_warp(source, batch, steps=10):
   return steps * batch / (time.perf_counter() - t), jax.devices()[0].device_kind
 
 
+def host_cores() -> int:
+  """The cores this process may run on (tf.data's parallelism uses all of them)."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def per_core(eps: float, target: float) -> dict:
+  rate = eps / host_cores()
+  return {'episodes_per_s_per_core': round(rate, 1),
+          'cores_for_target': round(target / rate, 1), 'target_samples_per_s': target}
+
+
 def main(argv=None):
   p = argparse.ArgumentParser()
   p.add_argument('--root')
@@ -64,6 +78,7 @@ def main(argv=None):
   p.add_argument('--batch', type=int, default=32)
   p.add_argument('--steps', type=int, default=40)
   p.add_argument('--image-size', type=int, default=400)
+  p.add_argument('--target', type=float, default=3000.0, help='samples/s to feed')
   a = p.parse_args(argv)
   tmp = tempfile.mkdtemp(prefix='capenext_bench_')
   root = a.root
@@ -79,6 +94,7 @@ def main(argv=None):
       eps = measure(src, warp, a.batch, a.steps)
       print(json.dumps({'benchmark': 'data_pipeline_train', 'source': name, 'warp': warp,
                         'global_batch': a.batch, 'episodes_per_s': round(eps, 1),
+                        **per_core(eps, a.target), 'host_cores': host_cores(),
                         'cpu_count': os.cpu_count(), 'dataset': 'synthetic' if a.root is None else root}),
             flush=True)
   eps, device = measure_device_warp(sources['records'], a.batch)

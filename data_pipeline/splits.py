@@ -97,14 +97,35 @@ def eval_split(config: ml_collections.ConfigDict, ann_file: str, image_root: str
   return Split(source, pipeline_config(config, image_size=image_size, train=False))
 
 
+def train_source(config: ml_collections.ConfigDict, files: dict[str, str]) -> Source:
+  """The training split's source: its json and images, or, when `config.data.train_records`
+  names a folder, TFDS records of the same files with each crop pre-cut (built there on first
+  use, reused after; `data_pipeline/tfds_mp100.py`): decoding a small crop instead of a whole
+  image is what lets a few host cores feed an accelerator (README, benchmarks)."""
+  d = config.data
+  records_dir = d.get('train_records', '')
+  if not records_dir:
+    return json_source(files['train'], files['image_root'], drop_missing_images=True,
+                       on_bad_image=d.on_bad_image, skeleton_base=d.get('skeleton_base'))
+  import hashlib
+
+  from data_pipeline import tfds_mp100 as tm
+  ann, images = os.path.abspath(files['train']), os.path.abspath(files['image_root'])
+  root = os.path.commonpath([ann, images])
+  # Records are named by what they were built from: other files get other records.
+  digest = hashlib.sha256(f'{ann}\n{images}\n{d.on_bad_image}'.encode()).hexdigest()[:12]
+  builder_config = tm.Mp100Config.for_root_layout(
+      f'train_{digest}', {'train': os.path.relpath(ann, root)},
+      image_dir=os.path.relpath(images, root), on_bad_image=d.on_bad_image)
+  return tm.load_records(tm.build_records(root, records_dir, builder_config), 'train')
+
+
 def run_splits(config: ml_collections.ConfigDict, workdir: str, *, image_size: int) -> RunData:
   """The splits a training run of a model of input side `image_size` reads: train always;
   val when `config.validate`; test when it is evaluated at the start or the end. A split
   without an annotation file is None."""
   files = data_files(config, workdir)
-  train = Split(json_source(files['train'], files['image_root'], drop_missing_images=True,
-                            on_bad_image=config.data.on_bad_image,
-                            skeleton_base=config.data.get('skeleton_base')),
+  train = Split(train_source(config, files),
                 pipeline_config(config, image_size=image_size, train=True))
   val = (eval_split(config, files['val'], files['image_root'], image_size=image_size,
                     drop_missing_images=True)

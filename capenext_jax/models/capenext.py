@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capenext_jax.models import backbones, layers
-from capenext_jax.models.clip import CLIP, CLIPConfig
+from capenext_jax.models.clip import CLIP, CLIPConfig, vision_in_compute_dtype
 from capenext_jax.models.fusion import FusionConfig, build_fusion
 from capenext_jax.models.head import HeadConfig, PoseHead
 from capenext_jax.models.swin_v2 import SwinV2Config
@@ -241,11 +241,16 @@ class CapeNext(nnx.Module):
         extras['category_embedding'] = category_text
       image_text = None
       if self.config.fusion.uses_image:
-        image_text = extras['image_embedding'] = self.encode_query_image(query_image)
-      fused_text = self.fusion(image_text, joint_text, category_text)
+        with jax.named_scope('clip_tower'):
+          image_text = extras['image_embedding'] = self.encode_query_image(query_image)
+      with jax.named_scope('fusion'):
+        fused_text = self.fusion(image_text, joint_text, category_text)
 
-    feature = self.backbone(query_image)
-    out = self.head(feature, fused_text, mask, adjacency.astype(dtype))
+    # The named scopes label the ops for profiles and benchmarks/hlo_traffic.py.
+    with jax.named_scope('backbone'):
+      feature = self.backbone(query_image)
+    with jax.named_scope('head'):
+      out = self.head(feature, fused_text, mask, adjacency.astype(dtype))
     return {**out, **extras, 'fused_text': fused_text, 'backbone_feature': feature}
 
   def _check_inputs(self, query_image, support_mask, adjacency):
@@ -262,6 +267,17 @@ class CapeNext(nnx.Module):
     if adjacency.shape != (b, NUM_SLOTS, NUM_SLOTS):
       raise ValueError(f'adjacency must be [B={b}, {NUM_SLOTS}, {NUM_SLOTS}], '
                        f'got {tuple(adjacency.shape)}')
+
+
+def frozen_in_compute_dtype(frozen: dict, dtype) -> dict:
+  """A train state's `frozen` pure dict with the CLIP image tower held in the compute dtype
+  `dtype` where its forward would cast it at every step (`clip.vision_in_compute_dtype`);
+  float32 leaves it as it is. For the state a run steps with, not for one that is saved or
+  exported (their CLIP stays float32)."""
+  if jnp.dtype(dtype) == jnp.float32 or 'vision' not in frozen.get('clip', {}):
+    return frozen
+  clip = dict(frozen['clip'], vision=vision_in_compute_dtype(frozen['clip']['vision'], dtype))
+  return dict(frozen, clip=clip)
 
 
 def with_compute(model: CapeNext, **compute) -> CapeNext:

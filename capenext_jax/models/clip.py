@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from capenext_jax.models.layers import (MultiHeadAttention, layer_norm, linear, quick_gelu,
-                                        to_input_dtype)
+from capenext_jax.models.layers import (MultiHeadAttention, PatchConv, layer_norm, linear,
+                                        quick_gelu, to_input_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +143,9 @@ class CLIPVisionTower(nnx.Module):
   def __init__(self, config: CLIPConfig, *, rngs: nnx.Rngs):
     width, patch = config.vision_width, config.vision_patch_size
     self.image_resolution = config.image_resolution
-    self.conv1 = nnx.Conv(3, width, kernel_size=(patch, patch), strides=(patch, patch),
-                          padding='VALID', use_bias=False, promote_dtype=to_input_dtype,
-                          rngs=rngs)
+    self.conv1 = PatchConv(3, width, kernel_size=(patch, patch), strides=(patch, patch),
+                           padding='VALID', use_bias=False, promote_dtype=to_input_dtype,
+                           rngs=rngs)
     scale = width ** -0.5
     self.class_embedding = nnx.Param(_normal(scale)(rngs.params(), (width,)))
     self.positional_embedding = nnx.Param(
@@ -184,6 +184,25 @@ class CLIPVisionTower(nnx.Module):
       return features
     return features, {'conv1': patches, 'ln_pre': x_pre,
                       **{f'block{i}': b for i, b in enumerate(blocks)}, 'ln_post': pooled}
+
+
+def vision_in_compute_dtype(vision: dict, dtype) -> dict:
+  """The image tower's parameters (a pure dict of `CLIPVisionTower`'s state) with every one
+  the forward casts to its input's dtype at use (matmul and conv weights, biases, class and
+  position embeddings, `proj`) held in `dtype`, and the LayerNorms' (`ln_*`, which compute in
+  float32) left as they are. A frozen tower run in bfloat16 then reads its weights as they
+  are instead of casting 88 M float32 values at every step; its outputs are bit for bit the
+  same (both round the same float32 values to `dtype` once)."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(tree, under_norm=False):
+    if isinstance(tree, dict):
+      return {k: cast(v, under_norm or str(k).startswith('ln_')) for k, v in tree.items()}
+    if under_norm or not jnp.issubdtype(tree.dtype, jnp.floating):
+      return tree
+    return tree.astype(dtype)
+
+  return cast(vision)
 
 
 class CLIP(nnx.Module):

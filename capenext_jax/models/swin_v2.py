@@ -1,9 +1,16 @@
 """Swin Transformer V2 image backbone (CapeNext's `backbone`, docs/MODEL.md §1.6).
 
-Images are NHWC. Inside a stage tokens are kept as a `[B, H, W, C]` grid (row-major, so a
-flattened grid is exactly the official `[B, L, C]` token order). Window attention works on all
-windows at once through reshapes; the shift masks, relative-position tables and indices are
-numpy constants derived from the config (never parameters).
+Images are NHWC. Between stages tokens are a `[B, H, W, C]` grid (row-major, so a flattened
+grid is exactly the official `[B, L, C]` token order). Inside a stage, off CPU, they are kept in window
+order (`window_partition` flattened to `[B, L, C]`): the blocks' LayerNorms, MLPs and residuals
+are token-wise, so only a shifted block moves tokens, by one constant permutation into the
+shifted windows and its inverse back (`shift_permutation`, `token_permutation`), where the
+official code rolls the grid and partitions it, then merges and rolls back, in every block
+(`BasicLayer.token_order`: the window order off CPU, the official order on CPU).
+Window attention works on all windows at once through reshapes; the position biases of a
+stage's blocks come from one batched MLP (`stage_position_biases`); the shift masks,
+relative-position tables, indices and permutations are numpy constants derived from the
+config (never parameters).
 
 Param tree (`nnx.to_pure_dict(nnx.state(model, nnx.Param))`), mirroring the official names:
   patch_embed.{proj (Conv), norm}
@@ -145,6 +152,36 @@ def shifted_window_mask(resolution: int, window: int, shift: int) -> np.ndarray:
   return _frozen(np.where(ids[:, None, :] != ids[:, :, None], MASK_VALUE, 0.0).astype(np.float32))
 
 
+@functools.lru_cache(maxsize=None)
+def shift_permutation(resolution: int, window: int, shift: int) -> tuple[np.ndarray, np.ndarray]:
+  """(perm, inverse) int32 `[L]`, L = resolution^2: tokens in window order (the windows of the
+  unshifted grid, `window_partition` flattened) indexed by `perm` are the tokens of the grid
+  rolled by (-shift, -shift), in the window order of its partition; `inverse` undoes it."""
+  grid = np.arange(resolution * resolution).reshape(1, resolution, resolution, 1)
+  grid_of_window_order = window_partition(grid, window).reshape(-1)
+  rolled = np.roll(grid, (-shift, -shift), axis=(1, 2))
+  grid_of_shifted_order = window_partition(rolled, window).reshape(-1)
+  window_order_of_grid = np.argsort(grid_of_window_order)
+  perm = window_order_of_grid[grid_of_shifted_order].astype(np.int32)
+  return _frozen(perm), _frozen(np.argsort(perm).astype(np.int32))
+
+
+@functools.lru_cache(maxsize=None)
+def token_permutation(resolution: int, window: int, shift: int, inverse: bool = False):
+  """`permute(x [B, L, C]) -> x[:, perm]` for `shift_permutation`'s perm (its inverse when
+  `inverse`), a gather whose gradient is the inverse gather (autodiff's would be a
+  scatter-add)."""
+  perm, inv = shift_permutation(resolution, window, shift)
+  forward, backward = (inv, perm) if inverse else (perm, inv)
+
+  @jax.custom_vjp
+  def permute(x):
+    return x[:, forward]
+
+  permute.defvjp(lambda x: (permute(x), None), lambda _, d: (d[:, backward],))
+  return permute
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
   """Read-only, since the cached constants are shared by every caller."""
   a.setflags(write=False)
@@ -202,8 +239,13 @@ class WindowAttention(nnx.Module):
     bias = per_offset[relative_position_index(self.window).reshape(-1)].reshape(n, n, -1)
     return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))
 
-  def __call__(self, x: jax.Array, mask: np.ndarray | None) -> jax.Array:
-    """x: [B, nW, N, C] windows; mask: [nW, N, N] additive or None. Returns [B, nW, N, C]."""
+  def __call__(self, x: jax.Array, mask: np.ndarray | None,
+               position_bias: jax.Array | None = None) -> jax.Array:
+    """x: [B, nW, N, C] windows; mask: [nW, N, N] additive or None; position_bias: this
+    block's `position_bias()` when already computed (`stage_position_biases`).
+    Returns [B, nW, N, C]."""
+    if position_bias is None:
+      position_bias = self.position_bias()
     b, nw, n, c = x.shape
     h = self.num_heads
     # The qkv Linear has no bias: upstream adds (q_bias, 0, v_bias), so k is never biased.
@@ -226,14 +268,42 @@ class WindowAttention(nnx.Module):
       q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)
       q = (_l2_normalize(q.astype(jnp.float32)) * scale).astype(x.dtype)
       k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
-      out = biased_attention(q, k, v, self.position_bias(), mask).transpose(0, 1, 3, 2, 4)
+      out = biased_attention(q, k, v, position_bias, mask).transpose(0, 1, 3, 2, 4)
     else:
       # Token-major [B, nW, N, h, d], the layout the qkv product writes (no transpose).
       q, k, v = (qkv[:, :, :, i] for i in range(3))
       q = (_l2_normalize(q.astype(jnp.float32)) * scale.reshape(h, 1)).astype(x.dtype)
       k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
-      out = fused_biased_attention(q, k, v, self.position_bias(), mask, implementation)
+      out = fused_biased_attention(q, k, v, position_bias, mask, implementation)
     return self.proj(out.reshape(b, nw, n, c))
+
+
+def stage_position_biases(attentions: list[WindowAttention]) -> jax.Array:
+  """[blocks, heads, N, N]: every block's `position_bias()` (one stage: same window, table
+  and heads) from one batched MLP and one gather, instead of a matmul chain, a gather and its
+  scatter-add backward per block. CPU computes them block by block as before (its numbers
+  stay as they were); `stage_position_biases_batched` is the accelerators' form."""
+  def per_block(_):
+    return jnp.stack([a.position_bias() for a in attentions])
+
+  return jax.lax.platform_dependent(jnp.zeros(()), cpu=per_block,
+                                    default=lambda _: stage_position_biases_batched(attentions))
+
+
+def stage_position_biases_batched(attentions: list[WindowAttention]) -> jax.Array:
+  """`stage_position_biases` as batched products: 16 sigmoid(relu(T W0_b + b0_b) W2_b)
+  gathered per token pair, for the blocks b at once."""
+  first = attentions[0]
+  table = jnp.asarray(relative_coords_table(first.window, first.pretrained_window)).reshape(-1, 2)
+  w0 = jnp.stack([a.cpb_mlp_0.kernel[...] for a in attentions])     # [blocks, 2, hidden]
+  b0 = jnp.stack([a.cpb_mlp_0.bias[...] for a in attentions])       # [blocks, hidden]
+  w2 = jnp.stack([a.cpb_mlp_2.kernel[...] for a in attentions])     # [blocks, hidden, heads]
+  hidden = jax.nn.relu(jnp.einsum('tk,bkh->bth', table, w0) + b0[:, None])
+  per_offset = jnp.einsum('bth,bhn->btn', hidden, w2)                # [blocks, T, heads]
+  n = first.window * first.window
+  bias = per_offset[:, relative_position_index(first.window).reshape(-1)]
+  bias = bias.reshape(len(attentions), n, n, -1).transpose(0, 3, 1, 2)
+  return 16.0 * jax.nn.sigmoid(bias)
 
 
 @jax.custom_vjp
@@ -335,8 +405,27 @@ class SwinBlock(nnx.Module):
     self.mlp = layers.Mlp(dim, int(dim * config.mlp_ratio), rngs=rngs)
     self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    """x: [B, H, W, C] -> same shape."""
+  def __call__(self, x: jax.Array, position_bias: jax.Array | None = None) -> jax.Array:
+    """x: [B, H, W, C] grid, or [B, L, C] tokens in window order (`window_partition` of the
+    stage's grid, flattened) -> same shape; position_bias: the attention's, when already
+    computed."""
+    if x.ndim == 4:
+      return self._on_grid(x)
+    b, length, c = x.shape
+    mask = None
+    y = x
+    if self.shift:
+      y = token_permutation(self.resolution, self.window, self.shift)(y)
+      mask = shifted_window_mask(self.resolution, self.window, self.shift)
+    n = self.window * self.window
+    y = self.attn(y.reshape(b, length // n, n, c), mask, position_bias).reshape(b, length, c)
+    if self.shift:
+      y = token_permutation(self.resolution, self.window, self.shift, inverse=True)(y)
+    x = x + self.drop_path(self.norm1(y))
+    return x + self.drop_path(self.norm2(self.mlp(x)))
+
+  def _on_grid(self, x: jax.Array) -> jax.Array:
+    """The official order: roll, partition, attend, merge, roll back (CPU's path)."""
     _, h, w, _ = x.shape
     mask = None
     y = x
@@ -349,6 +438,9 @@ class SwinBlock(nnx.Module):
       y = jnp.roll(y, (self.shift, self.shift), axis=(1, 2))
     x = x + self.drop_path(self.norm1(y))
     return x + self.drop_path(self.norm2(self.mlp(x)))
+
+
+TOKEN_ORDERS = ('auto', 'grid', 'window')
 
 
 class PatchMerging(nnx.Module):
@@ -376,10 +468,29 @@ class BasicLayer(nnx.Module):
     last = stage == len(config.depths) - 1
     self.downsample = None if last else PatchMerging(config.stage_dim(stage), rngs=rngs)
     self.remat = layers.REMAT_NONE   # CapeNextConfig.remat, set by CapeNext
+    # 'window': tokens in window order through the stage, one permutation per shifted block
+    # and the position biases from one batched MLP; 'grid': the official order block by
+    # block; 'auto' (default): 'grid' on CPU (its float32 and bfloat16 numbers stay as they
+    # were: the other order rounds sums differently), 'window' elsewhere (decided when
+    # tracing, by the default backend, as `layers.attention_implementation`).
+    self.token_order = 'auto'
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    for block in self.blocks:
-      x = layers.run_block(block, x, remat=self.remat)
+    """x: [B, H, W, C] grid -> the next stage's grid (or this one's, for the last stage)."""
+    if self.token_order not in TOKEN_ORDERS:
+      raise ValueError(f'token_order {self.token_order!r}: expected one of {TOKEN_ORDERS}')
+    if self.token_order == 'grid' or (self.token_order == 'auto'
+                                      and jax.default_backend() == 'cpu'):
+      for block in self.blocks:
+        x = layers.run_block(block, x, remat=self.remat)
+      return x if self.downsample is None else self.downsample(x)
+    b, h, w, c = x.shape
+    window = self.blocks[0].window
+    biases = stage_position_biases([block.attn for block in self.blocks])
+    tokens = window_partition(x, window).reshape(b, h * w, c)
+    for block, bias in zip(self.blocks, biases):
+      tokens = layers.run_block(block, tokens, bias, remat=self.remat)
+    x = window_merge(tokens.reshape(b, -1, window * window, c), window, h, w)
     return x if self.downsample is None else self.downsample(x)
 
 

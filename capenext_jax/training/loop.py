@@ -41,7 +41,7 @@ from capenext_jax.evaluation.pairs import EvalProtocol
 from capenext_jax.evaluation.predict_fn import predict_fn
 from capenext_jax.evaluation.visualize import overlay_grid
 from capenext_jax.extras import require
-from capenext_jax.models.capenext import CapeNextConfig
+from capenext_jax.models.capenext import CapeNextConfig, frozen_in_compute_dtype
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.progress import Progress, format_duration
 from capenext_jax.text.cache import replicated_text_cache
@@ -243,6 +243,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNex
     if previous is not None:   # its results are on disk: said again, nothing computed
       ckpt.close()
       return previous
+    # Steps and evaluations read the frozen CLIP image tower as held, in the compute dtype
+    # (no per-step cast); the workdir's stored frozen weights and checkpoints stay float32.
+    state = state.replace(frozen=frozen_in_compute_dtype(state.frozen, model_config.dtype))
     if jax.process_index() == 0:
       with open(os.path.join(workdir, 'config.json'), 'w') as f:
         f.write(config.to_json(indent=1))

@@ -39,6 +39,8 @@ RESUMABLE_CHANGES = (
     'data.val_episodes', 'data.test_episodes', 'mesh_shape.*', 'sharding_rules',
     'fsdp_min_bytes',
     'allow_config_change', 'model.dtype', 'model.remat', 'model.attention', 'precision',
+    # The training input's source and where it warps: the same episodes, read faster.
+    'data.train_records', 'data.warp',
 )
 
 

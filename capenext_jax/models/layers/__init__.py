@@ -10,7 +10,8 @@ One module per role; the names below are the package's interface (`layers.linear
   initializers.py   init_rngs (building under a trace), torch / timm weight inits
   cpu_kernels.py    dense (every Linear's product, backward arranged for XLA:CPU), sum_rows,
                     contract_tokens
-  linear.py         Linear, linear, trunc_normal_linear, conv2d, patch_conv, to_input_dtype
+  linear.py         Linear, linear, trunc_normal_linear, conv2d, patch_conv (PatchConv:
+                    a matmul off CPU, patch_matmul), to_input_dtype
   norm.py           LayerNorm, layer_norm, BatchNorm, at_least_float32
   mlp.py            gelu, quick_gelu, Mlp (Swin V2 / ViT blocks)
   attention.py      attention kernel choice (ATTENTIONS, target_platform), the fused call with
@@ -28,7 +29,8 @@ from capenext_jax.models.layers.dropout import (DropPath, Dropout, hash_bits, ha
                                                 next_key)
 from capenext_jax.models.layers.initializers import (init_rngs, kaiming_normal_fan_out,
                                                      trunc_normal, uniform, xavier_uniform)
-from capenext_jax.models.layers.linear import (Linear, conv2d, linear, patch_conv,
+from capenext_jax.models.layers.linear import (Linear, PatchConv, conv2d, linear, patch_conv,
+                                               patch_matmul,
                                                to_input_dtype, trunc_normal_linear)
 from capenext_jax.models.layers.mlp import Mlp, gelu, quick_gelu
 from capenext_jax.models.layers.norm import (BN_EPS, BN_MOMENTUM, LN_EPS, BatchNorm, LayerNorm,
@@ -65,7 +67,9 @@ __all__ = [
     'Linear',
     'conv2d',
     'linear',
+    'PatchConv',
     'patch_conv',
+    'patch_matmul',
     'to_input_dtype',
     'trunc_normal_linear',
     'Mlp',

@@ -1,5 +1,7 @@
 """Linear algebra with backward passes arranged for XLA:CPU (docs/DESIGN.md, "Hand-written
-backward passes"): the product every `Linear` computes, and the reductions of its gradients."""
+backward passes"): the product every `Linear` computes, and the reductions of its gradients.
+Where a CPU form is a poor accelerator kernel, the accelerators get their own
+(`jax.lax.platform_dependent`)."""
 from __future__ import annotations
 
 import jax
@@ -33,9 +35,21 @@ dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def sum_rows(x: jax.Array) -> jax.Array:
-  """x [R, C] summed over rows -> [C], as a ones-vector matrix product: the reduction that
-  autodiff emits for a broadcast add ran at a fraction of memory speed on XLA:CPU."""
-  return jnp.ones((x.shape[0],), x.dtype) @ x
+  """x [R, C] summed over rows -> [C] in x's dtype.
+
+  On CPU a ones-vector matrix product: the reduction that autodiff emits for a broadcast add
+  ran at a fraction of memory speed on XLA:CPU. Elsewhere `sum_rows_float32`: a one-row
+  matmul is a poor GPU/TPU kernel (a launch and a pass of its own, where a reduction fuses
+  with the op that produces x)."""
+  return jax.lax.platform_dependent(x, cpu=lambda x: jnp.ones((x.shape[0],), x.dtype) @ x,
+                                    default=sum_rows_float32)
+
+
+def sum_rows_float32(x: jax.Array) -> jax.Array:
+  """x [R, C] summed over rows in float32 (at least), returned in x's dtype: the accumulation
+  a bfloat16 matmul does too."""
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  return jnp.sum(x, axis=0, dtype=acc).astype(x.dtype)
 
 
 def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -46,7 +60,8 @@ def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
   XLA:CPU transposed the larger one or handed the product to a slow generic matmul; on CPU the
   smaller operand (and then the small result) is transposed explicitly, behind barriers so
   XLA cannot fold the transposes back, and the product is an ordinary one. Other backends,
-  whose matmuls read transposed operands natively, get the plain product.
+  whose matmuls read transposed operands natively, get one dot_general contracting the token
+  axes (no transpose op for XLA to fold or, failing that, to run as a pass of its own).
   """
   def on_cpu(a, b):
     barrier, swap = jax.lax.optimization_barrier, lambda t: jnp.swapaxes(t, -1, -2)
@@ -54,5 +69,5 @@ def contract_tokens(a: jax.Array, b: jax.Array) -> jax.Array:
       return barrier(swap(a)) @ b
     return swap(barrier(barrier(swap(b)) @ a))
 
-  return jax.lax.platform_dependent(a, b, cpu=on_cpu,
-                                    default=lambda a, b: jnp.swapaxes(a, -1, -2) @ b)
+  return jax.lax.platform_dependent(
+      a, b, cpu=on_cpu, default=lambda a, b: jnp.einsum('...tm,...tn->...mn', a, b))

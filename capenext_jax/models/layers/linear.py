@@ -62,14 +62,42 @@ def to_input_dtype(args, *, dtype=None, inexact=True):
   return tuple(None if a is None else jnp.asarray(a, args[0].dtype) for a in args)
 
 
-def patch_conv(in_channels: int, out_channels: int, patch: int, *, rngs: nnx.Rngs) -> nnx.Conv:
+def patch_conv(in_channels: int, out_channels: int, patch: int, *, rngs: nnx.Rngs) -> PatchConv:
   """Non-overlapping patch conv (kernel = stride = patch) with PyTorch's Conv2d default init
   (Swin V2's and the ViTs' references leave their patch conv at it)."""
   bound = 1.0 / math.sqrt(in_channels * patch * patch)
   init = lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-  return nnx.Conv(in_channels, out_channels, kernel_size=(patch, patch), strides=(patch, patch),
-                  padding='VALID', kernel_init=init, bias_init=init,
-                  promote_dtype=to_input_dtype, rngs=rngs)
+  return PatchConv(in_channels, out_channels, kernel_size=(patch, patch), strides=(patch, patch),
+                   padding='VALID', kernel_init=init, bias_init=init,
+                   promote_dtype=to_input_dtype, rngs=rngs)
+
+
+class PatchConv(nnx.Conv):
+  """`nnx.Conv` with kernel = stride and VALID padding (a patch embedding; same parameters),
+  computed off CPU as `patch_matmul`: a convolution over 3 input channels makes a poor GPU
+  kernel (and its weight gradient a poorer one), while the patches are one reshape away from
+  an ordinary matmul. CPU keeps the convolution (its numbers stay as they were)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if (tuple(self.kernel_size) != tuple(self.strides) or self.padding != 'VALID'
+        or self.feature_group_count != 1 or x.ndim != 4):
+      return super().__call__(x)
+    kernel = self.kernel[...].astype(x.dtype)
+    bias = None if self.bias is None else self.bias[...].astype(x.dtype)
+    conv = lambda x: nnx.Conv.__call__(self, x)   # noqa: E731
+    return jax.lax.platform_dependent(x, cpu=conv,
+                                      default=lambda x: patch_matmul(x, kernel, bias))
+
+
+def patch_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """The VALID convolution of x [B, H, W, Cin] with kernel [p, p, Cin, Cout] at stride p (and
+  bias [Cout]) as one matmul: the p x p x Cin patches, flattened in the kernel's (row, column,
+  channel) order, times kernel [p*p*Cin, Cout] -> [B, H/p, W/p, Cout]."""
+  b, h, w, c = x.shape
+  p = kernel.shape[0]
+  patches = x.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return dense(patches.reshape(b, h // p, w // p, p * p * c), kernel.reshape(-1, kernel.shape[-1]),
+               bias)
 
 
 def conv2d(in_channels: int, out_channels: int, kernel_size: int, *, rngs: nnx.Rngs,
