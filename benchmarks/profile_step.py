@@ -50,7 +50,8 @@ from capenext_jax import losses  # noqa: E402
 from capenext_jax.models import layers, swin_v2  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
-from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.device import partition, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.training import schedule  # noqa: E402
 
 HEATMAP = 64
 TOP_KERNELS = 30

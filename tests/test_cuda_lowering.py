@@ -5,7 +5,9 @@
 `[.., N, N]` in the step."""
 import collections
 import dataclasses
+import os
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,11 +15,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capenext_jax import losses
 from capenext_jax.models import layers
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig
-from capenext_jax.tools.bf16_fidelity import random_batch
-from capenext_jax.training import partition, schedule, state as state_lib, step as step_lib
+from capenext_jax.models.capenext import CapeNextConfig
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+from lowering import lower_train_step  # noqa: E402 - benchmarks/lowering.py, the one lowering
 
 BATCH = 3   # no per-window bias array [nW, h, N, N] has as many elements as a logits tensor
 FWD, BWD = '__cudnn$fmhaScaleBiasSoftmax', '__cudnn$fmhaScaleBiasSoftmaxBackward'
@@ -30,21 +32,6 @@ def tiny_config() -> CapeNextConfig:
   config = CapeNextConfig.variant('tiny', image_size=64, dtype='bfloat16')
   backbone = dataclasses.replace(config.backbone, embed_dim=24, depths=(2, 2, 1, 1))
   return dataclasses.replace(config, backbone=backbone)
-
-
-def lower_train_step_for_cuda(config: CapeNextConfig, batch_size: int) -> str:
-  """StableHLO text of the jitted train step lowered for CUDA, nothing run or allocated
-  (abstract state and batch). Kernels are chosen for CUDA (`layers.target_platform`)."""
-  tx = schedule.make_optimizer(schedule.default_optim_config(), steps_per_epoch=1000)
-  make = lambda: CapeNext(config, rngs=layers.init_rngs(0))
-  with layers.target_platform('cuda'):
-    graphdef = partition.split_model(nnx.eval_shape(make))[0]
-    state = jax.eval_shape(lambda: state_lib.init_train_state(make(), tx, jax.random.PRNGKey(0))[1])
-    step = step_lib.make_train_step(
-        graphdef, losses.batch_loss_fn(config.image_size, config.image_size), tx)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-             for k, v in random_batch(config, batch_size, 0).items()}
-    return step.trace(state, batch).lower(lowering_platforms=('cuda',)).as_text()
 
 
 def swin_logits_elements(config: CapeNextConfig, batch_size: int) -> dict[int, int]:
@@ -60,13 +47,9 @@ def swin_logits_elements(config: CapeNextConfig, batch_size: int) -> dict[int, i
 
 @pytest.fixture(scope='module')
 def cuda_step_text():
-  # jax asks the CUDA plugin for cuDNN's version when it traces a cuDNN attention; a CPU
-  # machine has none, so this one query is stubbed (cuDNN 9.8) for the trace. Nothing else
-  # of jax is replaced: the lowering rules are the real CUDA ones.
-  from jax._src.cudnn import fused_attention_stablehlo
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(fused_attention_stablehlo, 'check_cudnn_version', lambda: 90800)
-    yield lower_train_step_for_cuda(tiny_config(), BATCH)
+  # Lowered for CUDA with kernels chosen for it; jax's one trace-time query of the CUDA plugin
+  # (cuDNN's version) is answered by `lowering.assumed_cudnn_version` on this GPU-less machine.
+  return lower_train_step(tiny_config(), BATCH)
 
 
 def test_every_swin_block_runs_cudnn_attention_forward_and_backward(cuda_step_text):

@@ -480,7 +480,7 @@ class BasicLayer(nnx.Module):
     if self.token_order not in TOKEN_ORDERS:
       raise ValueError(f'token_order {self.token_order!r}: expected one of {TOKEN_ORDERS}')
     if self.token_order == 'grid' or (self.token_order == 'auto'
-                                      and jax.default_backend() == 'cpu'):
+                                      and layers.current_platform() == 'cpu'):
       for block in self.blocks:
         x = layers.run_block(block, x, remat=self.remat)
       return x if self.downsample is None else self.downsample(x)
