@@ -33,7 +33,7 @@ from capenext_jax.convert import official
 from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401 - API
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.device import partition, state as state_lib
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, frozen_in_compute_dtype
 from capenext_jax.models.layers import init_rngs
 
 if TYPE_CHECKING:
@@ -231,13 +231,17 @@ def eval_state(ckpt: Checkpoint, mesh, rules=(), min_shard_bytes: int | None = N
   a run config's `sharding_rules` and `fsdp_min_bytes`); a workdir's state keeps its own.
   """
   graphdef = _graphdef(ckpt.config)
+  # The frozen CLIP image tower held in the compute dtype, as a training run steps it: no
+  # per-batch cast of its weights (a no-op in float32).
+  in_compute_dtype = lambda state: state.replace(
+      frozen=frozen_in_compute_dtype(state.frozen, ckpt.config.dtype))
   if ckpt.state is not None:
-    return graphdef, ckpt.state
+    return graphdef, in_compute_dtype(ckpt.state)
   _, trainable, batch_stats, frozen = partition.split_model(
       export.build_model(ckpt.config, ckpt.params))
   state = state_lib.TrainState(trainable=trainable, batch_stats=batch_stats, frozen=frozen,
                                opt_state=(), step=np.int32(0), rng=np.zeros(2, np.uint32))
   if min_shard_bytes is None:
     min_shard_bytes = partition.FSDP_MIN_BYTES
-  return graphdef, jax.device_put(state, partition.param_shardings(state, mesh, rules,
-                                                                   min_shard_bytes))
+  return graphdef, in_compute_dtype(jax.device_put(
+      state, partition.param_shardings(state, mesh, rules, min_shard_bytes)))

@@ -184,3 +184,20 @@ def test_swin_in_window_order_equals_the_official_order():
   np.testing.assert_allclose(window, grid, rtol=1e-5)
   for new, old in zip(jax.tree.leaves(window_grads), jax.tree.leaves(grid_grads)):
     np.testing.assert_allclose(new, old, rtol=1e-4, atol=1e-4)   # sums in another order
+
+
+def test_eval_state_holds_the_frozen_image_tower_in_the_compute_dtype():
+  """Evaluation steps with the tower as training does (no per-batch cast in bfloat16); a
+  float32 model's state is untouched."""
+  import dataclasses
+  from capenext_jax import loading
+  from capenext_jax.device import partition
+  from conftest import FIXTURES
+  ckpt = loading.load(str(FIXTURES / 'tiny_capenext.npz'))
+  mesh = partition.make_mesh({'data': 1, 'fsdp': 1})
+  for dtype, vision_dtypes in (('float32', {'float32'}), ('bfloat16', {'bfloat16', 'float32'})):
+    _, state = loading.eval_state(
+        dataclasses.replace(ckpt, config=dataclasses.replace(ckpt.config, dtype=dtype)), mesh)
+    clip = state.frozen['clip']
+    assert {str(a.dtype) for a in jax.tree.leaves(clip['vision'])} == vision_dtypes, dtype
+    assert {str(a.dtype) for a in jax.tree.leaves(clip['text'])} == {'float32'}
