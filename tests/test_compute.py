@@ -104,7 +104,10 @@ BFLOAT16_FORWARD_OPS = {
     'reduce_window_max',
     'convert_element_type', 'broadcast_in_dim', 'concatenate', 'reshape', 'slice', 'squeeze',
     'stack', 'transpose', 'pad', 'select_n', 'rev', 'stop_gradient',
-    'jit', 'pjit', 'custom_jvp_call', 'custom_vjp_call'}
+    'jit', 'pjit', 'custom_jvp_call', 'custom_vjp_call',
+    # `jax.lax.platform_dependent` (CPU vs accelerator kernels, chosen when lowering): a cond
+    # whose outputs are its branches', and `_equations` checks both branches' equations.
+    'cond'}
 
 
 @pytest.mark.parametrize('backbone', [

@@ -69,7 +69,7 @@ def test_single_image_cli(tmp_path):
   # the head's points lie in the crop, which the padded square box (1.25 x 600 px) bounds
   center, scale = bbox_to_center_scale(np.array(result['bbox']))
   # the box as given, and as cleaned (w, h - 1), with the note saying so
-  assert result['bbox_given'] == [100, 150, 700, 800] and result['bbox'] == [100, 150, 699, 799]
+  assert result['bbox_given'] == [100, 50, 700, 250] and result['bbox'] == [100, 50, 699, 249]
   assert 'official box cleaning' in result['bbox_note']
   assert (np.abs(xy - center) <= scale * 200 / 2 + 1e-3).all()
   overlay = Image.open(png)
