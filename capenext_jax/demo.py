@@ -21,7 +21,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from capenext_jax import cli, loading
+from capenext_jax.evaluation.visualize import draw_box
 from capenext_jax.extras import require
+from capenext_jax.mp100.annotations import read_categories
 from capenext_jax.mp100.json_files import read_text
 from capenext_jax.predict import (check_finite, overlay, parse_bbox, parse_descriptions,
                                   parse_skeleton, result_record)
@@ -32,7 +34,6 @@ def read_category_presets(files: Sequence[str]) -> dict[str, dict]:
   """{category name: {'descriptions', 'skeleton'}} from MP-100 / COCO keypoint files (the
   annotation reader's validation; descriptions by the official renaming). A name that two
   files give different keypoints or skeletons is refused: neither would be right to pick."""
-  from capenext_jax.mp100.annotations import read_categories
   presets, source = {}, {}
   for path in files:
     try:
@@ -72,7 +73,6 @@ def box_from_clicks(clicks: list, x: float, y: float) -> tuple[str, list]:
 
 def photo_with_box(photo: np.ndarray, box: str, corners=()):
   """The photo with the box text's box (when it parses) and pending corner clicks drawn."""
-  from capenext_jax.evaluation.visualize import draw_box
   try:
     given = parse_bbox((box or '').strip() or None)
   except ValueError:

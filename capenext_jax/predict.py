@@ -26,11 +26,13 @@ import numpy as np
 
 from capenext_jax import cli, loading
 from capenext_jax.atomic import new_file
+from capenext_jax.evaluation.visualize import draw_overlay, file_stems, outside_image
 from capenext_jax.models.capenext import NUM_SLOTS
 from capenext_jax.mp100.annotations import read_categories
 from capenext_jax.mp100.images import load_rgb
 from capenext_jax.mp100.json_files import read_text
 from capenext_jax.predictor import Predictor, Query, clean_bbox
+from capenext_jax.progress import Progress
 
 
 # ----------------------------------------------------------------------------- CLI parsing
@@ -153,7 +155,6 @@ def check_finite(points: np.ndarray, what: str, checkpoint: str) -> None:
 def keypoints_record(points: np.ndarray, query: Query) -> list[dict]:
   """One dict per keypoint; `outside_image` marks a prediction off the image (the overlay
   draws it on the border as a triangle pointing outwards)."""
-  from capenext_jax.evaluation.visualize import outside_image
   off = outside_image(points, query.image.shape[1], query.image.shape[0])
   return [{'index': k, 'description': d, 'x': float(p[0]), 'y': float(p[1]),
            'outside_image': bool(o)}
@@ -161,7 +162,6 @@ def keypoints_record(points: np.ndarray, query: Query) -> list[dict]:
 
 
 def overlay(query: Query, points: np.ndarray, gt=None, gt_visible=None, error_lines=True):
-  from capenext_jax.evaluation.visualize import draw_overlay
   return draw_overlay(query.image, points, query.skeleton, query.descriptions, gt=gt,
                       gt_visible=gt_visible, bbox=query.bbox, error_lines=error_lines)
 
@@ -278,7 +278,6 @@ def coco_overlay_paths(args, anns: list[dict]) -> list[Path]:
   `_2`); [] without --overlay_dir."""
   if not args.overlay_dir:
     return []
-  from capenext_jax.evaluation.visualize import file_stems
   stems = file_stems([ann.get('id', pos) for pos, ann in enumerate(anns)])
   return [Path(args.overlay_dir) / f'{stem}.png' for stem in stems]
 
@@ -287,7 +286,6 @@ def predict_coco(args, predictor: Predictor, queries: list[Query], anns: list[di
                  overlays: list[Path]) -> list[Path]:
   """Batch mode: COCO keypoint results (one per annotation, score 1) in one JSON, and the
   `overlays` with the annotation's keypoints as ground truth. Returns the paths written."""
-  from capenext_jax.progress import Progress
   results, written = [], [Path(args.output or 'predictions.json')]
   predicted = predictor(queries, progress=Progress(len(queries), 'predict', unit='images'))
   for n, (query, ann, points) in enumerate(zip(queries, anns, predicted)):

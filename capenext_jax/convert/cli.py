@@ -33,8 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from capenext_jax import artefacts, atomic, cli, export, loading
+from capenext_jax.convert import official, torch_io
 from capenext_jax.extras import require
 from capenext_jax.models.capenext import CapeNextConfig
+from capenext_jax.training.checkpoint import Checkpointer
 
 OFFICIAL_OUTPUTS = ('.pth', '.npz')
 # Keys of the `meta` dict of the .pth we write: the provenance, and the model config (JSON).
@@ -121,7 +123,6 @@ def _export_provenance(src: Path) -> dict | None:
 
 
 def _saved_metrics(workdir: Path, step: int) -> dict:
-  from capenext_jax.training.checkpoint import Checkpointer
   ckpt = Checkpointer(str(workdir.absolute() / 'checkpoints'))
   try:
     return ckpt.metrics(step)
@@ -131,7 +132,6 @@ def _saved_metrics(workdir: Path, step: int) -> dict:
 
 def workdir_step(workdir: Path, step: int | None, best: bool) -> int:
   """The checkpoint step to convert: `step`, the best val PCK one, or the latest."""
-  from capenext_jax.training.checkpoint import Checkpointer
   ckpt = Checkpointer(str(workdir.absolute() / 'checkpoints'))
   try:
     steps = ckpt.all_steps()
@@ -156,9 +156,8 @@ def write_official(params: dict, path: Path, meta: dict, config: CapeNextConfig 
   """The official state dict of `params` as `.pth` (torch.save of {'state_dict', 'meta'},
   what mmcv's `load_checkpoint` reads; `meta` and `config` go into its `meta` as JSON) or
   `.npz` (flat names, float32). Written whole (a temporary file, then renamed over `path`)."""
-  from capenext_jax.convert.official import capenext_to_official
   state_dict = {k: np.asarray(v, np.float32)
-                for k, v in capenext_to_official(params, config).items()}
+                for k, v in official.capenext_to_official(params, config).items()}
   torch = (require('torch', 'torch', f'{path}: writing a PyTorch file')
            if path.suffix != '.npz' else None)
   with atomic.new_file(path) as tmp:
@@ -203,7 +202,6 @@ def read_model_config(path: str | os.PathLike) -> CapeNextConfig:
 def load_official(src: Path, config_file: str | None) -> tuple[loading.Checkpoint, dict | None]:
   """(checkpoint, the provenance a `.pth` we wrote carries) of an official checkpoint, its
   sizes from --config, else our `.pth` meta, else its shapes (see the module docstring)."""
-  from capenext_jax.convert import official, torch_io
   state_dict = torch_io.load_state_dict(src)
   params = official.capenext_from_official(state_dict)
   meta = torch_io.load_meta(src)

@@ -26,9 +26,20 @@ from __future__ import annotations
 
 import os
 
+import jax
 from absl import flags, logging
 
-from capenext_jax import cli
+from capenext_jax import cli, loading
+from capenext_jax.device import partition
+from capenext_jax.device.step import make_predict_step, matmul_precision
+from capenext_jax.evaluation import pairs as pairs_lib
+from capenext_jax.evaluation import report as report_lib
+from capenext_jax.evaluation.evaluator import Evaluator
+from capenext_jax.evaluation.predict_fn import predict_fn
+from capenext_jax.evaluation.visualize import write_overlays
+from capenext_jax.mp100.text_variants import apply_text_options, description_table
+from capenext_jax.progress import Progress
+from capenext_jax.runtime import import_tensorflow_quietly
 
 DEFAULT_CONFIG = 'synthetic'
 FLAGS = flags.FLAGS
@@ -80,9 +91,8 @@ def _flag(name: str, default):
 def protocol_and_files(config, data_config):
   """(EvalProtocol, annotations, image_root): the flags over `data_config`'s data section
   (a workdir's run config, else --config) and --config's eval batch size."""
-  from capenext_jax.evaluation.pairs import EvalProtocol
-  default = EvalProtocol.from_config(data_config, FLAGS.split)
-  protocol = EvalProtocol(
+  default = pairs_lib.EvalProtocol.from_config(data_config, FLAGS.split)
+  protocol = pairs_lib.EvalProtocol(
       shots=_flag('shots', default.shots), num_episodes=_flag('num_episodes', default.num_episodes),
       num_queries=_flag('num_queries', default.num_queries),
       batch_size=_flag('batch_size', config.eval_batch_size))
@@ -95,14 +105,12 @@ def protocol_and_files(config, data_config):
 
 def is_main_process() -> bool:
   """Process 0 writes everything (all processes hold the same gathered results)."""
-  import jax
   return jax.process_index() == 0
 
 
 def report(scores, category_names, output, info):
   if not is_main_process():
     return
-  from capenext_jax.evaluation import report as report_lib
   report_lib.print_report(scores, category_names)
   report_lib.write_report(output, scores, category_names, info)
   print(f'wrote {output}')
@@ -122,8 +130,6 @@ def main(argv):
   if FLAGS.verbosity < 1:   # orbax's INFO lines would drown the report (-v keeps them)
     logging.set_verbosity(logging.WARNING)
   cli.initialize_distributed()
-  from capenext_jax import loading
-  from capenext_jax.evaluation import pairs as pairs_lib
   config = FLAGS.config
   run_config = None   # a workdir's config.json: its data section gives the defaults
   if FLAGS.checkpoint and loading.is_train_workdir(FLAGS.checkpoint):
@@ -162,7 +168,6 @@ def main(argv):
   if FLAGS.visualize:
     cli.check_writable('overlays of --visualize', overlays, directory=True)
   if FLAGS.descriptions != 'regular':   # a bad name or file fails before the work
-    from capenext_jax.mp100.text_variants import description_table
     description_table(FLAGS.descriptions)
   scores, category_names, text = run_model_eval(config, data_config, run_config, protocol,
                                                 annotations, image_root, overlays)
@@ -173,16 +178,6 @@ def run_model_eval(config, data_config, run_config, protocol, annotations, image
   """(scores, category names, what the text tower was told) of the --checkpoint model on the
   official pairs; writes --predictions_out and --visualize overlays (into `overlays`) when
   asked. config: mesh, sharding and precision; data_config: the pipeline settings."""
-  import jax
-  from capenext_jax import loading
-  from capenext_jax.device import partition
-  from capenext_jax.device.step import make_predict_step, matmul_precision
-  from capenext_jax.evaluation.evaluator import Evaluator
-  from capenext_jax.evaluation.predict_fn import predict_fn
-  from capenext_jax.evaluation.visualize import write_overlays
-  from capenext_jax.mp100.text_variants import apply_text_options
-  from capenext_jax.progress import Progress
-  from capenext_jax.runtime import import_tensorflow_quietly
   import_tensorflow_quietly()   # the eval data pipeline is tf.data (the `train` extra)
   from data_pipeline.splits import eval_split
   mesh = partition.make_mesh(config.mesh_shape)

@@ -31,10 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from capenext_jax import loading
 from capenext_jax import losses as losses_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.models.layers import init_rngs
+from capenext_jax.tools.check_parity import fixture_batch
 
 # Largest / mean keypoint distance (fraction of the crop side), largest relative loss change.
 BOUNDS = {'keypoint_max': 1e-2, 'keypoint_mean': 3e-3, 'loss_rel': 2e-2}
@@ -125,8 +127,6 @@ def compare(model: CapeNext, batch: dict, heatmap_size: int) -> dict:
 
 def fixture_model_and_batch(path: str) -> tuple[CapeNext, dict, int]:
   """The fixture's model (its official weights), episodes and heatmap side."""
-  from capenext_jax import loading
-  from capenext_jax.tools.check_parity import fixture_batch
   z = np.load(path, allow_pickle=False)
   batch = fixture_batch(z)
   return loading.load_model(path), batch, batch['target_heatmaps'].shape[-1]

@@ -6,7 +6,8 @@
 The default config is the synthetic CPU run (the `configs.synthetic` module). Several
 processes: pass --num_processes/--process_id and --coordinator_address (or run where
 `jax.distributed.initialize()` detects the cluster and pass --distributed). The data pipeline
-(TensorFlow, the `train` extra) is imported here, inside `main`, never by the library.
+and the training loop (TensorFlow and clu: the `train` extra) are imported here, inside `main`:
+without that extra a run fails in one line that names it, and `--help` needs neither.
 """
 from __future__ import annotations
 
@@ -14,8 +15,12 @@ import os
 import sys
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from capenext_jax import cli
+from capenext_jax.models.capenext import CapeNextConfig
+from capenext_jax.runtime import import_tensorflow_quietly
+from capenext_jax.training.workdir import check_workdir_kind
 
 DEFAULT_CONFIG = 'synthetic'
 FLAGS = flags.FLAGS
@@ -37,12 +42,11 @@ def main(argv) -> None:
   # Our progress lines go to stdout; orbax's per-save INFO lines would drown them (-v keeps them).
   if FLAGS.verbosity < 1:
     logging.set_verbosity(logging.WARNING)
-  from capenext_jax.runtime import import_tensorflow_quietly
   import_tensorflow_quietly()
   cli.initialize_distributed()
-  from capenext_jax.models.capenext import CapeNextConfig
+  # The `train` extra, imported only for a run: the loop's metric writers are clu's, the
+  # pipeline is tf.data.
   from capenext_jax.training.loop import train_and_evaluate
-  from capenext_jax.training.workdir import check_workdir_kind
   from data_pipeline.splits import run_splits
   config = FLAGS.config
   model_config = CapeNextConfig.from_dict(config.model.to_dict())   # the one parse of a run
@@ -55,7 +59,6 @@ def main(argv) -> None:
 
 def config_source() -> str:
   """The --config file[:arg] (or the default file) and the --config.* overrides given."""
-  from ml_collections import config_flags
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   return ' '.join([config_flags.get_config_filename(FLAGS['config']), *overrides])
 
