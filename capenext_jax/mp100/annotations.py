@@ -360,10 +360,19 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
     data = read_json(ann_file, 'annotation file')   # UTF-8 / UTF-16 with BOM; ints stay ints (no float64 round trip)
   cats = read_categories(data, ann_file, max_kpt, require=('images',), skeleton_base=skeleton_base)
   cat_row = {c['id']: i for i, c in enumerate(cats)}
+  images = _read_images(data['images'], ann_file)
+  per_image = _read_annotations(data['annotations'], ann_file, cats, cat_row)
+  rows, dropped = _records(images, per_image, cat_row, image_root, drop_missing_images)
+  if dropped:
+    warnings.warn(f'{ann_file}: {describe_dropped(dropped)}', DataWarning, stacklevel=2)
+  return _dataset(rows, cats, dropped, ann_file, image_root, max_kpt)
 
-  # Images: dict keyed by id in first-seen order (as COCO's index); duplicates are an error.
+
+def _read_images(images_field: list, ann_file: str) -> dict[int, dict]:
+  """The images by id in first-seen order (as COCO's index), each checked; a duplicate id is
+  an error."""
   images = {}
-  for pos, img in enumerate(data['images']):
+  for pos, img in enumerate(images_field):
     where = f'{ann_file}: image #{pos} (id={img.get("id")!r})' if isinstance(img, dict) else None
     if where is None:
       raise ValueError(f'{ann_file}: images[{pos}] is not an object')
@@ -375,12 +384,18 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       if not _is_num(img[field]) or img[field] <= 0:
         raise ValueError(f'{where}: field "{field}" must be a positive number, got {img[field]!r}')
     images[iid] = img
+  return images
 
-  # Annotations grouped by image in JSON order (coco.imgToAnns); crowd ones are not records.
+
+def _read_annotations(anns: list, ann_file: str, cats: list[dict], cat_row: dict[int, int]
+                      ) -> dict[int, list[dict]]:
+  """The annotations grouped by image id in JSON order (coco.imgToAnns), each checked; crowd
+  ones are not records. Bad visibility values are reported after every other check, the
+  first one named and the rest counted."""
   per_image: dict[int, list] = {}
   ann_ids = set()
   bad_visibility = []   # (where, keypoint index, value) of each annotation with a bad v
-  for pos, ann in enumerate(data['annotations']):
+  for pos, ann in enumerate(anns):
     if not isinstance(ann, dict):
       raise ValueError(f'{ann_file}: annotations[{pos}] is not an object')
     where = f'{ann_file}: annotation #{pos} (id={ann.get("id")!r})'
@@ -393,21 +408,9 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
     cid = _check_id(ann['category_id'], where, 'category_id')
     if cid not in cat_row:
       raise ValueError(f'{where}: field "category_id"={cid} is not a category of this file')
-    k = cats[cat_row[cid]]['k']
-    if 'keypoints' in ann:
-      kp = ann['keypoints']
-      if not isinstance(kp, list) or not all(_is_num(v) for v in kp):
-        raise ValueError(f'{where}: field "keypoints" must be a flat list of numbers')
-      if len(kp) != 3 * k:
-        raise ValueError(f'{where}: field "keypoints" has {len(kp)} numbers, category {cid} '
-                         f'({cats[cat_row[cid]]["name"]}) has K={k} keypoints (want {3 * k})')
-      bad_v = [j for j, v in enumerate(kp[2::3]) if v not in VISIBILITIES]
-      if bad_v:
-        bad_visibility.append((where, bad_v[0], kp[3 * bad_v[0] + 2]))
-    if 'bbox' in ann:
-      bb = ann['bbox']
-      if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
-        raise ValueError(f'{where}: field "bbox" must be [x, y, w, h] numbers, got {bb!r}')
+    bad_v = _check_keypoints_and_box(ann, where, cats[cat_row[cid]])
+    if bad_v is not None:
+      bad_visibility.append((where, *bad_v))
     iscrowd = ann.get('iscrowd', 0)
     if iscrowd not in (0, 1, False, True):
       raise ValueError(f'{where}: field "iscrowd" must be 0 or 1, got {iscrowd!r}')
@@ -420,7 +423,35 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
             if len(bad_visibility) > 1 else '')
     raise ValueError(f'{where}: keypoint {index} has visibility v={v!r} in field "keypoints" '
                      f'(want 0: not labelled, 1 or 2: labelled){more}')
+  return per_image
 
+
+def _check_keypoints_and_box(ann: dict, where: str, cat: dict) -> tuple[int, object] | None:
+  """Checks an annotation's optional ``keypoints`` (3K numbers for its category `cat`) and
+  ``bbox``; returns (keypoint index, value) of its first bad visibility, else None."""
+  bad = None
+  if 'keypoints' in ann:
+    kp, k = ann['keypoints'], cat['k']
+    if not isinstance(kp, list) or not all(_is_num(v) for v in kp):
+      raise ValueError(f'{where}: field "keypoints" must be a flat list of numbers')
+    if len(kp) != 3 * k:
+      raise ValueError(f'{where}: field "keypoints" has {len(kp)} numbers, category {cat["id"]} '
+                       f'({cat["name"]}) has K={k} keypoints (want {3 * k})')
+    bad_v = [j for j, v in enumerate(kp[2::3]) if v not in VISIBILITIES]
+    if bad_v:
+      bad = (bad_v[0], kp[3 * bad_v[0] + 2])
+  if 'bbox' in ann:
+    bb = ann['bbox']
+    if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
+      raise ValueError(f'{where}: field "bbox" must be [x, y, w, h] numbers, got {bb!r}')
+  return bad
+
+
+def _records(images: dict[int, dict], per_image: dict[int, list[dict]], cat_row: dict[int, int],
+             image_root: str, drop_missing_images: bool) -> tuple[dict[str, list], list]:
+  """(the records' columns in image order, then JSON order within an image; the dropped
+  annotations as (reason, annotation id, category id)): the official filters, annotations of
+  an image the file lacks and, when asked, of a missing image file are dropped."""
   rows = dict(ann_id=[], image_id=[], file_name=[], image_path=[], image_size=[], cat=[], bbox=[],
               kpts=[])
   dropped: list[tuple[str, int, int]] = [
@@ -452,9 +483,13 @@ def load_annotations(ann_file: str, image_root: str = '', *, drop_missing_images
       rows['cat'].append(cat_row[ann['category_id']])
       rows['bbox'].append(box)
       rows['kpts'].append(ann['keypoints'])
-  if dropped:
-    warnings.warn(f'{ann_file}: {describe_dropped(dropped)}', DataWarning, stacklevel=2)
+  return rows, dropped
 
+
+def _dataset(rows: dict[str, list], cats: list[dict], dropped: list, ann_file: str,
+             image_root: str, max_kpt: int) -> MP100Dataset:
+  """The MP100Dataset of the records' columns (N of them) and the category table: keypoints
+  padded to [N, max_kpt], boxes [N, 4] with their center / scale."""
   n = len(rows['ann_id'])
   cat_index = np.asarray(rows['cat'], np.int32).reshape(n)
   bbox = np.asarray(rows['bbox'], np.float64).reshape(n, 4)
