@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from capenext_jax.image_ops import gaussian_heatmaps
-from capenext_jax.mp100.geometry import heatmap_side  # noqa: F401 - also losses.heatmap_side
+from capenext_jax.mp100.geometry import heatmap_side
 
 HEATMAP_LOSS_WEIGHT = 2.0
 PCK_THRESHOLD = 0.2

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-# Decoding is crop geometry (mp100/geometry.py); imported so `metrics.transform_preds` stays.
-from capenext_jax.mp100.geometry import transform_preds  # noqa: F401
-
 PCK_THRESHOLDS = (0.05, 0.1, 0.15, 0.2, 0.25)
 AUC_STEPS = 20
 # Key names follow the official report (`'PCK@' + str(thr)`).

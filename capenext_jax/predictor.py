@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from capenext_jax import metrics
 from capenext_jax.image_ops import imagenet_normalize, warp_affine
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
 from capenext_jax.models.head import adjacency_from_skeleton
@@ -114,7 +113,7 @@ class Predictor:
     points = np.asarray(points[:n]) * self.size
     center = np.stack([c[1] for c in crops[:n]])
     scale = np.stack([c[2] for c in crops[:n]])
-    image_points = metrics.transform_preds(points, center, scale, self.size)
+    image_points = geometry.transform_preds(points, center, scale, self.size)
     return [image_points[b, :len(q.descriptions)] for b, q in enumerate(queries)]
 
 

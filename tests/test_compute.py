@@ -16,6 +16,7 @@ from capenext_jax import losses
 from capenext_jax.models import backbones, layers
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
 from capenext_jax.models.swin_v2 import SwinV2Config
+from capenext_jax.mp100.geometry import heatmap_side
 from capenext_jax.tools import bf16_fidelity
 from capenext_jax.device import state as state_lib, step as step_lib
 from conftest import CHEAP_COMPILE
@@ -171,7 +172,7 @@ def test_bfloat16_fidelity_on_a_random_model():
   config = _tiny('tiny')
   model = CapeNext(config, rngs=nnx.Rngs(0))
   batch = bf16_fidelity.random_batch(config, 8, 0)
-  result = bf16_fidelity.compare(model, batch, losses.heatmap_side(config.image_size))
+  result = bf16_fidelity.compare(model, batch, heatmap_side(config.image_size))
   _check_fidelity(result)
   assert result['ok'] is True
 

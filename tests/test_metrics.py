@@ -6,6 +6,7 @@ import pytest
 
 from capenext_jax import metrics
 from capenext_jax.evaluation import predictions, report
+from capenext_jax.mp100 import geometry
 from conftest import load_fixture
 
 BIG_ID = 2**53 + 1  # not representable as float64: a float round trip would change it
@@ -123,14 +124,14 @@ def test_transform_preds_matches_fixture():
   z = load_fixture('tiny_capenext.npz')
   for b in range(3):
     crop = z[f'test_b{b}_points'][-1][None] * np.float32(64)
-    out = metrics.transform_preds(crop, z[f'meta_b{b}_query_center'][None],
-                                  z[f'meta_b{b}_query_scale'][None], image_size=64)
+    out = geometry.transform_preds(crop, z[f'meta_b{b}_query_center'][None],
+                                   z[f'meta_b{b}_query_scale'][None], image_size=64)
     np.testing.assert_array_equal(out, z[f'test_b{b}_preds'][:, :, :2])
 
 
 def test_transform_preds_formula():
-  out = metrics.transform_preds(np.array([[[0.0, 0.0], [128.0, 256.0]]]), np.array([[50.0, 60.0]]),
-                                np.array([[0.5, 1.0]]))
+  out = geometry.transform_preds(np.array([[[0.0, 0.0], [128.0, 256.0]]]),
+                                 np.array([[50.0, 60.0]]), np.array([[0.5, 1.0]]))
   # s = (100, 200): x = x * 100 / 256 + 50 - 50, y = y * 200 / 256 + 60 - 100.
   np.testing.assert_allclose(out, [[[0.0, -40.0], [50.0, 160.0]]])
 

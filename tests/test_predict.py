@@ -12,10 +12,9 @@ import pytest
 from PIL import Image
 
 from capenext_jax import export, loading, predict, predictor
-from capenext_jax.metrics import transform_preds
 from capenext_jax.evaluation.visualize import draw_overlay
 from conftest import FIXTURES, MP100_MINI
-from capenext_jax.mp100.geometry import bbox_to_center_scale
+from capenext_jax.mp100.geometry import bbox_to_center_scale, transform_preds
 from capenext_jax.mp100.geometry import affine_matrix, apply_affine
 
 TIGER = 'tiger_body'

@@ -274,8 +274,8 @@ def test_config_rejects_inconsistent_sizes():
 def test_presets_and_run_configs():
   """vit_b16 runs at 224 px (the official clip_vit configs), with 64 px targets (stride 3.5);
   dinov2_s14 at 256 px, resized to 224 inside; the head reads their channels."""
-  from capenext_jax import losses
   from capenext_jax.models.capenext import CapeNextConfig
+  from capenext_jax.mp100.geometry import heatmap_side
   from configs import mp100
   vit_b16, dino = CapeNextConfig.variant('vit_b16'), CapeNextConfig.variant('dinov2_s14')
   assert (vit_b16.image_size, vit_b16.head.img_in_channels) == (224, 768)
@@ -286,10 +286,10 @@ def test_presets_and_run_configs():
     c = mp100.get_config(f'backbone={name}')
     model = CapeNextConfig.from_dict(c.model.to_dict())
     assert model.image_size == size and c.data.heatmap_size == 64
-    assert losses.heatmap_side(size, c.data.heatmap_size) == 64
+    assert heatmap_side(size, c.data.heatmap_size) == 64
     local = mp100.get_config(f'backbone={name},runlocal')
     assert CapeNextConfig.from_dict(local.model.to_dict()).backbone.output_resolution == 4
-  assert losses.heatmap_side(64) == 16   # run configs without the field
+  assert heatmap_side(64) == 16   # run configs without the field
 
 
 def _random_weights(model_config, seed: int) -> dict:

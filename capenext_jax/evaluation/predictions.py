@@ -13,7 +13,7 @@ Format (UTF-8 JSON, one pair per line for readability; any valid JSON layout is 
   integers. They exceed 2**53, so they are kept as Python ints end to end: written exactly by
   `json` and parsed exactly (a float such as `9.001e17` is rejected, never rounded).
 * `keypoints` lists the predicted (x, y) of the category's K keypoints (slots 0..K-1, not the
-  100 padded slots) in original-image pixels, i.e. after `metrics.transform_preds`.
+  100 padded slots) in original-image pixels, i.e. after `geometry.transform_preds`.
 * `category_id` is optional; when present it must match the pair's category.
 * Pairs may come in any order. Scoring matches them to the official pairs by the key
   (support ids, query id); a key that occurs several times among the official pairs (the episode

@@ -36,6 +36,7 @@ from capenext_jax import losses as losses_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig, with_compute
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.models.layers import init_rngs
+from capenext_jax.mp100.geometry import heatmap_side
 from capenext_jax.tools.check_parity import fixture_batch
 
 # Largest / mean keypoint distance (fraction of the crop side), largest relative loss change.
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
     if args.perturb:
       perturb_constant_params(model, args.seed)
     batch = random_batch(config, args.batch, args.seed)
-    heatmap = losses_lib.heatmap_side(config.image_size)
+    heatmap = heatmap_side(config.image_size)
     source = f'random {args.backbone}' + (' (perturbed)' if args.perturb else '')
   result = compare(model, batch, heatmap)
   print(json.dumps({'model': source, 'batch': int(batch['query_image'].shape[0]), **result}))

@@ -35,11 +35,11 @@ from flax import nnx
 
 from capenext_jax import export
 from capenext_jax import losses as losses_lib
-from capenext_jax import metrics
 from capenext_jax import loading
 from capenext_jax.convert import official
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
 from capenext_jax.models.head import adjacency_from_skeleton
+from capenext_jax.mp100 import geometry
 from capenext_jax.text.cache import category_prompt
 from capenext_jax.text.tokenizer import tokenize
 
@@ -202,8 +202,8 @@ def _activation_rows(model, batch, out, z, ref, required: bool) -> list[Row]:
   size = model.config.image_size
   for i in range(mask.shape[0]):
     scale = z[f'meta_b{i}_query_scale'][None]
-    preds = metrics.transform_preds(np.asarray(out['keypoints'][-1, i:i + 1]) * size,
-                                    z[f'meta_b{i}_query_center'][None], scale, image_size=size)
+    preds = geometry.transform_preds(np.asarray(out['keypoints'][-1, i:i + 1]) * size,
+                                     z[f'meta_b{i}_query_center'][None], scale, image_size=size)
     # Image pixels are the crop's [0, 1] coordinates times the box side (scale * 200), so
     # compare in units of the box: the same 1e-5 as for the normalised keypoints.
     box = scale[:, None, :] * 200.0
