@@ -1,11 +1,18 @@
 """CapeNext in JAX / Flax NNX.
 
 `load_pretrained(path)` rebuilds an exported model (see docs/EXPORT.md) with jax, flax, numpy
-and safetensors alone: `loading` imports orbax and ml_collections only for a train workdir,
-and never TensorFlow, PyTorch or any other optional dependency (tests/test_export.py).
+and safetensors alone. It is resolved on first use (PEP 562), so that `import capenext_jax`
+and its light modules (runtime, cli, extras, errors) import no jax: eval.py and train.py
+re-execute for their allocator (runtime.tune_allocator) before the program's imports, which
+the re-exec would otherwise repeat.
 """
 from __future__ import annotations
 
-from capenext_jax.loading import load_pretrained
-
 __all__ = ['load_pretrained']
+
+
+def __getattr__(name: str):
+  if name == 'load_pretrained':
+    from capenext_jax.loading import load_pretrained
+    return load_pretrained
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -36,6 +36,8 @@ OPTIONAL_EXTRAS = {
 }
 # Function-local imports of the package that are no optional extra, each with its reason.
 DEFERRED = {
+    ('__init__.py', 'loading.py'):
+        'load_pretrained on first use: eval.py / train.py re-exec for the allocator before jax',
     ('loading.py', 'training/checkpoint.py'):
         'orbax: load_pretrained of an export imports no orbax (test_export)',
     ('loading.py', 'training/init.py'):
