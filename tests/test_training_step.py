@@ -101,8 +101,9 @@ def test_optimizer_over_buffers_steps_as_per_leaf_optax():
 
   Not bit for bit: the arithmetic per element is the same expression, but XLA:CPU's code for
   it (the vectorised loop and its scalar tail, FMA contraction) depends on the array's length
-  and the element's place in it, so an element may round 1 ulp apart per step (measured: at
-  most 7 ulps of a param after 5 steps); a wrong slot or moment would be off by the lr (1e-2).
+  and the element's place in it, so an element may round 1 ulp apart per step (measured on
+  random grads: up to 7 ulps of a param after 5 steps); a wrong slot or moment would be off
+  by about the lr (1e-2).
   The global norm sums per buffer instead of per leaf (another float32 summation order).
   """
   graphdef, st, tx = setup()

@@ -16,7 +16,8 @@ Layout (`Layout.of(params, shardings)`), groups by dtype and by how a leaf rests
 
 Where the buffers live: `TrainState.opt_state` holds the moments as `Buffers` in the layout of
 the run's mesh, so a step reads and writes each moment once (flattening mu and nu inside the
-step would add a concatenation and a split of both, four extra passes over them every step).
+step instead would add a concatenation and a split of both every step: two more reads and
+writes of 8 bytes per float32 parameter, more than Adam's own moment traffic).
 Checkpoints keep them per leaf as before (the checkpointer applies `to_leaves` on save and
 `relayout` on restore): the layout depends on the mesh (its fsdp size picks the rows and the
 groups), a checkpoint does not, and workdirs written before this layout resume unchanged. A
@@ -26,11 +27,14 @@ The optimizer itself is unchanged (`training/schedule.make_optimizer`'s optax.ad
 the `Buffers` pytree as on any other, so its elementwise arithmetic is the per-leaf one, bit for
 bit. That holds for elementwise optimizers (Adam, SGD, global-norm clipping); one that treats
 leaves by their shape or name (Adafactor's factored moments, LAMB's per-leaf trust ratio,
-masks by path) must keep per-leaf state (`state.init_train_state(flat=False)`). Only the
-global norm changes: one sum of squares per buffer instead of per leaf, so float32 rounding of
-the summation order differs (a relative difference of order the number of summed
-elements times float32 epsilon at worst, ~1e-7 in practice); it is a logged metric and does
-not feed the update (no gradient clipping in the recipe).
+masks by path) must keep per-leaf state (`state.init_train_state(flat=False)`). The global
+norm sums squares per buffer instead of per leaf: another float32 summation order. Both are
+sums of n non-negative terms, each within (n - 1) * 2**-24 of the exact sum relatively in any
+order, and XLA's blocked reductions come to about log2(n) * 2**-24 (~1.6e-6 for 80 M terms;
+the square root halves it). It is a logged metric and feeds no update (the recipe has no
+gradient clipping). Params and moments: the same expression per element, but XLA:CPU's code
+for it (vectorised loop and scalar tail, FMA contraction) depends on the array's length and the
+element's place, so an element may round an ulp apart per step (tests/test_training_step.py).
 """
 from __future__ import annotations
 
