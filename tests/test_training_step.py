@@ -28,14 +28,35 @@ def setup(seed=0):
   return graphdef, st, tx
 
 
-def test_train_step_updates_trainable_only():
+def assert_close_in_ulps(got, want):
+  """Equal within a few float32 ulps of each array's scale (1e-6 * max |want| ~ 8 ulps)."""
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b), initial=0)))
+  jax.tree.map(close, jax.device_get(got), jax.device_get(want))
+
+
+def test_train_step_updates_trainable_only_as_per_leaf_optax_does():
+  """5 steps update the trainable part only; Adam over the state's buffers (device/flat.py)
+  steps as optax's per-leaf state does.
+
+  Not bit for bit: the arithmetic per element is the same expression, but XLA:CPU's code for
+  it (the vectorised loop and its scalar tail, FMA contraction) depends on the array's length
+  and the element's place in it, so an element may round 1 ulp apart per step (measured on
+  random grads: up to 7 ulps of a param after 5 steps); a wrong slot or moment would be off
+  by about the lr (1e-2). The global norm sums per buffer instead of per leaf (another
+  float32 summation order).
+  """
   graphdef, st, tx = setup()
+  assert [b.shape for b in st.opt_state[0].mu.arrays] == [(276,)]   # one float32 buffer
   before = jax.device_get(st)
+  reference = jax.tree.map(jnp.copy, st)   # the step donates its state
+  reference = reference.replace(opt_state=jax.jit(flat.to_leaves)(reference.opt_state))
   train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
   batch = toy_batch()
   losses = []
   for _ in range(5):
     st, metrics = train_step(st, batch)
+    reference, ref_metrics = train_step(reference, batch)
     losses.append(float(metrics['loss']))
   assert int(st.step) == 5 and bool(metrics['finite'])
   assert set(metrics) == {'loss', 'proposal_loss', 'l1_loss_layer1', 'grad_norm', 'finite'}
@@ -43,6 +64,9 @@ def test_train_step_updates_trainable_only():
   jax.tree.map(np.testing.assert_array_equal, before.frozen['clip'], st.frozen['clip'])
   assert not np.array_equal(before.trainable['backbone']['kernel'],
                             st.trainable['backbone']['kernel'])
+  assert flat.layout_of(reference.opt_state) is None
+  assert_close_in_ulps((st.trainable, jax.jit(flat.to_leaves)(st.opt_state), metrics),
+                       (reference.trainable, reference.opt_state, ref_metrics))
 
 
 def test_dropout_key_depends_on_step_and_eval_is_deterministic():
@@ -87,39 +111,6 @@ def test_text_cache_is_an_argument_not_a_constant():
   eval_step = step_lib.make_eval_step(graphdef, forward=forward_lib.make_forward(S))
   outs = [eval_step(st, batch, cache)['keypoints'] for cache in caches]
   assert eval_step._cache_size() == 1 and not np.array_equal(outs[0], outs[1])
-
-
-def assert_close_in_ulps(got, want):
-  """Equal within a few float32 ulps of each array's scale (1e-6 * max |want| ~ 8 ulps)."""
-  def close(a, b):
-    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b), initial=0)))
-  jax.tree.map(close, jax.device_get(got), jax.device_get(want))
-
-
-def test_optimizer_over_buffers_steps_as_per_leaf_optax():
-  """Adam over the state's buffers (device/flat.py) against optax's per-leaf state, 4 steps.
-
-  Not bit for bit: the arithmetic per element is the same expression, but XLA:CPU's code for
-  it (the vectorised loop and its scalar tail, FMA contraction) depends on the array's length
-  and the element's place in it, so an element may round 1 ulp apart per step (measured on
-  random grads: up to 7 ulps of a param after 5 steps); a wrong slot or moment would be off
-  by about the lr (1e-2).
-  The global norm sums per buffer instead of per leaf (another float32 summation order).
-  """
-  graphdef, st, tx = setup()
-  reference = state_lib.init_train_state(ToyCapeNext(rngs=nnx.Rngs(0)), tx,
-                                         jax.random.PRNGKey(1), flat=False)[1]
-  layout = flat.layout_of(st.opt_state)
-  assert [b.shape for b in st.opt_state[0].mu.arrays] == [(276,)]   # one float32 buffer
-  jax.tree.map(np.testing.assert_array_equal, layout.unflatten(layout.flatten(st.trainable)),
-               st.trainable)
-  train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
-  for i in range(4):
-    st, metrics = train_step(st, toy_batch(i))
-    reference, ref_metrics = train_step(reference, toy_batch(i))
-    assert_close_in_ulps((st.trainable, flat.to_leaves(st.opt_state), metrics),
-                         (reference.trainable, reference.opt_state, ref_metrics))
-  assert flat.layout_of(st.opt_state) == layout and flat.layout_of(reference.opt_state) is None
 
 
 def test_layout_round_trips_every_group_kind():
@@ -176,7 +167,8 @@ def multi_device_main():
   batch = toy_batch(batch=4)
   rules = [('text_proj/kernel', P()), ('layers/.*/kernel', P('fsdp', None))]
   # The same start with optax's per-leaf optimizer state (the reference of the buffers).
-  per_leaf = host.replace(opt_state=jax.device_get(flat.to_leaves(host.opt_state)))
+  to_leaves = jax.jit(flat.to_leaves)   # one executable per layout, not an eager op per leaf
+  per_leaf = host.replace(opt_state=jax.device_get(to_leaves(host.opt_state)))
   results, collectives = {}, {}
   for layout, devices, start in [((1, 1), jax.devices()[:1], host), ((2, 1), None, host),
                                  ((1, 2), None, host), ('per-leaf', None, per_leaf)]:
@@ -185,13 +177,15 @@ def multi_device_main():
     with jax.set_mesh(mesh):
       shardings = state_lib.state_shardings(start, tx, mesh, rules, min_shard_bytes=0)
       st = state_lib.place(fresh(start), shardings)
-      train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings)
+      device_batch = partition.shard_batch(batch, mesh)
+      train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings).lower(
+          st, device_batch).compile()
       metrics = []
       for _ in range(2):
-        st, m = train_step(st, partition.shard_batch(batch, mesh))
+        st, m = train_step(st, device_batch)
         metrics.append(m)
       if shape == (1, 2):
-        hlo = train_step.lower(st, partition.shard_batch(batch, mesh)).compile().as_text()
+        hlo = train_step.as_text()
         collectives[layout] = {op: hlo.count(f' {op}(') + hlo.count(f' {op}-start(')
                                for op in ('all-gather', 'all-to-all', 'collective-permute')}
       if layout == (1, 2):
@@ -203,7 +197,7 @@ def multi_device_main():
         mu = st.opt_state[0].mu.arrays
         assert [(x.shape, x.sharding.spec) for x in mu] == [((2, 74), P('fsdp', None)),
                                                           ((128,), P())]
-      results[layout] = jax.device_get((st.trainable, flat.to_leaves(st.opt_state), metrics))
+      results[layout] = jax.device_get((st.trainable, to_leaves(st.opt_state), metrics))
   # The optimizer's buffers add no data movement between devices to the step; its results
   # are compared with the others' below.
   assert collectives[(1, 2)] == collectives['per-leaf'], collectives

@@ -16,22 +16,22 @@ Layout (`Layout.of(params, shardings)`), groups by dtype and by how a leaf rests
 
 Where the buffers live: `TrainState.opt_state` holds the moments as `Buffers` in the layout of
 the run's mesh, so a step reads and writes each moment once (flattening mu and nu inside the
-step instead would add a concatenation and a split of both every step: two more reads and
-writes of 8 bytes per float32 parameter, more than Adam's own moment traffic).
+step instead would add a concatenation and a split of both every step: 32 more bytes per
+float32 parameter, where the moments' own update moves 16).
 Checkpoints keep them per leaf as before (the checkpointer applies `to_leaves` on save and
 `relayout` on restore): the layout depends on the mesh (its fsdp size picks the rows and the
 groups), a checkpoint does not, and workdirs written before this layout resume unchanged. A
 save costs one on-device split of mu and nu (transient copies), once per checkpoint.
 
 The optimizer itself is unchanged (`training/schedule.make_optimizer`'s optax.adam): it runs on
-the `Buffers` pytree as on any other, so its elementwise arithmetic is the per-leaf one, bit for
-bit. That holds for elementwise optimizers (Adam, SGD, global-norm clipping); one that treats
+the `Buffers` pytree as on any other, so its arithmetic per element is the per-leaf one.
+That holds for elementwise optimizers (Adam, SGD, global-norm clipping); one that treats
 leaves by their shape or name (Adafactor's factored moments, LAMB's per-leaf trust ratio,
 masks by path) must keep per-leaf state (`state.init_train_state(flat=False)`). The global
 norm sums squares per buffer instead of per leaf: another float32 summation order. Both are
 sums of n non-negative terms, each within (n - 1) * 2**-24 of the exact sum relatively in any
-order, and XLA's blocked reductions come to about log2(n) * 2**-24 (~1.6e-6 for 80 M terms;
-the square root halves it). It is a logged metric and feeds no update (the recipe has no
+order, and XLA's blocked reductions come to about log2(n) * 2**-24 (~1.5e-6 for 10**7 to
+10**8 terms; the square root halves it). It is a logged metric and feeds no update (the recipe has no
 gradient clipping). Params and moments: the same expression per element, but XLA:CPU's code
 for it (vectorised loop and scalar tail, FMA contraction) depends on the array's length and the
 element's place, so an element may round an ulp apart per step (tests/test_training_step.py).
@@ -217,6 +217,14 @@ def relayout(opt_state: PyTree, layout: Layout | None) -> PyTree:
   like_params = lambda x: jax.tree.structure(x) == layout.treedef   # noqa: E731
   return jax.tree.map(lambda x: layout.flatten(x) if like_params(x) else x, per_leaf,
                       is_leaf=like_params)
+
+
+def put(opt_state: PyTree, shardings: PyTree) -> PyTree:
+  """`opt_state` (per leaf or in any layout, host or device arrays) in the layout of
+  `shardings` (an optimizer state of NamedShardings, as `opt_state_shardings` gives), placed
+  with them: converted on the device, compiled for each call (a restore, a placement)."""
+  layout = layout_of(shardings)
+  return jax.jit(lambda opt: relayout(opt, layout), out_shardings=shardings)(opt_state)
 
 
 def init(optimizer: optax.GradientTransformation, params: PyTree,

@@ -76,11 +76,9 @@ def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, 
 
 def place(state: TrainState, shardings: TrainState) -> TrainState:
   """`state` (host or device arrays) on the mesh of `shardings`, its optimizer state moved
-  into their layout (`flat.relayout`) on the device."""
-  layout = flat_lib.layout_of(shardings.opt_state)
-  relayout = jax.jit(lambda opt: flat_lib.relayout(opt, layout), out_shardings=shardings.opt_state)
+  into their layout (`flat.put`)."""
   return jax.device_put(state.replace(opt_state=()), shardings.replace(opt_state=())).replace(
-      opt_state=relayout(state.opt_state))
+      opt_state=flat_lib.put(state.opt_state, shardings.opt_state))
 
 
 def abstract_state(state: TrainState, shardings: TrainState) -> TrainState:

@@ -154,9 +154,8 @@ class Checkpointer:
     restored = self.manager.restore(step, args=args)
     state = dict(restored.state)
     if layout is not None:   # into the target's buffers, on the device
-      state['opt_state'] = jax.jit(
-          lambda opt: flat.relayout(opt, layout),
-          out_shardings=jax.tree.map(lambda x: x.sharding, flat_target))(state['opt_state'])
+      state['opt_state'] = flat.put(state['opt_state'],
+                                    jax.tree.map(lambda x: x.sharding, flat_target))
     return target.replace(**state), dict(restored.data)
 
   def restore_latest(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
