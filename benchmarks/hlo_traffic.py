@@ -14,7 +14,8 @@ results; the other ops (elementwise, reduce, transpose, slice, concatenate, gath
 fused along single-consumer edges into loop kernels that read their inputs from and write
 their outputs to memory once (a reduce ends its kernel, except for an elementwise op of the
 reduce's shape, its epilogue); a value read by two kernels, read by a matmul-like op, or
-returned is written once and read by each kernel that uses it. Broadcasts,
+returned is written once and read by each kernel that uses it (through a slice, only the
+part the slice keeps: a kernel reading the first rows of a buffer moves those). Broadcasts,
 reshapes, constants and iotas are free (their kernel reads the source). It ignores caches and
 what XLA's own passes would change (it sees the step before optimisation), so it is a model to
 compare versions of the code with, not a prediction of a profile.
@@ -50,6 +51,9 @@ KERNELS = {'dot_general', 'dot', 'convolution', 'custom_call', 'scatter', 'sort'
            'reduce_window', 'select_and_scatter', 'while', 'call', 'fft', 'rng_bit_generator',
            'dynamic_update_slice', 'all_reduce', 'all_gather', 'reduce_scatter', 'all_to_all',
            'collective_permute', 'cholesky', 'triangular_solve'}
+
+# Ops that read only the part of their first operand that they return.
+SLICES = {'slice', 'dynamic_slice'}
 
 TENSOR = re.compile(r'tensor<([^>]*)>')
 VALUE = re.compile(r'%[\w#.]+')
@@ -321,18 +325,22 @@ class Traffic:
 
     total, kernels = collections.Counter(), collections.Counter()
     counted = set()   # kernels already counted
-    read = set()   # (kernel, value) pairs already charged
+    charged = collections.Counter()   # bytes of each (kernel, value) read so far
     for op in ops:
       if op.kind in FREE:
         continue
       comp = component_of(op.loc)
       before = total[comp]
       kernel = id(op) if is_kernel(op) else find(id(op))
-      for o in op.operands:
+      for i, o in enumerate(op.operands):
         for r in real(o):
-          if r in boundary and (kernel, r) not in read:
-            read.add((kernel, r))
-            total[comp] += size.get(r, 0)
+          if r in boundary:
+            # A kernel reads a value once; through a slice, only the part it keeps.
+            whole = size.get(r, 0)
+            part = op.sizes[0] if op.kind in SLICES and i == 0 and op.sizes else whole
+            bytes_read = min(part, whole - charged[kernel, r])
+            charged[kernel, r] += bytes_read
+            total[comp] += bytes_read
       if op.kind == 'call' and op.callee in self.functions:
         total[comp] += sum(self.of(op.callee).values())   # its kernels, charged to this call
         kernels[comp] += sum(self.kernel_memo[op.callee].values())

@@ -40,7 +40,6 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -50,7 +49,7 @@ from capenext_jax import losses  # noqa: E402
 from capenext_jax.models import layers, swin_v2  # noqa: E402
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
-from capenext_jax.device import partition, state as state_lib, step as step_lib  # noqa: E402
+from capenext_jax.device import flat, partition, state as state_lib, step as step_lib  # noqa: E402
 from capenext_jax.training import schedule  # noqa: E402
 
 HEATMAP = 64
@@ -379,8 +378,8 @@ def components(capture: Capture, steps: Steps, batch_size: int) -> None:
   timeit('head_fwd', head_loss, head_params, feature)
   timeit('head_fwd_bwd', jax.grad(head_loss), head_params, feature)
   trainable = steps.state.trainable
-  opt_state = steps.tx.init(trainable)
-  update = lambda g, s, p: optax.apply_updates(p, steps.tx.update(g, s, p)[0])
+  opt_state = flat.init(steps.tx, trainable)   # the step's optimizer: over a few buffers
+  update = lambda g, s, p: flat.update(steps.tx, g, s, p)[0]
   timeit('optimizer_update', update, trainable, opt_state, trainable)
   capture.summary['components_ms'] = times
   print('components', times, flush=True)

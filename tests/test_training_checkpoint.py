@@ -10,12 +10,13 @@ import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from capenext_jax.training import checkpoint, schedule
 
-from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import flat, partition, state as state_lib
 from capenext_jax.device import step as step_lib
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
@@ -60,6 +61,25 @@ def test_save_restore_resumes_exactly(tmp_path):
   st_res, m_res = train_step(restored, toy_batch(1))
   assert_trees_equal((st_next.trainable, st_next.opt_state, m_next),
                      (st_res.trainable, st_res.opt_state, m_res))
+
+
+def test_optimizer_state_is_stored_per_leaf_and_old_checkpoints_resume(tmp_path):
+  """The step's optimizer buffers (device/flat.py) are saved as optax's per-leaf tree, the
+  layout checkpoints had before the buffers: a checkpoint of a per-leaf state (what earlier
+  versions wrote) has the same entries, and restores into the buffers unchanged."""
+  _, st, _ = setup()
+  st = st.replace(opt_state=jax.tree.map(lambda x: x + 0.25, st.opt_state))   # not zeros
+  old = st.replace(opt_state=jax.device_get(flat.to_leaves(st.opt_state)))
+  ckpt = checkpoint.Checkpointer(str(tmp_path / 'ckpt'), async_save=False)
+  ckpt.save(1, st, {'step': 1})
+  ckpt.save(2, old, {'step': 2})
+  disk = [checkpoint._shapes(ocp.StandardCheckpointHandler().metadata(
+      tmp_path / 'ckpt' / str(step) / 'state')) for step in (1, 2)]
+  assert disk[0] == disk[1] and 'opt_state/0/mu/backbone/kernel' in disk[0]
+  restored, _ = ckpt.restore(st, step=2)
+  assert flat.layout_of(restored.opt_state) == flat.layout_of(st.opt_state)
+  assert_trees_equal(restored.opt_state, st.opt_state)
+  ckpt.close()
 
 
 def test_keeps_last_n_plus_best(tmp_path):

@@ -7,7 +7,7 @@ from jax.sharding import PartitionSpec as P
 
 from capenext_jax.training import schedule
 
-from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import flat, partition, state as state_lib
 from training_toy import ToyCapeNext
 
 
@@ -18,7 +18,8 @@ def names(tree):
 def test_clip_is_frozen_and_has_no_optimizer_state():
   tx = schedule.make_optimizer(schedule.default_optim_config(), 10)
   _, st = state_lib.init_train_state(ToyCapeNext(rngs=nnx.Rngs(0)), tx, jax.random.PRNGKey(0))
-  trainable, frozen, opt = names(st.trainable), names(st.frozen), names(st.opt_state)
+  trainable, frozen = names(st.trainable), names(st.frozen)
+  opt = names(flat.to_leaves(st.opt_state))   # as checkpoints hold it (in memory: buffers)
   assert trainable and not any('clip' in n for n in trainable + opt)
   assert {'clip/kernel', 'clip/bias'} <= set(frozen)
   assert any(n.startswith('dropout/rngs/') for n in frozen)  # RNG streams are not params

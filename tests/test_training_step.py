@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from capenext_jax.training import schedule
 
-from capenext_jax.device import partition, state as state_lib, step as step_lib
+from capenext_jax.device import flat, partition, state as state_lib, step as step_lib
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
 OPTIM = dict(lr=1e-2, warmup_steps=0)  # a visible update, no warmup
@@ -28,14 +28,35 @@ def setup(seed=0):
   return graphdef, st, tx
 
 
-def test_train_step_updates_trainable_only():
+def assert_close_in_ulps(got, want):
+  """Equal within a few float32 ulps of each array's scale (1e-6 * max |want| ~ 8 ulps)."""
+  def close(a, b):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.max(np.abs(b), initial=0)))
+  jax.tree.map(close, jax.device_get(got), jax.device_get(want))
+
+
+def test_train_step_updates_trainable_only_as_per_leaf_optax_does():
+  """5 steps update the trainable part only; Adam over the state's buffers (device/flat.py)
+  steps as optax's per-leaf state does.
+
+  Not bit for bit: the arithmetic per element is the same expression, but XLA:CPU's code for
+  it (the vectorised loop and its scalar tail, FMA contraction) depends on the array's length
+  and the element's place in it, so an element may round 1 ulp apart per step (measured on
+  random grads: up to 7 ulps of a param after 5 steps); a wrong slot or moment would be off
+  by about the lr (1e-2). The global norm sums per buffer instead of per leaf (another
+  float32 summation order).
+  """
   graphdef, st, tx = setup()
+  assert [b.shape for b in st.opt_state[0].mu.arrays] == [(276,)]   # one float32 buffer
   before = jax.device_get(st)
+  reference = jax.tree.map(jnp.copy, st)   # the step donates its state
+  reference = reference.replace(opt_state=jax.jit(flat.to_leaves)(reference.opt_state))
   train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
   batch = toy_batch()
   losses = []
   for _ in range(5):
     st, metrics = train_step(st, batch)
+    reference, ref_metrics = train_step(reference, batch)
     losses.append(float(metrics['loss']))
   assert int(st.step) == 5 and bool(metrics['finite'])
   assert set(metrics) == {'loss', 'proposal_loss', 'l1_loss_layer1', 'grad_norm', 'finite'}
@@ -43,6 +64,9 @@ def test_train_step_updates_trainable_only():
   jax.tree.map(np.testing.assert_array_equal, before.frozen['clip'], st.frozen['clip'])
   assert not np.array_equal(before.trainable['backbone']['kernel'],
                             st.trainable['backbone']['kernel'])
+  assert flat.layout_of(reference.opt_state) is None
+  assert_close_in_ulps((st.trainable, jax.jit(flat.to_leaves)(st.opt_state), metrics),
+                       (reference.trainable, reference.opt_state, ref_metrics))
 
 
 def test_dropout_key_depends_on_step_and_eval_is_deterministic():
@@ -89,6 +113,30 @@ def test_text_cache_is_an_argument_not_a_constant():
   assert eval_step._cache_size() == 1 and not np.array_equal(outs[0], outs[1])
 
 
+def test_layout_round_trips_every_group_kind():
+  """Replicated, fsdp-split (rows = shards) and doubly split leaves (a buffer of their own),
+  by dtype, on an abstract 2 x 2 mesh: flatten then unflatten is the identity, bit for bit."""
+  mesh = jax.sharding.AbstractMesh((2, 2), ('data', 'fsdp'))
+  named = lambda *spec: jax.sharding.NamedSharding(mesh, P(*spec))   # noqa: E731
+  r = np.random.default_rng(0)
+  params = {'a': r.standard_normal((3, 4)).astype(np.float32),
+            'b': r.standard_normal((6, 4)).astype(np.float32),
+            'c': r.standard_normal((5, 4, 2)).astype(np.float32),
+            'd': r.standard_normal((4, 6)).astype(np.float32),
+            'e': r.standard_normal((4,)).astype(jnp.bfloat16)}
+  shardings = {'a': named(), 'b': named(None, 'fsdp'), 'c': named(None, None, ('data', 'fsdp')),
+               'd': named('data', 'fsdp'), 'e': named()}
+  layout = flat.Layout.of(params, shardings)
+  assert [(g.kind, g.dtype, g.shape, g.partition_spec()) for g in layout.groups] == [
+      ('replicated', 'float32', (12,), P()), ('sharded', 'float32', (2, 12), P(('fsdp',), None)),
+      ('sharded', 'float32', (4, 10), P(('data', 'fsdp'), None)),
+      ('own', 'float32', (4, 6), P('data', 'fsdp')), ('replicated', 'bfloat16', (4,), P())]
+  buffers = layout.flatten(params)
+  # Row i of a split group holds shard i of each of its leaves.
+  np.testing.assert_array_equal(buffers.arrays[1][1], params['b'][:, 2:].T.ravel())
+  jax.tree.map(np.testing.assert_array_equal, layout.unflatten(buffers), params)
+
+
 def test_non_finite_loss_names_step_and_term():
   graphdef, st, tx = setup()
   train_step = step_lib.make_train_step(graphdef, toy_loss, tx)
@@ -113,29 +161,46 @@ def multi_device_main():
   # input on a 1-device mesh, and the step donates it. Re-running setup() would cost ~100
   # eager-op compiles.
   host = jax.device_get(init)
-  fresh = lambda: jax.tree.map(
+  fresh = lambda start: jax.tree.map(
       lambda x: x if isinstance(x, np.ndarray)
-      else jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))), host)
+      else jax.random.wrap_key_data(np.asarray(jax.random.key_data(x))), start)
   batch = toy_batch(batch=4)
   rules = [('text_proj/kernel', P()), ('layers/.*/kernel', P('fsdp', None))]
-  results = {}
-  for layout, devices in [((1, 1), jax.devices()[:1]), ((2, 1), None), ((1, 2), None)]:
-    mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
+  # The same start with optax's per-leaf optimizer state (the reference of the buffers).
+  to_leaves = jax.jit(flat.to_leaves)   # one executable per layout, not an eager op per leaf
+  per_leaf = host.replace(opt_state=jax.device_get(to_leaves(host.opt_state)))
+  results, collectives = {}, {}
+  for layout, devices, start in [((1, 1), jax.devices()[:1], host), ((2, 1), None, host),
+                                 ((1, 2), None, host), ('per-leaf', None, per_leaf)]:
+    shape = (1, 2) if layout == 'per-leaf' else layout
+    mesh = partition.make_mesh({'data': shape[0], 'fsdp': shape[1]}, devices)
     with jax.set_mesh(mesh):
-      shardings = state_lib.state_shardings(host, tx, mesh, rules, min_shard_bytes=0)
-      st = jax.device_put(fresh(), shardings)
-      train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings)
+      shardings = state_lib.state_shardings(start, tx, mesh, rules, min_shard_bytes=0)
+      st = state_lib.place(fresh(start), shardings)
+      device_batch = partition.shard_batch(batch, mesh)
+      train_step = step_lib.make_train_step(graphdef, toy_loss, tx, shardings=shardings).lower(
+          st, device_batch).compile()
       metrics = []
       for _ in range(2):
-        st, m = train_step(st, partition.shard_batch(batch, mesh))
+        st, m = train_step(st, device_batch)
         metrics.append(m)
+      if shape == (1, 2):
+        hlo = train_step.as_text()
+        collectives[layout] = {op: hlo.count(f' {op}(') + hlo.count(f' {op}-start(')
+                               for op in ('all-gather', 'all-to-all', 'collective-permute')}
       if layout == (1, 2):
         assert st.trainable['backbone']['kernel'].sharding.spec == P(None, 'fsdp')
         assert st.trainable['text_proj']['kernel'].sharding.spec == P()
         assert st.trainable['layers'][0]['kernel'].sharding.spec == P('fsdp', None)
-        assert st.opt_state[0].mu['backbone']['kernel'].sharding.spec == P(None, 'fsdp')
         assert st.trainable['layers'][0]['bias'].sharding.spec == P('fsdp')
-      results[layout] = jax.device_get((st.trainable, st.opt_state, metrics))
+        # Adam's moments: one buffer of the fsdp-split leaves (rows = shards), one of the rest.
+        mu = st.opt_state[0].mu.arrays
+        assert [(x.shape, x.sharding.spec) for x in mu] == [((2, 74), P('fsdp', None)),
+                                                          ((128,), P())]
+      results[layout] = jax.device_get((st.trainable, to_leaves(st.opt_state), metrics))
+  # The optimizer's buffers add no data movement between devices to the step; its results
+  # are compared with the others' below.
+  assert collectives[(1, 2)] == collectives['per-leaf'], collectives
   # The default threshold: 'fsdp' leaves under 4 MiB stay replicated, explicit rules apply.
   shardings = partition.param_shardings(
       {'small': jax.ShapeDtypeStruct((1024, 1023), jnp.float32),
@@ -145,7 +210,7 @@ def multi_device_main():
   assert shardings['small'].spec == P() and shardings['large'].spec == P('fsdp', None)
   assert shardings['layers'][0]['kernel'].spec == P('fsdp', None)
   assert shardings['layers'][0]['bias'].spec == P()
-  for layout in [(2, 1), (1, 2)]:
+  for layout in [(2, 1), (1, 2), 'per-leaf']:
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                  results[(1, 1)], results[layout])
   check_gather_batches(mesh)

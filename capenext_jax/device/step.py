@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capenext_jax.device import forward as forward_lib
+from capenext_jax.device import flat, forward as forward_lib
 from capenext_jax.device import partition
 from capenext_jax.device.state import TrainState, merge_model
 
@@ -75,9 +75,10 @@ def make_train_step(graphdef: nnx.GraphDef, loss_fn: LossFn,
       return terms['loss'], (terms, batch_stats)
 
     grads, (terms, batch_stats) = jax.grad(loss_of, has_aux=True)(state.trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    metrics = dict(terms, grad_norm=global_norm(grads))
+    # Over the optimizer state's few buffers (flat.py), or leaf by leaf for a per-leaf state.
+    trainable, opt_state, grad_norm = flat.update(optimizer, grads, state.opt_state,
+                                                  state.trainable)
+    metrics = dict(terms, grad_norm=grad_norm)
     metrics['finite'] = jnp.all(jnp.stack([jnp.isfinite(v).all() for v in metrics.values()]))
     new_state = state.replace(trainable=trainable, batch_stats=batch_stats,
                               opt_state=opt_state, step=state.step + 1)
@@ -95,11 +96,6 @@ def gathered(state: TrainState) -> TrainState:
   return state.replace(**partition.gather(dict(trainable=state.trainable,
                                                batch_stats=state.batch_stats,
                                                frozen=state.frozen)))
-
-
-def global_norm(tree: Any) -> jax.Array:
-  """L2 norm over all leaves (optax.global_norm is deprecated, its successor is recent)."""
-  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, *, forward: Forward = default_forward

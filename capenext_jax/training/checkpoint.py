@@ -3,7 +3,10 @@ handling.
 
 A checkpoint step directory holds two items:
   state: `TrainState` fields in `state.CHECKPOINTED` (trainable, batch_stats, opt_state, step,
-         rng)
+         rng); the optimizer state per leaf (optax's own tree: `0/mu/<param path>`, ...)
+         whatever the layout it has in memory (device/flat.py's buffers are split on save
+         and laid out for the run's mesh on restore), so a checkpoint does not depend on the
+         mesh, and those written before the buffers existed resume as they are
   data:  JSON data position {'step': next global step}, so that a resumed run re-enters its
          input pipeline where it stopped (its episodes are a function of the step).
 The frozen part of the state (CLIP, RNG streams) does not change during a run: it is written
@@ -37,6 +40,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as policies
 
+from capenext_jax.device import flat
 from capenext_jax.device.state import CHECKPOINTED, TrainState
 from capenext_jax.errors import first_line
 
@@ -100,6 +104,8 @@ class Checkpointer:
     """Start saving `state` at `step` (a host int); metrics rank it for 'best'. True if saved."""
     self.check()
     items = {k: getattr(state, k) for k in CHECKPOINTED}
+    if flat.layout_of(state.opt_state) is not None:   # stored per leaf (module docstring)
+      items['opt_state'] = _opt_state_to_leaves(state.opt_state)
     args = ocp.args.Composite(state=ocp.args.StandardSave(items),
                               data=ocp.args.JsonSave(dict(data_position)))
     metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
@@ -139,10 +145,18 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f'no checkpoint in {self.manager.directory}')
     abstract = {k: jax.tree.map(_as_abstract, getattr(target, k)) for k in CHECKPOINTED}
+    flat_target = abstract['opt_state']
+    layout = flat.layout_of(flat_target)
+    if layout is not None:   # on disk per leaf, each moment sharded as its param
+      abstract['opt_state'] = flat.per_leaf_target(flat_target, abstract['trainable'])
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                               data=ocp.args.JsonRestore())
     restored = self.manager.restore(step, args=args)
-    return target.replace(**restored.state), dict(restored.data)
+    state = dict(restored.state)
+    if layout is not None:   # into the target's buffers, on the device
+      state['opt_state'] = flat.put(state['opt_state'],
+                                    jax.tree.map(lambda x: x.sharding, flat_target))
+    return target.replace(**state), dict(restored.data)
 
   def restore_latest(self, target: TrainState) -> tuple[TrainState, dict[str, Any]] | None:
     """`restore` of the newest checkpoint that restores, or None when there is none.
@@ -327,6 +341,10 @@ def _key_data(x):
 
 def _wrap_key_data(raw, like):
   return jax.random.wrap_key_data(raw, impl=like.dtype._impl) if _is_key(like) else raw
+
+
+# Flat optimizer buffers -> optax's per-leaf state, on the device (one executable per layout).
+_opt_state_to_leaves = jax.jit(flat.to_leaves)
 
 
 def _as_abstract(x):

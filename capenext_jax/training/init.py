@@ -1,6 +1,8 @@
 """The train state of a run config, created already sharded on the mesh."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import ml_collections
 from flax import nnx
@@ -40,9 +42,9 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
   if model_config is None:
     model_config = CapeNextConfig.from_dict(config.model.to_dict())
 
-  def init(rng):
+  def init(rng, param_shardings=None):
     model = CapeNext(model_config, rngs=init_rngs(config.seed))
-    return state_lib.init_train_state(model, optimizer, rng)[1]
+    return state_lib.init_train_state(model, optimizer, rng, shardings=param_shardings)[1]
 
   rng = jax.random.PRNGKey(config.seed)
   graphdef = partition.split_model(nnx.eval_shape(
@@ -51,7 +53,9 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
   shardings = state_lib.state_shardings(
       abstract, optimizer, mesh, partition.rules_from_config(config.sharding_rules),
       config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES))
-  state = jax.jit(init, out_shardings=shardings)(rng)
+  # The optimizer's buffers are laid out for the params' shardings on this mesh (device/flat.py).
+  state = jax.jit(functools.partial(init, param_shardings=shardings.trainable),
+                  out_shardings=shardings)(rng)
   backbone_path, clip_path = pretrained_paths(config)
   if backbone_path or clip_path:
     model = nnx.merge(graphdef, *partition.to_host((state.trainable, state.batch_stats,
