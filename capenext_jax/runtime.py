@@ -40,15 +40,16 @@ GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
 _DONE = 'CAPENEXT_ALLOCATOR_TUNED'
 
 
-def tune_allocator() -> None:
-  """Re-exec the current command once with jemalloc preloaded or, failing that, with glibc's
-  huge-page tunable. A no-op off Linux, on the re-executed run, and where the caller already
-  chose (LD_PRELOAD with jemalloc, or GLIBC_TUNABLES set)."""
-  if not sys.platform.startswith('linux') or os.environ.get(_DONE):
-    return
-  env = dict(os.environ, **{_DONE: '1'})
+def tuned_environment(environ: dict[str, str]) -> dict[str, str] | None:
+  """The environment `tune_allocator` re-executes with (`environ` plus the allocator's
+  variables and the done mark), or None where nothing is to change: off Linux, on the
+  re-executed run, and where the caller already chose (LD_PRELOAD with jemalloc, or
+  GLIBC_TUNABLES set). A parent that sets it for its children spares each a re-exec."""
+  if not sys.platform.startswith('linux') or environ.get(_DONE):
+    return None
+  env = dict(environ, **{_DONE: '1'})
   if 'jemalloc' in env.get('LD_PRELOAD', ''):
-    return
+    return None
   library = next((p for p in JEMALLOC_PATHS if os.path.exists(p)), None)
   if library is not None and not env.get('CAPENEXT_NO_JEMALLOC'):
     env['LD_PRELOAD'] = ' '.join(filter(None, [library, env.get('LD_PRELOAD')]))
@@ -56,6 +57,15 @@ def tune_allocator() -> None:
   elif 'GLIBC_TUNABLES' not in env:
     env['GLIBC_TUNABLES'] = GLIBC_TUNABLES
   else:
+    return None
+  return env
+
+
+def tune_allocator() -> None:
+  """Re-exec the current command once in `tuned_environment` (jemalloc preloaded or, failing
+  that, glibc's huge-page tunable); a no-op where that is None."""
+  env = tuned_environment(dict(os.environ))
+  if env is None:
     return
   sys.stdout.flush()
   sys.stderr.flush()

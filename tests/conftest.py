@@ -46,6 +46,24 @@ def _share_compiled_programs():
 _share_compiled_programs()
 
 
+def _tune_allocator_for_subprocesses():
+  """The programs' allocator (capenext_jax/runtime.py) chosen once, in the first process of
+  the run: every train.py / eval.py / benchmark subprocess (and pytest-xdist worker) starts in
+  the environment its `tune_allocator` would re-exec into, so none of them starts twice (each
+  re-exec imports jax and the program again: ~2 s per subprocess on the 2-core CI machine).
+  tests/test_runtime.py clears these variables to test the re-exec itself.
+
+  jemalloc keeps its default page decay here (an empty MALLOC_CONF): pytest-xdist's workers
+  hold several GB of compiled programs for the whole run, and the programs' never-decay
+  setting is meant for one long training process."""
+  from capenext_jax import runtime
+  os.environ.setdefault('MALLOC_CONF', '')
+  os.environ.update(runtime.tuned_environment(dict(os.environ)) or {})
+
+
+_tune_allocator_for_subprocesses()
+
+
 def load_fixture(name: str):
   """np.load of a golden fixture (no pickles)."""
   path = FIXTURES / name
