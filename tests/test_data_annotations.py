@@ -154,6 +154,9 @@ def test_good_hand_built_file():
      r'category #0 \(id=5.*field "keypoints" is empty and no annotation of the category has keypoints \(K unknown\)'),
     (lambda d: d['annotations'][0].update(category_id=9), r'annotation #0 .*field "category_id"=9 is not a category'),
     (lambda d: d['annotations'][0].update(id=1.5), r'field "id" must be an integer'),
+    # Malformed values that once crashed inside the checks with a TypeError.
+    (lambda d: d['annotations'][0].update(category_id={}), r'annotation #0 .*field "category_id" must be an integer, got \{\}'),
+    (lambda d: d['annotations'][0].update(area='x'), r'annotation #0 .*field "area" must be a number, got \'x\''),
 ])
 def test_bad_inputs_name_the_place(mutate, pattern):
   data = copy.deepcopy(_base())

@@ -100,28 +100,39 @@ def checkpoint_reader(config):
 # Every backbone architecture: BatchNorm statistics (ResNet, HRNet) are checkpointed state too.
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
-  """Preempted (SIGTERM inside the real loop) right after a periodic checkpoint, then resumed:
-  the params, statistics and optimizer state equal an uninterrupted run's."""
+  """Resumed from step 2 of 4, the params, statistics and optimizer state equal an
+  uninterrupted run's.
+
+  The headline backbone is preempted (SIGTERM inside the real loop) right after its periodic
+  checkpoint. The others resume from a copy of the uninterrupted run's workdir cut back to its
+  step-2 checkpoint: the same saved state (the run is deterministic) and the same restore, for
+  two trainings instead of three (each compiles the model's programs again)."""
+  import shutil
   import signal
   from capenext_jax.training import checkpoint
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   c = tiny_config(4, backbone)
   c.data.root = str(tmp_path / 'data')
-  train(c, full)
   c.checkpoint_every_steps = 2   # step 2 is saved just before the loop sees the signal
-  save = checkpoint.Checkpointer.save
-
-  def save_then_sigterm(self, step, *args, **kwargs):
-    # The signal comes from the loop's own thread (batches are read ahead by another one).
-    save(self, step, *args, **kwargs)
-    if step == 2:
-      os.kill(os.getpid(), signal.SIGTERM)
-
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_sigterm)
-  stopped = train(c, part)
-  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
-  assert stopped['preempted'] and stopped['step'] == 2   # step 1 ran, then the loop stopped
   read = checkpoint_reader(c)
+  train(c, full)
+  if backbone == BACKBONES[0]:
+    save = checkpoint.Checkpointer.save
+
+    def save_then_sigterm(self, step, *args, **kwargs):
+      # The signal comes from the loop's own thread (batches are read ahead by another one).
+      save(self, step, *args, **kwargs)
+      if step == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_sigterm)
+    stopped = train(c, part)
+    monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
+    assert stopped['preempted'] and stopped['step'] == 2   # step 1 ran, then the loop stopped
+  else:
+    shutil.copytree(full, part, ignore=shutil.ignore_patterns('.lock'))
+    shutil.rmtree(os.path.join(part, 'checkpoints', '4'))
+    os.remove(os.path.join(part, 'results.json'))
   assert read(part)[1] == {'step': 2}
   assert train(c, part)['step'] == 4
   (a, pos_a), (b, pos_b) = read(full), read(part)

@@ -156,7 +156,9 @@ def _annotation_keypoint_counts(anns: list) -> dict[int, list[tuple[int, int]]]:
     if not isinstance(ann, dict) or not isinstance(ann.get('keypoints'), list):
       continue
     k = len(ann['keypoints']) // 3
-    seen = counts.setdefault(ann.get('category_id'), [])
+    if not _is_int(ann.get('category_id')):
+      continue
+    seen = counts.setdefault(ann['category_id'], [])
     if all(k != known for known, _ in seen):
       seen.append((k, ann.get('id')))
   return counts
@@ -444,6 +446,8 @@ def _check_keypoints_and_box(ann: dict, where: str, cat: dict) -> tuple[int, obj
     bb = ann['bbox']
     if not (isinstance(bb, list) and len(bb) == 4 and all(_is_num(v) for v in bb)):
       raise ValueError(f'{where}: field "bbox" must be [x, y, w, h] numbers, got {bb!r}')
+  if 'area' in ann and not _is_num(ann['area']):   # the official filter compares it with 0
+    raise ValueError(f'{where}: field "area" must be a number, got {ann["area"]!r}')
   return bad
 
 
