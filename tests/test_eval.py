@@ -153,11 +153,15 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert run_config['data']['mask_outside_bbox']
   # 4 test categories x 3 episodes x 1 query = 12 pairs; batch 5 pads the last batch by 3.
   report = tmp_path / 'eval' / 'report.json'
-  out = run('eval.py', f'--checkpoint={wd}', f'--annotations={TEST_ANN}', f'--image_root={IMAGES}',
-            '--shots=1', '--num_episodes=3', '--num_queries=1', '--batch_size=5',
-            f'--output={report}', '--visualize=1', f'--predictions_out={tmp_path / "p.json"}',
-            '--descriptions=synonyms', '--category_prompt=wrong')
-  assert 'PCK@0.2' in out
+  from conftest import run_eval_cli   # in-process: no second start-up of jax and TensorFlow
+  capsys.readouterr()
+  status, line = run_eval_cli(f'--checkpoint={wd}', f'--annotations={TEST_ANN}',
+                              f'--image_root={IMAGES}', '--shots=1', '--num_episodes=3',
+                              '--num_queries=1', '--batch_size=5', f'--output={report}',
+                              '--visualize=1', f'--predictions_out={tmp_path / "p.json"}',
+                              '--descriptions=synonyms', '--category_prompt=wrong')
+  assert status == 0, line
+  assert 'PCK@0.2' in capsys.readouterr().out
   r = json.loads(report.read_text())
   assert r['overall']['num_pairs'] == 12 and len(r['per_category']) == 4
   assert r['info']['descriptions'].startswith('synonyms') and r['info']['category_prompt'] == 'wrong'
@@ -167,9 +171,10 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert '| 1-shot | missing |' in table and 'split(s) 1, 3, 4, 5 missing' in table
   assert len(list((tmp_path / 'eval' / 'overlays').glob('*.png'))) == 4
   # Our predictions file scores to the same numbers as the run itself.
-  run('eval.py', f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',
-      '--num_queries=1', f'--score_predictions={tmp_path / "p.json"}',
-      f'--output={tmp_path / "rescored.json"}')
+  status, line = run_eval_cli(f'--annotations={TEST_ANN}', '--shots=1', '--num_episodes=3',
+                              '--num_queries=1', f'--score_predictions={tmp_path / "p.json"}',
+                              f'--output={tmp_path / "rescored.json"}')
+  assert status == 0, line
   rescored = json.loads((tmp_path / 'rescored.json').read_text())
   assert rescored['overall'] == pytest.approx(r['overall'], rel=1e-5, abs=1e-6)
   # The same workdir through capenext-predict (the loader's workdir -> model path).

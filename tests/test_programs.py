@@ -42,7 +42,7 @@ def test_eval_takes_a_config_module(tmp_path):
 def test_help_lists_the_flags_a_user_needs(tmp_path):
   """From a folder outside the repo, as the console command runs (train.py: the same run),
   with a config module and an override: --help lists --config and how to override it."""
-  command = [sys.executable, '-c', 'from capenext_jax.training import program; program.run()',
+  command = [sys.executable, '-c', 'from capenext_jax.commands import train; train()',
              '--config', 'mp100:runlocal,root=.', '--config.batch_size=2', '--help']
   proc = subprocess.run(command, env=ENV, cwd=tmp_path, capture_output=True, text=True,
                         timeout=300)
