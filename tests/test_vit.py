@@ -351,7 +351,6 @@ def test_capenext_trains_with_vit_backbone(tmp_path, backbone, release_part):
   from capenext_jax.loading import init_from_pretrained
   from capenext_jax.models.capenext import CapeNext, CapeNextConfig
   from capenext_jax.training import schedule
-  # Plain CapeX (no fusion): the backbone's path is the same, and the step compiles in half the
   from capenext_jax.device import state as state_lib, step as step_lib
   # Plain CapeX (no fusion): the backbone's path is the same, and the step compiles in half the
   # time without the CLIP image tower.
