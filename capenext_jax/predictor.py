@@ -13,6 +13,7 @@ last decoder layer's points -> back to image pixels. CLIP text embeddings are co
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -67,14 +68,7 @@ class Predictor:
     self.size = model.config.image_size
     self._text: dict[tuple[str, tuple[str, ...]], tuple[jax.Array, jax.Array]] = {}
     graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def forward(state, images, mask, adjacency, keypoint_text, category_text):
-      out = nnx.merge(graphdef, state)(images, mask, adjacency, keypoint_text=keypoint_text,
-                                       category_text=category_text)
-      return out['keypoints'][-1]
-
-    self._forward = lambda *args: forward(state, *args)
+    self._forward = functools.partial(_last_layer_points, graphdef, state)
 
   def encode_texts(self, sets: Sequence[tuple[str, tuple[str, ...]]]) -> None:
     """Encode every not yet cached (category, descriptions) set in one text-tower pass."""
@@ -115,6 +109,17 @@ class Predictor:
     scale = np.stack([c[2] for c in crops[:n]])
     image_points = geometry.transform_preds(points, center, scale, self.size)
     return [image_points[b, :len(q.descriptions)] for b, q in enumerate(queries)]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _last_layer_points(graphdef: nnx.GraphDef, state: nnx.State, images, mask, adjacency,
+                       keypoint_text, category_text) -> jax.Array:
+  """The last decoder layer's points [B, 100, 2] in [0, 1] crop units. One jit for every
+  Predictor: models of one structure (equal graphdefs, e.g. another checkpoint of the same
+  sizes, or the same one loaded again) share their compiled program for each batch shape."""
+  out = nnx.merge(graphdef, state)(images, mask, adjacency, keypoint_text=keypoint_text,
+                                   category_text=category_text)
+  return out['keypoints'][-1]
 
 
 def _adjacency(skeleton: tuple[tuple[int, int], ...]) -> np.ndarray:

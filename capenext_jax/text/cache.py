@@ -10,6 +10,7 @@ masking afterwards equals the official per-episode encoding of the visible ones 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import jax
@@ -73,15 +74,12 @@ def build_text_cache(model: nnx.Module, categories: Sequence[CategoryText],
   kpt_tokens, prompt_tokens = tokenize_categories(categories)
   graphdef, state = nnx.split(model)
 
-  @jax.jit
-  def encode(state, tokens):
-    return nnx.merge(graphdef, state).encode_text(tokens)
-
   def encode_all(tokens: np.ndarray) -> jax.Array:
     n = tokens.shape[0]
     padded = np.zeros((-(-n // batch_size) * batch_size, tokens.shape[1]), np.int32)
     padded[:n] = tokens
-    chunks = [encode(state, padded[i:i + batch_size]) for i in range(0, len(padded), batch_size)]
+    chunks = [_encode_text(graphdef, state, padded[i:i + batch_size])
+              for i in range(0, len(padded), batch_size)]
     return jnp.concatenate(chunks)[:n]
 
   flat = kpt_tokens.reshape(-1, kpt_tokens.shape[-1])
@@ -90,6 +88,14 @@ def build_text_cache(model: nnx.Module, categories: Sequence[CategoryText],
   kpt = kpt.at[np.flatnonzero(used)].set(encode_all(flat[used]))
   return TextCache(keypoint=kpt.reshape(len(categories), NUM_SLOTS, -1),
                    category=encode_all(prompt_tokens))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _encode_text(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array) -> jax.Array:
+  """Text-tower features [N, D] of tokens [N, 77]. One jit for every call: caches built later
+  (a Predictor meeting new categories, the model loaded again) reuse the compiled program of
+  their model structure and chunk size."""
+  return nnx.merge(graphdef, state).encode_text(tokens)
 
 
 def category_texts(dataset) -> list[CategoryText]:
