@@ -39,6 +39,12 @@ JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'
 GLIBC_TUNABLES = 'glibc.malloc.hugetlb=1'
 _DONE = 'CAPENEXT_ALLOCATOR_TUNED'
 
+# XLA's cheap backend settings (`jitted.lower(...).compile(ONE_RUN_COMPILE)`) for programs that
+# run once or twice (tools/check_parity.py, the tests): the same program, less optimised
+# machine code, compiled about 3x faster on a CPU. Their round-off differs from the default
+# compilation's, so compare only programs compiled alike.
+ONE_RUN_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
 
 def tuned_environment(environ: dict[str, str]) -> dict[str, str] | None:
   """The environment `tune_allocator` re-executes with (`environ` plus the allocator's

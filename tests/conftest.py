@@ -20,6 +20,8 @@ import tempfile
 
 import numpy as np
 
+from capenext_jax import runtime
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get('CAPENEXT_SHARED', REPO.parent / 'shared'))
 FIXTURES = SHARED / 'fixtures'
@@ -29,7 +31,8 @@ MP100_MINI = SHARED / 'data' / 'mp100_mini'
 # XLA's cheap backend settings, for tests whose time goes into compiling programs that then run
 # a step or two: the same programs, less optimised machine code. Compare only programs compiled
 # alike (across sharding layouts they moved HRNet's results by 4e-6). `.compile(CHEAP_COMPILE)`.
-CHEAP_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+# (capenext_jax.runtime imports no jax: the cache variables below are still set before it.)
+CHEAP_COMPILE = runtime.ONE_RUN_COMPILE
 
 
 def _share_compiled_programs():
@@ -56,7 +59,6 @@ def _tune_allocator_for_subprocesses():
   jemalloc keeps its default page decay here (an empty MALLOC_CONF): pytest-xdist's workers
   hold several GB of compiled programs for the whole run, and the programs' never-decay
   setting is meant for one long training process."""
-  from capenext_jax import runtime
   os.environ.setdefault('MALLOC_CONF', '')
   os.environ.update(runtime.tuned_environment(dict(os.environ)) or {})
 

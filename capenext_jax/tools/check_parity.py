@@ -40,15 +40,15 @@ from capenext_jax.convert import official
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.mp100 import geometry
+from capenext_jax.runtime import ONE_RUN_COMPILE
 from capenext_jax.text.cache import category_prompt
 from capenext_jax.text.tokenizer import tokenize
 
 ACT_TOL, SIM_TOL, LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-4
-# Each program of the check runs once, so XLA's default optimisation passes cost more than they
-# save: its cheap backend settings compile the tiny fixture's loss and gradients ~3x faster on a
-# CPU, moving no row by more than a tenth of its tolerance (the closest, 0.47 of its tolerance
+# Each program of the check runs once, so it is compiled with XLA's cheap backend settings
+# (runtime.ONE_RUN_COMPILE): the tiny fixture's loss and gradients compile ~3x faster on a CPU,
+# and no row moves by more than a tenth of its tolerance (the closest, 0.47 of its tolerance
 # instead of 0.41).
-ONE_RUN_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
 @dataclasses.dataclass
