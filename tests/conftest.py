@@ -33,6 +33,7 @@ MP100_MINI = SHARED / 'data' / 'mp100_mini'
 # alike (across sharding layouts they moved HRNet's results by 4e-6). `.compile(CHEAP_COMPILE)`.
 # (capenext_jax.runtime imports no jax: the cache variables below are still set before it.)
 CHEAP_COMPILE = runtime.ONE_RUN_COMPILE
+CHEAP_XLA_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in CHEAP_COMPILE.items())
 
 
 def _share_compiled_programs():
@@ -47,6 +48,27 @@ def _share_compiled_programs():
 
 
 _share_compiled_programs()
+
+
+def _compile_cheaply():
+  """XLA's cheap backend settings (CHEAP_COMPILE) for every program of the run, this process's
+  and its subprocesses' (through XLA_FLAGS, read when jax starts its backend): the tests run
+  tiny models for a step or a few, and compiling was most of the suite's time (a tiny train
+  step: 21 s -> 12 s). The programs, their shapes and dtypes are the same; only the machine
+  code is less optimised, which moves float32 round-off (every bound in the tests holds for
+  both). A caller that sets the optimisation level itself, e.g.
+  XLA_FLAGS=--xla_backend_optimization_level=2, runs the suite with that one."""
+  if os.environ.get('CAPENEXT_TEST_XLA_FLAGS'):
+    return   # a subprocess of the run (or a worker): its XLA_FLAGS are what its parent chose
+  os.environ['CAPENEXT_TEST_XLA_FLAGS'] = '1'
+  flags = os.environ.get('XLA_FLAGS', '')
+  if 'xla_backend_optimization_level' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {CHEAP_XLA_FLAGS}'.strip()
+
+
+def xla_flags(*extra: str) -> str:
+  """XLA_FLAGS for a subprocess: the run's (cheap compilation) plus `extra`."""
+  return ' '.join([os.environ.get('XLA_FLAGS', ''), *extra]).strip()
 
 
 def _tune_allocator_for_subprocesses():
@@ -64,6 +86,19 @@ def _tune_allocator_for_subprocesses():
 
 
 _tune_allocator_for_subprocesses()
+_compile_cheaply()
+
+
+# Modules whose tests train or evaluate in subprocesses, about a minute each: they run first,
+# so that pytest-xdist's work stealing (`-n 2 --dist worksteal`, the README's command) spreads
+# them over the workers, instead of one worker running the last of them while the other idles
+# (with xdist's default scheduling one worker once ran all of test_train.py, 12 minutes alone).
+RUN_FIRST = ('test_train.py', 'test_eval.py', 'test_docs.py')
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  items.sort(key=lambda item: item.path.name not in RUN_FIRST)   # stable: same order within
 
 
 def load_fixture(name: str):

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import conftest
-from conftest import CHEAP_COMPILE, FIXTURES, MP100_MINI, REPO, last_line, run_eval_cli
+from conftest import FIXTURES, MP100_MINI, REPO, last_line, run_eval_cli, xla_flags
 
 MINI_TEST = MP100_MINI / 'annotations' / 'mini_test.json'
 ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
@@ -106,33 +105,12 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys, dama
   assert len(moved) == 1 and moved[0].name.startswith('2-') and any(moved[0].rglob('*'))
 
 
-def cheaply_compiled_train_step(monkeypatch):
-  """The loop's train step as it builds it, its one program compiled with XLA's cheap settings
-  (conftest.CHEAP_COMPILE) at the first step: for tests of what happens around the steps, whose
-  time is nearly all compiling the step."""
-  from capenext_jax.training import loop
-  build = loop.build_train_step
-
-  def build_cheaply(*args, **kwargs):
-    step, compiled = build(*args, **kwargs), []
-
-    def train_step(state, batch, cache):
-      if not compiled:
-        compiled.append(step.lower(state, batch, cache).compile(CHEAP_COMPILE))
-      return compiled[0](state, batch, cache)
-
-    return train_step
-
-  monkeypatch.setattr(loop, 'build_train_step', build_cheaply)
-
-
 def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch):
   """The loop polls the checkpointer every step: a save that fails in the background ends
   the run before its next save, with the workdir unlocked and resumable."""
   from capenext_jax.training.checkpoint import CheckpointError
   from capenext_jax.training.workdir import WorkdirLock
   from test_train import tiny_config, train
-  cheaply_compiled_train_step(monkeypatch)
   c = tiny_config(8)
   c.data.root = str(tmp_path / 'data')
   c.checkpoint_every_steps = c.eval_every_steps = 2
@@ -409,7 +387,7 @@ def test_train_cli_names_a_misspelt_config_field():
 
 
 def test_train_cli_checks_batch_size_against_the_mesh_before_compiling(tmp_path):
-  env_devices = dict(ENV, XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  env_devices = dict(ENV, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
   proc = subprocess.run([sys.executable, 'train.py', f'--workdir={tmp_path / "run"}',
                          '--config.batch_size=3'], env=env_devices, cwd=REPO, timeout=120,
                         capture_output=True, text=True)

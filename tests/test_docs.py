@@ -34,7 +34,8 @@ COVERAGE = {
     # README
     'python3 -m venv .venv && .venv/bin/pip install -e ".[train]" && .venv/bin/python train.py '
     '--workdir runs/synthetic': ('test', 'tests/test_train.py::test_resume_continues_exactly'),
-    '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q -n 2 --durations=30':
+    '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q -n 2 --dist worksteal '
+    '--durations=30':
         ('ci', 'the README test command'),
     'python3 -m venv .venv && .venv/bin/pip install -e .': ('ci', 'the lean-install step'),
     '.venv/bin/pip install -e ".[train]" "jax[cuda12]"': ('none', 'needs a GPU and network'),

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import CHEAP_COMPILE, REPO
+from conftest import REPO, xla_flags
 
 from configs import mp100, synthetic
 
@@ -323,19 +323,14 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
   return out
 
 
-# XLA's cheap backend settings (conftest.CHEAP_COMPILE) for every program of the subprocess, all
-# layouts alike: its time is nearly all compiling (an init, a text cache and a train step per
-# layout) for two steps each. CPU time of the tiny subprocess 195 s -> 147 s. Not HRNet: compiled
-# cheaply its (1, 2) layout moved a transition kernel by 3.98e-6, past `mismatches`' atol.
-CHEAP_XLA_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in CHEAP_COMPILE.items())
-CHEAP_TWO_DEVICE_BACKBONES = ('tiny', 'resnet_tiny', 'vit_tiny', 'dinov2_tiny')
-
-
+# The subprocess compiles with the run's cheap XLA settings (conftest._compile_cheaply), except
+# HRNet's: compiled cheaply its (1, 2) layout moved a transition kernel by 3.98e-6 from (1, 1),
+# past `mismatches`' atol, so it keeps XLA's default optimisation (as users run it).
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_two_devices_match_one(tmp_path, backbone):
-  cheap = CHEAP_XLA_FLAGS if backbone in CHEAP_TWO_DEVICE_BACKBONES else ''
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count=2 {cheap}',
-             JAX_PLATFORMS='cpu')
+  devices = '--xla_force_host_platform_device_count=2'
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=devices if backbone == 'hrnet_tiny' else xla_flags(devices))
   proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone], env=env,
                         capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]

@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from capenext_jax.training import schedule
 
 from capenext_jax.device import flat, partition, state as state_lib, step as step_lib
+from conftest import xla_flags
 from training_toy import ToyCapeNext, toy_batch, toy_loss
 
 OPTIM = dict(lr=1e-2, warmup_steps=0)  # a visible update, no warmup
@@ -235,7 +236,7 @@ def check_gather_batches(mesh):
 
 
 def test_multi_device_layouts_match_single_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=2',
+  env = dict(os.environ, XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'),
              JAX_PLATFORMS='cpu')
   proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
                         timeout=240, cwd=os.path.dirname(__file__))
