@@ -3,8 +3,9 @@
 `load_pretrained(path)` rebuilds an exported model (see docs/EXPORT.md) with jax, flax, numpy
 and safetensors alone. It is resolved on first use (PEP 562), so that `import capenext_jax`
 and its light modules (runtime, cli, extras, errors) import no jax: eval.py, train.py and the
-console commands (capenext_jax/commands.py) re-execute for their allocator (runtime.tune_allocator) before the program's imports, which
-the re-exec would otherwise repeat.
+console commands (capenext_jax/commands.py) re-execute for their allocator
+(runtime.tune_allocator) before the program's imports, which the re-exec would otherwise
+repeat.
 """
 from __future__ import annotations
 

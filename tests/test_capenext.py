@@ -3,7 +3,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import CHEAP_COMPILE, FIXTURES
+from conftest import FIXTURES
 from flax import nnx
 
 from capenext_jax import loading, losses
@@ -34,14 +34,11 @@ def tiny():
   return model, cats, batch
 
 
-def cheap_jit(fn):
-  """fn(model), jitted and compiled with XLA's cheap settings (conftest.CHEAP_COMPILE): these
-  tests run each program once, and compiling is nearly all of their time (13 s -> 3.5 s for the
-  forward). Programs compared with each other are compiled alike."""
+def jit_model(fn):
+  """fn(model), jitted over the model's split state."""
   def run(model):
     graphdef, state = nnx.split(model)
-    pure = jax.jit(lambda state: fn(nnx.merge(graphdef, state)))
-    return pure.lower(state).compile(CHEAP_COMPILE)(state)
+    return jax.jit(lambda state: fn(nnx.merge(graphdef, state)))(state)
   return run
 
 
@@ -59,8 +56,8 @@ def test_cached_text_equals_tokens(tiny):
   kpt_text, cat_text = cache.lookup(jnp.asarray(batch['category_index']))
   kpt_tokens, cat_tokens = tokens_for(cats, batch['category_index'])
   args = (batch['query_image'], batch['support_mask'], batch['adjacency'])
-  cached = cheap_jit(lambda m: m(*args, keypoint_text=kpt_text, category_text=cat_text))(model)
-  direct = cheap_jit(lambda m: m(*args, keypoint_tokens=kpt_tokens,
+  cached = jit_model(lambda m: m(*args, keypoint_text=kpt_text, category_text=cat_text))(model)
+  direct = jit_model(lambda m: m(*args, keypoint_tokens=kpt_tokens,
                                  category_tokens=cat_tokens))(model)
   np.testing.assert_allclose(cached['keypoints'], direct['keypoints'], atol=1e-6)
   assert np.isfinite(np.asarray(cached['keypoints'])).all()
@@ -83,8 +80,7 @@ def test_jit_grad_and_frozen_clip_gets_no_update(tiny):
     return losses.capenext_losses(out, batch['query_joints'], batch['query_weight'],
                                   batch['support_mask'], image_size=64, heatmap_size=16)['loss']
 
-  loss, grads = jax.jit(jax.value_and_grad(loss_fn)).lower(params, rest).compile(
-      CHEAP_COMPILE)(params, rest)
+  loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params, rest)
   model.eval()
   assert np.isfinite(loss)
   norm = lambda tree: float(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(tree)))

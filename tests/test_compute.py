@@ -19,7 +19,6 @@ from capenext_jax.models.swin_v2 import SwinV2Config
 from capenext_jax.mp100.geometry import heatmap_side
 from capenext_jax.tools import bf16_fidelity
 from capenext_jax.device import state as state_lib, step as step_lib
-from conftest import CHEAP_COMPILE
 
 FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures',
                        'tiny_capenext.npz')
@@ -190,8 +189,6 @@ def _train_grads(model: CapeNext, batch: dict):
                                   optax.sgd(lr))
   batch = {k: jnp.asarray(v) for k, v in batch.items()}
   with jax.default_matmul_precision('highest'):
-    # Compiling is nearly all of this one step: XLA's cheap settings, alike for both models.
-    step = step.lower(state, batch).compile(CHEAP_COMPILE)
     after, _ = step(jax.tree.map(jnp.copy, state), batch)
   return jax.tree.map(lambda a, b: (np.asarray(a, np.float64) - np.asarray(b)) / lr, before,
                       after.trainable)
@@ -209,26 +206,21 @@ SMALL_BACKBONES = {
 }
 
 
-def _backbone_grads(module: nnx.Module, x: jax.Array, *, train: bool, compile_options=None):
-  """(output, param grads) of sum(module(x) * w) for a fixed random w, jitted (compiled with
-  `compile_options`); in training mode the drop-path keys and BatchNorm statistics are the
-  module's own state, updated in `module` as `nnx.jit` would."""
+def _backbone_grads(module: nnx.Module, x: jax.Array, *, train: bool):
+  """(output, param grads) of sum(module(x) * w) for a fixed random w, jitted; in training mode
+  the drop-path keys and BatchNorm statistics are the module's own state (`nnx.grad`)."""
   module.train() if train else module.eval()
-  graphdef, state = nnx.split(module)
 
-  @jax.jit
-  def run(state, x):
-    module = nnx.merge(graphdef, state)
+  @nnx.jit
+  def run(module, x):
     def loss(module):
       y = module(x)
       return jnp.sum(y * jnp.cos(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape))), y
     (_, y), grads = nnx.value_and_grad(loss, has_aux=True)(module)
-    return y, nnx.to_pure_dict(grads), nnx.state(module)
+    return y, nnx.to_pure_dict(grads)
 
   with jax.default_matmul_precision('highest'):
-    y, grads, state = run.lower(state, x).compile(compile_options)(state, x)
-  nnx.update(module, state)
-  return y, grads
+    return run(module, x)
 
 
 def _copy_with(module: nnx.Module, **attributes) -> nnx.Module:
@@ -274,9 +266,8 @@ def test_remat_gives_the_gradients_of_no_remat(name, remat):
                   jnp.float32)
   plain = _copy_with(module)
   rematted = _copy_with(module, remat=remat)
-  # Compiling is nearly all of this test: XLA's cheap settings, alike for both programs.
-  y, grads = _backbone_grads(plain, x, train=True, compile_options=CHEAP_COMPILE)
-  y_remat, grads_remat = _backbone_grads(rematted, x, train=True, compile_options=CHEAP_COMPILE)
+  y, grads = _backbone_grads(plain, x, train=True)
+  y_remat, grads_remat = _backbone_grads(rematted, x, train=True)
   np.testing.assert_allclose(y_remat, y, rtol=1e-6, atol=1e-6)
   _assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
   # The same state moved: drop-path streams and BatchNorm statistics.

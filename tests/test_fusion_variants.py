@@ -31,7 +31,6 @@ from capenext_jax.models.layers import init_rngs
 from capenext_jax.training import checkpoint, schedule
 from capenext_jax.device import partition, state as state_lib
 from capenext_jax.device import step as step_lib
-from conftest import CHEAP_COMPILE
 from training_toy import E, toy_batch, toy_loss
 
 FIXTURES = pathlib.Path(__file__).parent / 'fixtures' / 'fusion'
@@ -156,10 +155,7 @@ def trained(tmp_path_factory):
   tx = schedule.make_optimizer(cfg, steps_per_epoch=10)
   graphdef, st = state_lib.init_train_state(AllFusionsToy(rngs=nnx.Rngs(0)), tx,
                                             jax.random.PRNGKey(1))
-  # The real jitted step, compiled once for all steps with XLA's cheap backend settings (the
-  # same program; about 20 s instead of 60-120 s here).
-  train_step = step_lib.make_train_step(graphdef, toy_loss, tx).lower(st, toy_batch(0)).compile(
-      CHEAP_COMPILE)
+  train_step = step_lib.make_train_step(graphdef, toy_loss, tx)   # the real jitted step
   st, _ = train_step(st, toy_batch(0))
   ckpt = checkpoint.Checkpointer(str(tmp_path_factory.mktemp('fusions') / 'ckpt'))
   ckpt.save(1, st, {'step': 1})
