@@ -54,9 +54,9 @@ def _compile_cheaply():
   tiny models for a step or a few, and compiling was most of the suite's time (a tiny train
   step: 21 s -> 12 s). The programs, their shapes and dtypes are the same; only the machine
   code is less optimised, which moves float32 round-off: every bound in the tests holds for
-  both, except HRNet's two-device check (test_train.py), whose subprocess keeps XLA's default.
-  A caller that sets the optimisation level itself, e.g.
-  XLA_FLAGS=--xla_backend_optimization_level=3 (XLA's default), runs the suite with that one."""
+  both (test_train.LAYOUT_EPS says how the layout checks do). A caller that sets the
+  optimisation level itself, e.g. XLA_FLAGS=--xla_backend_optimization_level=3 (XLA's
+  default), runs the suite with that one."""
   if os.environ.get('CAPENEXT_TEST_XLA_FLAGS'):
     return   # a subprocess of the run (or a worker): its XLA_FLAGS are what its parent chose
   os.environ['CAPENEXT_TEST_XLA_FLAGS'] = '1'

@@ -199,15 +199,18 @@ def test_mp100_mini_train_then_eval_with_overlays(tmp_path, capsys):
   assert 'test_pck' not in prov and 'val_pck' not in prov
 
 
-def test_eval_official_fixture_checkpoint_on_one_and_two_processes(tmp_path):
+def test_eval_official_fixture_checkpoint_on_one_and_two_processes(tmp_path, capsys):
   """The official-weights path: tiny_capenext.npz through the converter (64 px, its config);
   on 2 processes (jax.distributed, a localhost coordinator) the same report, written once."""
   import socket
+  from conftest import run_eval_cli   # one process: this one (no start-up of jax and TF)
   args = [f'--checkpoint={FIXTURES / "tiny_capenext.npz"}', f'--annotations={TEST_ANN}',
           f'--image_root={IMAGES}', '--shots=1', '--num_episodes=1', '--num_queries=1']
   one = tmp_path / 'one' / 'fixture.json'
-  out = run('eval.py', *args, '--batch_size=3', f'--output={one}')
-  assert 'PCK@0.2' in out and one.exists()
+  capsys.readouterr()
+  status, line = run_eval_cli(*args, '--batch_size=3', f'--output={one}')
+  assert status == 0, line
+  assert 'PCK@0.2' in capsys.readouterr().out and one.exists()
   with socket.socket() as s:
     s.bind(('localhost', 0))
     port = s.getsockname()[1]
