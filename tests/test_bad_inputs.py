@@ -105,10 +105,11 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, capsys, dama
   assert len(moved) == 1 and moved[0].name.startswith('2-') and any(moved[0].rglob('*'))
 
 
-def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch):
+def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch, capsys):
   """The loop polls the checkpointer every step: a save that fails in the background ends
-  the run before its next save, with the workdir unlocked and resumable."""
-  from capenext_jax.training.checkpoint import CheckpointError
+  the run at the next step, not at the next save, with the workdir unlocked and resumable."""
+  import time
+  from capenext_jax.training import checkpoint
   from capenext_jax.training.workdir import WorkdirLock
   from test_train import tiny_config, train
   c = tiny_config(8)
@@ -116,10 +117,26 @@ def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch):
   c.checkpoint_every_steps = c.eval_every_steps = 2
   c.async_checkpoints = True
   # The run's first save is its frozen weights (<workdir>/frozen); then step 2 is saved, and
-  # step 4's commit fails.
+  # step 4's commit fails. Each save returns once its background commit has ended, so the
+  # failure is there to be seen before step 5 trains (without the wait, when it is seen depends
+  # on the commit thread's timing).
   failing_writes(monkeypatch, after=2)
-  with pytest.raises(CheckpointError, match=r'latest complete checkpoint is step 2'):
+  save = checkpoint.Checkpointer.save
+
+  def save_then_settle(self, *args, **kwargs):
+    saved = save(self, *args, **kwargs)
+    while self.manager.is_saving_in_progress():
+      time.sleep(0.01)
+    return saved
+
+  monkeypatch.setattr(checkpoint.Checkpointer, 'save', save_then_settle)
+  capsys.readouterr()
+  with pytest.raises(checkpoint.CheckpointError, match=r'latest complete checkpoint is step 2'):
     train(c, str(tmp_path / 'run'))
+  out = capsys.readouterr().out
+  # Progress is logged every 2 steps: step 4 was the last one trained (a loop that learnt of
+  # the failure only at its next save would have trained and logged step 6 first).
+  assert 'step 4/8' in out and 'step 6/8' not in out, out
   kept = sorted(p.name for p in (tmp_path / 'run' / 'checkpoints').iterdir())
   assert '2' in kept and '6' not in kept and '8' not in kept, kept
   with WorkdirLock(tmp_path / 'run'):       # released by the failed run

@@ -19,6 +19,19 @@ BACKBONES = ('tiny', 'resnet_tiny', 'hrnet_tiny', 'vit_tiny', 'dinov2_tiny')
 BATCH_NORM = ('resnet_tiny', 'hrnet_tiny')
 
 
+# Adam's eps of every test run (so their programs are shared), for the checks that compare
+# layouts (2 devices, 2 processes). Another layout sums the gradients in another order, so each
+# element differs by round-off. With the recipe's eps (1e-8) Adam divides that noise by its own
+# size wherever the exact gradient is ~0 (attention key biases, whose gradient softmax's shift
+# invariance makes 0), so such elements took random steps of ~lr: the key biases needed an
+# exemption, and HRNet's check XLA's default compile settings (compiled cheaply, a stage-4
+# transition kernel of values ~4e-3 ended 4e-6 apart). With eps = 1e-4 an element with |g| << 1e-4 moves by lr * g / eps
+# (noise stays noise), the others as in the recipe: `mismatches` holds every leaf to the same
+# bounds, under XLA's cheap and default settings alike, and rows put on the wrong device still
+# fail it (tried by reversing shard_batch's rows).
+LAYOUT_EPS = 1e-4
+
+
 def tiny_config(steps=4, backbone='tiny'):
   """The synthetic config shrunk to seconds: 3/2/2 categories of 6 drawn 48-px images."""
   c = synthetic.get_config(f'steps={steps},batch=4,backbone={backbone}')
@@ -36,6 +49,7 @@ def tiny_config(steps=4, backbone='tiny'):
     c.model.backbone.drop_path_rate = 0.1
   c.model.head.dropout = 0.1
   c.model.fusion = dict(dropout=0.1)
+  c.optim.eps = LAYOUT_EPS
   return c
 
 
@@ -269,7 +283,6 @@ def two_device_main(data_root, backbone):
   c.data.root = data_root
   c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split,
   c.fsdp_min_bytes = 0           # however small
-  c.optim.eps = LAYOUT_EPS
   files = data_files(c, data_root)
   src = json_source(files['train'], files['image_root'])
   it = make_train_iterator(src, 4, pipeline_config(c, image_size=image_size(c),
@@ -300,18 +313,6 @@ def two_device_main(data_root, backbone):
          for m in mismatches(results[(1, 1)], results[layout])]
   assert not bad, '; '.join(bad)
   print('TWO_DEVICES_OK')
-
-
-# Adam's eps in the checks that compare layouts (2 devices, 2 processes). Another layout sums
-# the gradients in another order, so every element differs by round-off. With the recipe's eps
-# (1e-8) Adam divides that noise by its own size wherever the exact gradient is ~0 (attention
-# key biases, whose gradient softmax's shift invariance makes 0; HRNet's stage-4 transition,
-# whose 2x2 maps its BatchNorms normalise away), so such elements took random steps of ~lr and
-# needed exemptions or XLA's default compile settings to pass. With eps = 1e-4 an element with
-# |g| << 1e-4 moves by lr * g / eps, i.e. noise stays noise, and the others as in the recipe:
-# every leaf is held to the same bounds below, under XLA's cheap and default settings alike
-# (rows put on the wrong device still fail them: tried by reversing shard_batch's rows).
-LAYOUT_EPS = 1e-4
 
 
 def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
@@ -360,8 +361,7 @@ def test_two_processes_match_one_process(tmp_path):
   data = tmp_path / 'data'
   # Test-split evaluation at the end too: 2 categories x 1 episode x 3 queries = 6 pairs in
   # global batches of 4, so the second batch is padded and each process holds 2 rows of each.
-  evaluate = ('--config.test_at_end=True', '--config.data.num_queries=3',
-              f'--config.optim.eps={LAYOUT_EPS}')
+  evaluate = ('--config.test_at_end=True', '--config.data.num_queries=3')
   single = subprocess.run(train_cmd(tmp_path / 'one', data, *evaluate), env=env,
                           capture_output=True, text=True, timeout=300, cwd=REPO)
   assert single.returncode == 0, single.stderr[-4000:]
