@@ -361,10 +361,10 @@ def test_two_processes_match_one_process(tmp_path):
   data = tmp_path / 'data'
   # Test-split evaluation at the end too: 2 categories x 1 episode x 3 queries = 6 pairs in
   # global batches of 4, so the second batch is padded and each process holds 2 rows of each.
+  c = tiny_config()
+  c.data.root, c.test_at_end, c.data.num_queries = str(data), True, 3
+  train(c, str(tmp_path / 'one'))   # one process: this one (its programs are the suite's)
   evaluate = ('--config.test_at_end=True', '--config.data.num_queries=3')
-  single = subprocess.run(train_cmd(tmp_path / 'one', data, *evaluate), env=env,
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
-  assert single.returncode == 0, single.stderr[-4000:]
   procs = [subprocess.Popen(train_cmd(tmp_path / 'two', data, *evaluate, '--num_processes=2',
                                       f'--process_id={i}', f'--coordinator_address=localhost:{port}'),
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -372,8 +372,6 @@ def test_two_processes_match_one_process(tmp_path):
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-4000:]
-  c = tiny_config()
-  c.data.root = str(data)
   read = checkpoint_reader(c)
   (a, _), (b, _) = read(str(tmp_path / 'one')), read(str(tmp_path / 'two'))
   bad = mismatches(a, b)
