@@ -145,12 +145,17 @@ def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch, capsys)
 
 # ----------------------------------------------------------------------------- workdirs
 def test_second_training_on_a_held_workdir_stops_at_once(tmp_path):
+  """Nothing is written into the held workdir, not even the synthetic data that the run would
+  draw into it (data.root '' is <workdir>/data); the lock held here, in-process, nests."""
   from capenext_jax.training.workdir import WorkdirLock
   wd = tmp_path / 'run'
   config = tmp_path / 'tiny.py'
   config.write_text('from test_train import tiny_config\n\n'
-                    f'def get_config():\n  c = tiny_config(2)\n  c.data.root = {str(tmp_path)!r}\n'
-                    '  return c\n')
+                    'def get_config():\n  return tiny_config(2)\n')
+  with WorkdirLock(wd), WorkdirLock(wd):   # nests in one process (train.py, then its loop)
+    pass
+  (wd / '.lock').unlink()
+  wd.rmdir()
   with WorkdirLock(wd):
     status, out, err = run_script('train.py', f'--config={config}', f'--workdir={wd}')
   assert status == 2, err[-3000:]

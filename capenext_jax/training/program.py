@@ -14,13 +14,14 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 from absl import flags, logging
 from ml_collections import config_flags
 
 from capenext_jax import cli
 from capenext_jax.models.capenext import CapeNextConfig
 from capenext_jax.runtime import import_tensorflow_quietly
-from capenext_jax.training.workdir import check_workdir_kind
+from capenext_jax.training.workdir import WorkdirLock, check_workdir_kind
 
 DEFAULT_CONFIG = 'synthetic'
 FLAGS = flags.FLAGS
@@ -52,9 +53,12 @@ def main(argv) -> None:
   model_config = CapeNextConfig.from_dict(config.model.to_dict())   # the one parse of a run
   check_workdir_kind(FLAGS.workdir)   # before run_splits draws synthetic data into it
   os.makedirs(FLAGS.workdir, exist_ok=True)
-  data = run_splits(config, FLAGS.workdir, image_size=model_config.image_size)
-  train_and_evaluate(config, FLAGS.workdir, data, source=config_source(),
-                     model_config=model_config)
+  # Locked before anything is written: a second training on a held workdir stops here, before
+  # it draws synthetic data into the running one's (the loop takes the lock again).
+  with WorkdirLock(FLAGS.workdir, enabled=jax.process_index() == 0):
+    data = run_splits(config, FLAGS.workdir, image_size=model_config.image_size)
+    train_and_evaluate(config, FLAGS.workdir, data, source=config_source(),
+                       model_config=model_config)
 
 
 def config_source() -> str:

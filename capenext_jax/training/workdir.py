@@ -45,15 +45,26 @@ RESUMABLE_CHANGES = (
 
 
 class WorkdirLock:
-  """Exclusive lock of a training workdir (a context manager; only process 0 locks)."""
+  """Exclusive lock of a training workdir (a context manager; only process 0 locks).
+
+  Re-entrant within a process: train.py holds it from before it draws the synthetic data into
+  the workdir, and the loop it calls takes it again (a second flock on a new descriptor of the
+  same file would refuse its own process)."""
+
+  _held: dict[Path, int] = {}   # lock file -> how many holders in this process
 
   def __init__(self, workdir: str | os.PathLike, *, enabled: bool = True):
-    self.path = Path(workdir) / LOCK_FILE
+    self.path = (Path(workdir) / LOCK_FILE).absolute()
     self.enabled = enabled
     self._file = None
+    self._entered = False
 
   def __enter__(self) -> WorkdirLock:
     if not self.enabled:
+      return self
+    if self.path in WorkdirLock._held:
+      WorkdirLock._held[self.path] += 1
+      self._entered = True
       return self
     import fcntl
     self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,12 +82,19 @@ class WorkdirLock:
     f.write(f'pid {os.getpid()} on {socket.gethostname()} since '
             f'{datetime.datetime.now().isoformat(timespec="seconds")}\n')
     f.flush()
-    self._file = f
+    self._file, self._entered = f, True
+    WorkdirLock._held[self.path] = 1
     return self
 
   def __exit__(self, *exc) -> None:
+    if not self._entered:
+      return
+    self._entered = False
+    WorkdirLock._held[self.path] -= 1
+    if WorkdirLock._held[self.path] == 0:
+      del WorkdirLock._held[self.path]
     if self._file is not None:
-      self._file.close()   # closing releases the flock
+      self._file.close()   # closing releases the flock (the outermost holder has the file)
       self._file = None
 
 
