@@ -262,56 +262,69 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- 2 devices
-def two_device_main(data_root, backbone):
-  """Subprocess: the real train step (training.loop.build_train_step) on 1 device vs
-  ('data', 'fsdp') = (1, 2), and for the headline backbone also (2, 1): params, BatchNorm
-  statistics (of the global batch) and metrics agree.
+def layout_inputs(c):
+  """(train source, the run's first 2 batches, its optimizer) as the loop builds them."""
+  from capenext_jax.mp100 import episodes as ep
+  from capenext_jax.training import schedule
+  from data_pipeline.pipeline import json_source, make_train_iterator
+  from data_pipeline.splits import data_files, pipeline_config
+  files = data_files(c, c.data.root)
+  src = json_source(files['train'], files['image_root'])
+  it = make_train_iterator(src, c.batch_size, pipeline_config(c, image_size=image_size(c),
+                                                              train=True),
+                           process_index=0, process_count=1)
+  tx = schedule.make_optimizer(schedule.for_batch_size(c.optim, c.batch_size),
+                               ep.epoch_length(src.dataset) // c.batch_size)
+  return src, [next(it) for _ in range(2)], tx
+
+
+def layout_run(c, layout, devices=None) -> dict:
+  """{path: host array} of the params, BatchNorm statistics and per-step metrics after the
+  real train step (training.loop.build_train_step) ran the first 2 batches of `c` on the mesh
+  ('data', 'fsdp') = `layout`. On (1, 2) the step also gathers params and splits activations
+  over the batch with no all-to-all."""
+  import jax
+  from capenext_jax.device import partition
+  from capenext_jax.device.forward import device_batch
+  from capenext_jax.text.cache import replicated_text_cache
+  from capenext_jax.training import init
+  from capenext_jax.training.loop import build_train_step
+  src, batches, tx = layout_inputs(c)
+  mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
+  with jax.set_mesh(mesh):
+    graphdef, st, sh = init.init_state(c, tx, mesh)
+    cache = replicated_text_cache(graphdef, st, src.dataset, mesh)
+    step = build_train_step(c, image_size(c), graphdef, tx, sh)
+    if layout == (1, 2):
+      assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
+      step = step.lower(st, device_batch(batches[0], mesh), cache).compile()
+      hlo = step.as_text()
+      assert ' all-gather(' in hlo and ' all-to-all(' not in hlo
+    metrics = []
+    for b in batches:
+      st, m = step(st, device_batch(b, mesh), cache)
+      metrics.append(m)
+    leaves = jax.tree_util.tree_flatten_with_path(
+        jax.device_get((st.trainable, st.batch_stats, metrics)))[0]
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def two_device_main(data_root, backbone, out):
+  """Subprocess with 2 devices: `layout_run` on ('data', 'fsdp') = (1, 2), and for the headline
+  backbone also (2, 1), saved to the npz `out` as '<layout>|<path>'.
 
   (1, 2) shards the params and splits the batch over both devices, so it covers each
   backbone's parameter shapes and its batch statistics; (2, 1) only adds replicated params,
   which no backbone changes (and each layout costs a compile of the init and of the step)."""
   import jax
-  from capenext_jax.device.forward import device_batch
-  from capenext_jax.text.cache import replicated_text_cache
-  from capenext_jax.training import init, schedule
-  from capenext_jax.device import partition
-  from capenext_jax.training.loop import build_train_step
-  from data_pipeline.pipeline import json_source, make_train_iterator
-  from data_pipeline.splits import data_files, pipeline_config
   assert jax.device_count() == 2
   c = tiny_config(backbone=backbone)
   c.data.root = data_root
   c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split,
   c.fsdp_min_bytes = 0           # however small
-  files = data_files(c, data_root)
-  src = json_source(files['train'], files['image_root'])
-  it = make_train_iterator(src, 4, pipeline_config(c, image_size=image_size(c),
-                                                    train=True),
-                           process_index=0, process_count=1)
-  batches = [next(it) for _ in range(2)]
-  tx = schedule.make_optimizer(c.optim, 10)
-  results = {}
   layouts = ((2, 1), (1, 2)) if backbone == BACKBONES[0] else ((1, 2),)
-  for layout, devices in [((1, 1), jax.devices()[:1])] + [(lay, None) for lay in layouts]:
-    mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
-    with jax.set_mesh(mesh):
-      graphdef, st, sh = init.init_state(c, tx, mesh)
-      if layout == (1, 2):
-        assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
-      cache = replicated_text_cache(graphdef, st, src.dataset, mesh)
-      step = build_train_step(c, image_size(c), graphdef, tx, sh)
-      if layout == (1, 2):   # FSDP: params gathered, activations batch-split, no all-to-all
-        step = step.lower(st, device_batch(batches[0], mesh), cache).compile()
-        hlo = step.as_text()
-        assert ' all-gather(' in hlo and ' all-to-all(' not in hlo
-      metrics = []
-      for b in batches:
-        st, m = step(st, device_batch(b, mesh), cache)
-        metrics.append(m)
-      results[layout] = jax.device_get((st.trainable, st.batch_stats, metrics))
-  bad = [f'{layout} {m}' for layout in layouts
-         for m in mismatches(results[(1, 1)], results[layout])]
-  assert not bad, '; '.join(bad)
+  np.savez(out, **{f'{layout}|{k}': v for layout in layouts
+                   for k, v in layout_run(c, layout).items()})
   print('TWO_DEVICES_OK')
 
 
@@ -323,21 +336,39 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
 
   def check(path, a, b):
     if not np.allclose(a, b, rtol=rtol, atol=atol):
-      out.append(f'{jax.tree_util.keystr(path)}: {np.max(np.abs(a - b)):.3g} '
-                 f'(max |value| {np.max(np.abs(a)):.3g})')
+      flat = len(path) == 1 and isinstance(getattr(path[0], 'key', None), str)   # layout_run's
+      out.append(f'{path[0].key if flat else jax.tree_util.keystr(path)}: '
+                 f'{np.max(np.abs(a - b)):.3g} (max |value| {np.max(np.abs(a)):.3g})')
 
   jax.tree_util.tree_map_with_path(check, want, got)
   return out
 
 
-# The subprocess compiles with the run's XLA settings (conftest._compile_cheaply).
+# The 1-device reference runs here, in the test's process: its programs are the ones the other
+# tests of that backbone compile (the same config, optimizer and step as the loop's), so
+# the run's compilation cache has them. The subprocess compiles with the run's XLA settings
+# (conftest._compile_cheaply) and the device count.
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_two_devices_match_one(tmp_path, backbone):
+  import jax
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
-  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
+  c = tiny_config(backbone=backbone)
+  c.data.root = str(tmp_path)
+  one = layout_run(c, (1, 1), jax.devices()[:1])
+  out = tmp_path / 'layouts.npz'
+  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone,
+                         str(out)], env=env, capture_output=True, text=True, timeout=600,
+                        cwd=REPO)
   assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
+  layouts = {}
+  with np.load(out) as saved:
+    for key in saved.files:
+      layout, path = key.split('|', 1)
+      layouts.setdefault(layout, {})[path] = saved[key]
+  assert sorted(layouts) == (['(1, 2)', '(2, 1)'] if backbone == BACKBONES[0] else ['(1, 2)'])
+  bad = [f'{layout} {m}' for layout, got in layouts.items() for m in mismatches(one, got)]
+  assert not bad, '; '.join(bad)
 
 
 # ----------------------------------------------------------------------------- 2 processes
@@ -433,4 +464,4 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
 if __name__ == '__main__':
   sys.path[:0] = [str(REPO), str(REPO / 'tests')]
   if sys.argv[1] == 'two_devices':
-    two_device_main(sys.argv[2], sys.argv[3])
+    two_device_main(*sys.argv[2:5])
