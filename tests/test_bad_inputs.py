@@ -125,7 +125,8 @@ def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch, capsys)
 
   def save_then_settle(self, *args, **kwargs):
     saved = save(self, *args, **kwargs)
-    while self.manager.is_saving_in_progress():
+    deadline = time.monotonic() + 120
+    while self.manager.is_saving_in_progress() and time.monotonic() < deadline:
       time.sleep(0.01)
     return saved
 

@@ -25,10 +25,10 @@ BATCH_NORM = ('resnet_tiny', 'hrnet_tiny')
 # size wherever the exact gradient is ~0 (attention key biases, whose gradient softmax's shift
 # invariance makes 0), so such elements took random steps of ~lr: the key biases needed an
 # exemption, and HRNet's check XLA's default compile settings (compiled cheaply, a stage-4
-# transition kernel of values ~4e-3 ended 4e-6 apart). With eps = 1e-4 an element with |g| << 1e-4 moves by lr * g / eps
-# (noise stays noise), the others as in the recipe: `mismatches` holds every leaf to the same
-# bounds, under XLA's cheap and default settings alike, and rows put on the wrong device still
-# fail it (tried by reversing shard_batch's rows).
+# transition kernel of values ~4e-3 ended 4e-6 apart). With eps = 1e-4 an element with
+# |g| << 1e-4 moves by lr * g / eps (noise stays noise), the others as in the recipe:
+# `mismatches` holds every leaf to the same bounds, under XLA's cheap and default settings
+# alike, and rows put on the wrong device still fail it (tried by reversing shard_batch's rows).
 LAYOUT_EPS = 1e-4
 
 
@@ -336,8 +336,7 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
 
   def check(path, a, b):
     if not np.allclose(a, b, rtol=rtol, atol=atol):
-      flat = len(path) == 1 and isinstance(getattr(path[0], 'key', None), str)   # layout_run's
-      out.append(f'{path[0].key if flat else jax.tree_util.keystr(path)}: '
+      out.append(f'{jax.tree_util.keystr(path, simple=True, separator="/")}: '
                  f'{np.max(np.abs(a - b)):.3g} (max |value| {np.max(np.abs(a)):.3g})')
 
   jax.tree_util.tree_map_with_path(check, want, got)
