@@ -8,16 +8,13 @@ file with its lists filled in gives: the same pairs, scores, model outputs and t
 """
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 
-from conftest import FIXTURES, MP100_MINI, REPO
+from conftest import FIXTURES, MP100_MINI
 from capenext_jax.mp100.descriptions import regular_descriptions
 
 IMAGES = MP100_MINI / 'images'
-ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
 
 
 def real_shapes(tmp_path):
@@ -41,13 +38,6 @@ def real_shapes(tmp_path):
   blank = tmp_path / 'blank.json'
   blank.write_text(json.dumps(test))
   return blank, filled
-
-
-def run(script, *args):
-  proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], env=ENV,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  return proc.stdout
 
 
 def test_reader_takes_k_from_the_annotations(tmp_path):
@@ -87,13 +77,16 @@ def test_export_and_score_episodes(tmp_path):
 
 def test_tiny_eval_same_report_as_filled_names(tmp_path):
   """eval.py with the official tiny fixture: empty name lists give the filled file's report."""
+  from conftest import run_eval_cli   # in-process: no start-up of jax and TensorFlow per run
   blank, filled = real_shapes(tmp_path)
   reports = {}
   for f in (blank, filled):
     reports[f] = tmp_path / f'{f.stem}_report.json'
-    run('eval.py', f'--checkpoint={FIXTURES / "tiny_capenext.npz"}', f'--annotations={f}',
-        f'--image_root={IMAGES}', '--shots=1', '--num_episodes=1', '--num_queries=1',
-        '--batch_size=4', f'--output={reports[f]}')
+    status, line = run_eval_cli(f'--checkpoint={FIXTURES / "tiny_capenext.npz"}',
+                                f'--annotations={f}', f'--image_root={IMAGES}', '--shots=1',
+                                '--num_episodes=1', '--num_queries=1', '--batch_size=4',
+                                f'--output={reports[f]}')
+    assert status == 0, line
   a, b = (json.loads(reports[f].read_text()) for f in (blank, filled))
   assert a['overall']['num_pairs'] == 5
   assert a['overall'] == b['overall'] and a['per_category'] == b['per_category']

@@ -262,39 +262,40 @@ def test_loop_validates_keeps_best_and_tests(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- 2 devices
-def layout_inputs(c):
-  """(train source, the run's first 2 batches, its optimizer) as the loop builds them."""
-  from capenext_jax.mp100 import episodes as ep
-  from capenext_jax.training import schedule
+def layout_batches(c) -> list[dict]:
+  """The run's first 2 batches, as the loop's train iterator reads them (tf.data)."""
   from data_pipeline.pipeline import json_source, make_train_iterator
   from data_pipeline.splits import data_files, pipeline_config
   files = data_files(c, c.data.root)
-  src = json_source(files['train'], files['image_root'])
-  it = make_train_iterator(src, c.batch_size, pipeline_config(c, image_size=image_size(c),
-                                                              train=True),
+  it = make_train_iterator(json_source(files['train'], files['image_root']), c.batch_size,
+                           pipeline_config(c, image_size=image_size(c), train=True),
                            process_index=0, process_count=1)
-  tx = schedule.make_optimizer(schedule.for_batch_size(c.optim, c.batch_size),
-                               ep.epoch_length(src.dataset) // c.batch_size)
-  return src, [next(it) for _ in range(2)], tx
+  return [next(it) for _ in range(2)]
 
 
-def layout_run(c, layout, devices=None) -> dict:
+def layout_run(c, batches, layout, devices=None) -> dict:
   """{path: host array} of the params, BatchNorm statistics and per-step metrics after the
-  real train step (training.loop.build_train_step) ran the first 2 batches of `c` on the mesh
-  ('data', 'fsdp') = `layout`. On (1, 2) the step also gathers params and splits activations
-  over the batch with no all-to-all."""
+  loop's train step (training.init.build_train_step, with the loop's optimizer and text cache)
+  ran `batches` on the mesh ('data', 'fsdp') = `layout`. On (1, 2) the step also gathers
+  params and splits activations over the batch with no all-to-all. (Imports no TensorFlow:
+  the batches come from `layout_batches`.)"""
   import jax
   from capenext_jax.device import partition
   from capenext_jax.device.forward import device_batch
+  from capenext_jax.mp100 import episodes as ep
   from capenext_jax.text.cache import replicated_text_cache
-  from capenext_jax.training import init
-  from capenext_jax.training.loop import build_train_step
-  src, batches, tx = layout_inputs(c)
+  from capenext_jax.training import init, schedule
+  from data_pipeline.pipeline import json_source
+  from data_pipeline.splits import data_files
+  files = data_files(c, c.data.root)
+  dataset = json_source(files['train'], files['image_root']).dataset
+  tx = schedule.make_optimizer(schedule.for_batch_size(c.optim, c.batch_size),
+                               ep.epoch_length(dataset) // c.batch_size)
   mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
   with jax.set_mesh(mesh):
     graphdef, st, sh = init.init_state(c, tx, mesh)
-    cache = replicated_text_cache(graphdef, st, src.dataset, mesh)
-    step = build_train_step(c, image_size(c), graphdef, tx, sh)
+    cache = replicated_text_cache(graphdef, st, dataset, mesh)
+    step = init.build_train_step(c, image_size(c), graphdef, tx, sh)
     if layout == (1, 2):
       assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
       step = step.lower(st, device_batch(batches[0], mesh), cache).compile()
@@ -309,22 +310,24 @@ def layout_run(c, layout, devices=None) -> dict:
   return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
-def two_device_main(data_root, backbone, out):
-  """Subprocess with 2 devices: `layout_run` on ('data', 'fsdp') = (1, 2), and for the headline
-  backbone also (2, 1), saved to the npz `out` as '<layout>|<path>'.
+def two_device_main(data_root, backbone, batches_file, out):
+  """Subprocess with 2 devices: `layout_run` of the batches saved in `batches_file` on
+  ('data', 'fsdp') = (1, 2), saved to the npz `out`.
 
   (1, 2) shards the params and splits the batch over both devices, so it covers each
-  backbone's parameter shapes and its batch statistics; (2, 1) only adds replicated params,
-  which no backbone changes (and each layout costs a compile of the init and of the step)."""
+  backbone's parameter shapes and its batch statistics. The data-parallel layout (2, 1) of the
+  same model and loop is test_two_processes_match_one_process's (a run's default mesh over 2
+  processes), and of the step on 2 devices of one process test_training_step's."""
   import jax
   assert jax.device_count() == 2
   c = tiny_config(backbone=backbone)
   c.data.root = data_root
   c.sharding_rules = ()          # everything 'fsdp': the largest divisible dim is split,
   c.fsdp_min_bytes = 0           # however small
-  layouts = ((2, 1), (1, 2)) if backbone == BACKBONES[0] else ((1, 2),)
-  np.savez(out, **{f'{layout}|{k}': v for layout in layouts
-                   for k, v in layout_run(c, layout).items()})
+  with np.load(batches_file) as saved:
+    batches = [{k.split('|', 1)[1]: saved[k] for k in saved.files if k.startswith(f'{i}|')}
+               for i in range(2)]
+  np.savez(out, **layout_run(c, batches, (1, 2)))
   print('TWO_DEVICES_OK')
 
 
@@ -345,8 +348,9 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
 
 # The 1-device reference runs here, in the test's process: its programs are the ones the other
 # tests of that backbone compile (the same config, optimizer and step as the loop's), so
-# the run's compilation cache has them. The subprocess compiles with the run's XLA settings
-# (conftest._compile_cheaply) and the device count.
+# the run's compilation cache has them. The subprocess gets the same batches (it imports no
+# TensorFlow) and compiles with the run's XLA settings (conftest._compile_cheaply) and the
+# device count.
 @pytest.mark.parametrize('backbone', BACKBONES)
 def test_two_devices_match_one(tmp_path, backbone):
   import jax
@@ -354,19 +358,19 @@ def test_two_devices_match_one(tmp_path, backbone):
              XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
   c = tiny_config(backbone=backbone)
   c.data.root = str(tmp_path)
-  one = layout_run(c, (1, 1), jax.devices()[:1])
-  out = tmp_path / 'layouts.npz'
+  batches = layout_batches(c)
+  np.savez(tmp_path / 'batches.npz', **{f'{i}|{k}': v for i, b in enumerate(batches)
+                                        for k, v in b.items()})
+  one = layout_run(c, batches, (1, 1), jax.devices()[:1])
+  out = tmp_path / 'two.npz'
   proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone,
-                         str(out)], env=env, capture_output=True, text=True, timeout=600,
-                        cwd=REPO)
+                         str(tmp_path / 'batches.npz'), str(out)], env=env,
+                        capture_output=True, text=True, timeout=600, cwd=REPO)
   assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
-  layouts = {}
   with np.load(out) as saved:
-    for key in saved.files:
-      layout, path = key.split('|', 1)
-      layouts.setdefault(layout, {})[path] = saved[key]
-  assert sorted(layouts) == (['(1, 2)', '(2, 1)'] if backbone == BACKBONES[0] else ['(1, 2)'])
-  bad = [f'{layout} {m}' for layout, got in layouts.items() for m in mismatches(one, got)]
+    two = {k: saved[k] for k in saved.files}
+  assert two.keys() == one.keys()
+  bad = mismatches(one, two)
   assert not bad, '; '.join(bad)
 
 
@@ -419,8 +423,8 @@ def test_two_processes_match_one_process(tmp_path):
 
 
 # ----------------------------------------------------------------------------- kill -9
-KILL_RUN = ('--config.total_steps=24', '--config.checkpoint_every_steps=2',
-            '--config.eval_every_steps=24', '--config.async_checkpoints=True')
+KILL_RUN = ('--config.total_steps=12', '--config.checkpoint_every_steps=2',
+            '--config.eval_every_steps=12', '--config.async_checkpoints=True')
 
 
 def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
@@ -434,28 +438,28 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
                           stderr=subprocess.DEVNULL, text=True, cwd=REPO)
   deadline = time.monotonic() + 300
   for line in proc.stdout:      # progress lines every 2 steps; kill after step 8
-    if line.startswith('step 8/24') or time.monotonic() > deadline:
+    if line.startswith('step 8/12') or time.monotonic() > deadline:
       proc.send_signal(signal.SIGKILL)
       break
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, 'train.py finished before it could be killed'
   assert not (wd / 'results.json').exists()
   # What a crash during an async save leaves behind: orbax's temporary step directory.
-  half = wd / 'checkpoints' / '22.orbax-checkpoint-tmp-1'
+  half = wd / 'checkpoints' / '10.orbax-checkpoint-tmp-1'
   half.mkdir(parents=True, exist_ok=True)
   (half / 'garbage').write_text('half written')
   resumed = subprocess.run(train_cmd(wd, data, *KILL_RUN), env=env, capture_output=True,
                            text=True, timeout=300, cwd=REPO)
   assert resumed.returncode == 0, resumed.stderr[-4000:]
   start = int(resumed.stdout.split('resumed from step ')[1].split()[0])
-  assert 2 <= start <= 22 and start % 2 == 0, resumed.stdout
-  c = tiny_config(24)
+  assert 2 <= start <= 10 and start % 2 == 0, resumed.stdout
+  c = tiny_config(12)
   c.data.root = str(data)
-  c.checkpoint_every_steps = 24
+  c.checkpoint_every_steps = 12
   train(c, str(tmp_path / 'whole'))
   read = checkpoint_reader(c)
   (a, pos_a), (b, pos_b) = read(str(tmp_path / 'whole')), read(str(wd))
-  assert pos_a == pos_b == {'step': 24}
+  assert pos_a == pos_b == {'step': 12}
   bad = mismatches(a, b)
   assert not bad, '; '.join(bad)
 
@@ -463,4 +467,4 @@ def test_kill_9_then_resume_equals_uninterrupted(tmp_path):
 if __name__ == '__main__':
   sys.path[:0] = [str(REPO), str(REPO / 'tests')]
   if sys.argv[1] == 'two_devices':
-    two_device_main(*sys.argv[2:5])
+    two_device_main(*sys.argv[2:6])

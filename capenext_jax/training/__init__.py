@@ -2,7 +2,8 @@
 
   loop.py        train_and_evaluate(config, workdir, data): steps, logging, validation,
                  checkpoints, preemption
-  init.py        init_state(config, optimizer, mesh): the train state, created sharded
+  init.py        init_state(config, optimizer, mesh): the train state, created sharded;
+                 build_train_step: the config's jitted step (no TensorFlow / clu import)
   prefetch.py    DevicePrefetch: batches read and placed on the mesh two steps ahead
   schedule.py    the official optimizer and learning-rate schedule
   checkpoint.py  orbax checkpoints of (state, data position), weights-only restore, the frozen

@@ -1,4 +1,5 @@
-"""The train state of a run config, created already sharded on the mesh."""
+"""What a run builds before its first step: the train state of a run config, created already
+sharded on the mesh, and its jitted train step (neither imports TensorFlow or clu)."""
 from __future__ import annotations
 
 import functools
@@ -7,8 +8,11 @@ import jax
 import ml_collections
 from flax import nnx
 
+from capenext_jax import losses
 from capenext_jax.convert.pretrained import init_from_pretrained
+from capenext_jax.device import forward as forward_lib
 from capenext_jax.device import partition, state as state_lib
+from capenext_jax.device import step as step_lib
 from capenext_jax.models.capenext import CapeNext, CapeNextConfig
 from capenext_jax.models.layers import init_rngs
 
@@ -74,3 +78,13 @@ def pretrained_paths(config: ml_collections.ConfigDict) -> tuple[str | None, str
   init = config.init
   return (init.get('backbone_path') or init.get('swin_path') or None,
           init.get('clip_path') or None)
+
+
+def build_train_step(config: ml_collections.ConfigDict, size: int, graphdef, optimizer,
+                     shardings):
+  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config` (model
+  input side `size`): text from the cache (`replicated_text_cache`), official losses."""
+  loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
+  return step_lib.make_train_step(graphdef, loss_fn, optimizer,
+                                  forward=forward_lib.make_forward(size),
+                                  shardings=shardings)

@@ -30,7 +30,6 @@ from typing import Protocol
 import jax
 import ml_collections
 
-from capenext_jax import losses
 from capenext_jax import params as params_lib
 from capenext_jax.device import forward as forward_lib
 from capenext_jax.device import partition
@@ -116,16 +115,6 @@ class RunData(Protocol):
 
 def eval_progress(evaluator: Evaluator, label: str) -> Progress:
   return Progress(len(evaluator.pairs), label, unit='pairs', stream=sys.stdout)
-
-
-def build_train_step(config: ml_collections.ConfigDict, size: int, graphdef, optimizer,
-                     shardings):
-  """The jitted, state-donating `train_step(state, batch, text_cache)` of `config` (model
-  input side `size`): text from the cache (`replicated_text_cache`), official losses."""
-  loss_fn = losses.batch_loss_fn(size, config.data.get('heatmap_size', 0))
-  return step_lib.make_train_step(graphdef, loss_fn, optimizer,
-                                  forward=forward_lib.make_forward(size),
-                                  shardings=shardings)
 
 
 def _read_results(workdir: str) -> dict | None:
@@ -263,7 +252,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, model_config: CapeNex
 
     size = model_config.image_size
     cache = replicated_text_cache(graphdef, state, data.train.dataset, mesh)
-    train_step = build_train_step(config, size, graphdef, tx, shardings)
+    train_step = init.build_train_step(config, size, graphdef, tx, shardings)
     predict_step = step_lib.make_predict_step(graphdef, size)   # one executable for both
     val, test = (None if split is None else Evaluator(
         predict_fn(predict_step, graphdef, split.dataset, mesh), split,
