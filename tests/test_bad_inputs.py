@@ -148,21 +148,21 @@ def test_training_stops_at_once_when_a_save_fails(tmp_path, monkeypatch, capsys)
 def test_second_training_on_a_held_workdir_stops_at_once(tmp_path):
   """Nothing is written into the held workdir, not even the synthetic data that the run would
   draw into it (data.root '' is <workdir>/data); the lock held here, in-process, nests."""
-  from capenext_jax.training.workdir import WorkdirLock
+  from capenext_jax.training.workdir import LOCK_FILE, WorkdirLock
   wd = tmp_path / 'run'
   config = tmp_path / 'tiny.py'
   config.write_text('from test_train import tiny_config\n\n'
                     'def get_config():\n  return tiny_config(2)\n')
   with WorkdirLock(wd), WorkdirLock(wd):   # nests in one process (train.py, then its loop)
     pass
-  (wd / '.lock').unlink()
+  (wd / LOCK_FILE).unlink()
   wd.rmdir()
   with WorkdirLock(wd):
     status, out, err = run_script('train.py', f'--config={config}', f'--workdir={wd}')
   assert status == 2, err[-3000:]
   assert last_line(err).startswith(f'train.py: error: {wd}: the workdir is in use by another '
                                    f'training (pid {os.getpid()}')
-  assert 'Traceback' not in err and sorted(p.name for p in wd.iterdir()) == ['.lock']
+  assert 'Traceback' not in err and sorted(p.name for p in wd.iterdir()) == [LOCK_FILE]
 
 
 def test_lock_of_a_killed_training_is_not_stale(tmp_path):

@@ -124,6 +124,7 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
   import shutil
   import signal
   from capenext_jax.training import checkpoint
+  from capenext_jax.training.workdir import LOCK_FILE
   full, part = str(tmp_path / 'full'), str(tmp_path / 'part')
   c = tiny_config(4, backbone)
   c.data.root = str(tmp_path / 'data')
@@ -144,7 +145,7 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
     monkeypatch.setattr(checkpoint.Checkpointer, 'save', save)
     assert stopped['preempted'] and stopped['step'] == 2   # step 1 ran, then the loop stopped
   else:
-    shutil.copytree(full, part, ignore=shutil.ignore_patterns('.lock'))
+    shutil.copytree(full, part, ignore=shutil.ignore_patterns(LOCK_FILE))
     shutil.rmtree(os.path.join(part, 'checkpoints', '4'))
     os.remove(os.path.join(part, 'results.json'))
   assert read(part)[1] == {'step': 2}
