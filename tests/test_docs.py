@@ -33,7 +33,7 @@ ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
 COVERAGE = {
     # README
     'python3 -m venv .venv && .venv/bin/pip install -e ".[train]" && .venv/bin/python train.py '
-    '--workdir runs/synthetic': ('test', 'tests/test_train.py::test_resume_continues_exactly'),
+    '--workdir runs/synthetic': ('test', 'tests/test_train.py::test_resume_and_two_devices_equal_one_run'),
     '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q -n 2 --dist worksteal '
     '--durations=30':
         ('ci', 'the README test command'),
@@ -46,7 +46,7 @@ COVERAGE = {
     '--capex tests/fixtures/capex_tiny.npz':
         ('test', 'tests/test_capex.py::test_capex_matches_the_official_model'),
     '.venv/bin/python train.py --workdir runs/synthetic':
-        ('test', 'tests/test_train.py::test_resume_continues_exactly'),
+        ('test', 'tests/test_train.py::test_resume_and_two_devices_equal_one_run'),
     '.venv/bin/python train.py --workdir runs/split1 --config '
     'configs/mp100.py:split=1,shots=1,root=/data/mp100 '
     '--config.init.backbone_path=swinv2_tiny_patch4_window16_256.pth '

@@ -236,38 +236,3 @@ def test_eval_official_fixture_checkpoint_on_one_and_two_processes(tmp_path, cap
     assert numbers(y) == pytest.approx(numbers(x), rel=1e-5, abs=1e-6)
   assert sorted(os.listdir(tmp_path / 'two')) == ['fixture.json', 'fixture.json.predictions',
                                                   'overlays']
-
-
-def test_synthetic_run_with_the_paper_options(tmp_path, capsys):
-  """The paper's options end to end on the default (synthetic) data: a fusion ablation and
-  masked images in training; a user's description file and wrong category prompts in
-  evaluation; the table tool on the report."""
-  from conftest import run_eval_cli
-  wd = tmp_path / 'run'
-  run('train.py', f'--workdir={wd}',
-      f'--config={REPO}/configs/synthetic.py:steps=2,batch=4,'
-      'fusion=SimpleMultiModalDoubleEncoder,mask',
-      '--config.data.synthetic.categories=(3,2,2)', '--config.data.synthetic.instances=6',
-      '--config.data.synthetic.image_size=48', '--config.data.val_episodes=1',
-      '--config.data.test_episodes=1', '--config.data.num_queries=2',
-      '--config.eval_batch_size=4', '--config.test_at_start=False',
-      '--config.async_checkpoints=False')
-  run_config = json.loads((wd / 'config.json').read_text())
-  assert run_config['model']['fusion']['module'] == 'SimpleMultiModalDoubleEncoder'
-  assert run_config['data']['mask_outside_bbox']
-  # A user's descriptions: every test category's names in reverse order (same counts).
-  test_ann = json.loads((wd / 'data' / 'annotations' / 'synthetic_test.json').read_text())
-  names = {str(c['id']): c['keypoints'][::-1] for c in test_ann['categories']}
-  (tmp_path / 'names.json').write_text(json.dumps(names))
-  report = tmp_path / 'report.json'
-  status, line = run_eval_cli(f'--checkpoint={wd}', f'--descriptions={tmp_path / "names.json"}',
-                              '--category_prompt=wrong', f'--output={report}')
-  assert status == 0, line
-  r = json.loads(report.read_text())
-  assert r['overall']['num_pairs'] == 2 * 2 and len(r['per_category']) == 2
-  assert r['info']['descriptions'].startswith(str(tmp_path / 'names.json'))
-  assert r['info']['category_prompt'] == 'wrong'
-  from capenext_jax.tools import mp100_table
-  capsys.readouterr()
-  assert mp100_table.main([f'{report}@1']) == 0
-  assert 'split(s) 2, 3, 4, 5 missing' in capsys.readouterr().out

@@ -227,7 +227,8 @@ def test_trains_resumes_and_exports(tmp_path, trained, capex_params, module):
   assert loaded.config.fusion == (module and FusionConfig(module=module))
 
 
-@pytest.mark.parametrize('module', (fusion.WITHOUT_IMAGE, fusion.CROSS_ATTENTION_LAYER))
+@pytest.mark.parametrize('module', (fusion.WITHOUT_IMAGE, fusion.CROSS_ATTENTION_LAYER,
+                                    'SimpleMultiModalDoubleEncoder'))
 def test_capenext_forward_reads_only_what_the_variant_uses(module):
   """The whole (tiny) CapeNext, traced: the category is optional for the variants that do not
   read it, and the CLIP image tower is skipped for the one that does not read the image."""

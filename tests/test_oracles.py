@@ -250,7 +250,8 @@ def test_tfds_records_with_device_warp_equal_the_json_path(tmp_path):
 def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, monkeypatch):
   """--descriptions synonyms on mp100_mini re-encodes exactly the keypoint rows whose names the
   table changes, --category_prompt wrong exactly the category rows (both in one run: neither
-  touches the other's rows); the reports say which."""
+  touches the other's rows); a user's descriptions file (every category's names reversed)
+  exactly the rows it changes; the reports say which."""
   from capenext_jax.device import forward
   from capenext_jax.evaluation import predict_fn
   caches = []
@@ -262,15 +263,19 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   evaluator_cache = predict_fn.replicated_text_cache
   monkeypatch.setattr(predict_fn, 'replicated_text_cache', recording)
   monkeypatch.setattr(forward, 'make_forward', oracle_forward())
+  ann = json.loads(TEST_ANN.read_text())
+  reversed_names = {str(c['id']): c['keypoints'][::-1] for c in ann['categories']}
+  (tmp_path / 'names.json').write_text(json.dumps(reversed_names))
   reports = {}
   for name, extra in (('regular', []), ('varied', ['--descriptions=synonyms',
                                                   '--category_prompt=wrong',
-                                                  '--category_prompt_seed=3'])):
+                                                  '--category_prompt_seed=3']),
+                      ('file', [f'--descriptions={tmp_path / "names.json"}'])):
     reports[name] = tmp_path / f'{name}.json'
     run_eval(eval_program, f'--checkpoint={FIXTURE}', f'--annotations={TEST_ANN}',
              f'--image_root={IMAGES}', '--shots=1', '--num_episodes=1', '--num_queries=1',
              '--batch_size=4', f'--output={reports[name]}', *extra)
-  regular, varied = ([np.asarray(c.keypoint), np.asarray(c.category)] for c in caches)
+  regular, varied, from_file = ([np.asarray(c.keypoint), np.asarray(c.category)] for c in caches)
   info = {n: json.loads(p.read_text())['info'] for n, p in reports.items()}
   assert info['regular']['descriptions'] == 'regular'
   assert info['regular']['category_prompt'] == 'true'
@@ -296,3 +301,12 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   names = {str(c): n for c, n in zip(ds.category_ids, ds.raw_category_names)}
   assert w['category_prompt_names'].keys() == names.keys()
   assert all(w['category_prompt_names'][c] != names[c] for c in names)
+  # The user's file: the keypoint rows whose reversed name differs, the category rows untouched.
+  reversed_rows = np.zeros_like(changed_rows)
+  for c, (cid, k) in enumerate(zip(ds.category_ids, ds.category_num_keypoints)):
+    reversed_rows[c, :k] = [a != b for a, b in zip(reversed_names[str(cid)], ds.descriptions[c][:k])]
+  assert reversed_rows.any()
+  np.testing.assert_array_equal(np.abs(from_file[0] - regular[0]).max(axis=-1) > 0, reversed_rows)
+  np.testing.assert_array_equal(from_file[1], regular[1])
+  assert info['file']['descriptions'].startswith(str(tmp_path / 'names.json'))
+  assert sum(info['file']['descriptions_changed'].values()) == reversed_rows.sum()

@@ -3,6 +3,7 @@
 test / SIGTERM branches. Subprocesses set device counts / distributed init before jax loads."""
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -72,6 +73,10 @@ def test_configs_build_models():
   with pytest.raises(ValueError, match='split'):
     mp100.get_config('split=6')
   assert synthetic.get_config().data.synthetic.enabled
+  # The paper's training options as config arguments (trained end to end on mp100_mini:
+  # test_eval.py).
+  c = synthetic.get_config('fusion=SimpleMultiModalDoubleEncoder,mask')
+  assert c.model.fusion.module == 'SimpleMultiModalDoubleEncoder' and c.data.mask_outside_bbox
 
 
 def image_size(config) -> int:
@@ -111,16 +116,19 @@ def checkpoint_reader(config):
   return read
 
 
-# Every backbone architecture: BatchNorm statistics (ResNet, HRNet) are checkpointed state too.
+# Every backbone architecture: BatchNorm statistics (ResNet, HRNet) are checkpointed state too,
+# and each has its own parameter shapes for the FSDP layout to split.
 @pytest.mark.parametrize('backbone', BACKBONES)
-def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
+def test_resume_and_two_devices_equal_one_run(tmp_path, backbone, monkeypatch, request):
   """Resumed from step 2 of 4, the params, statistics and optimizer state equal an
-  uninterrupted run's.
+  uninterrupted run's; and 2 devices (FSDP, in a subprocess) give that run's step-2 state and
+  logged metrics.
 
   The headline backbone is preempted (SIGTERM inside the real loop) right after its periodic
   checkpoint. The others resume from a copy of the uninterrupted run's workdir cut back to its
   step-2 checkpoint: the same saved state (the run is deterministic) and the same restore, for
-  two trainings instead of three (each compiles the model's programs again)."""
+  two trainings instead of three (each compiles the model's programs again). The step-2
+  checkpoint is also the 1-device reference of the 2-device check (`two_device_main`)."""
   import shutil
   import signal
   from capenext_jax.training import checkpoint
@@ -129,6 +137,8 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
   c = tiny_config(4, backbone)
   c.data.root = str(tmp_path / 'data')
   c.checkpoint_every_steps = 2   # step 2 is saved just before the loop sees the signal
+  two_devices = start_two_devices(c, backbone, tmp_path)
+  request.addfinalizer(two_devices[0].kill)   # a no-op once it has ended
   read = checkpoint_reader(c)
   train(c, full)
   if backbone == BACKBONES[0]:
@@ -148,7 +158,9 @@ def test_resume_continues_exactly(tmp_path, backbone, monkeypatch):
     shutil.copytree(full, part, ignore=shutil.ignore_patterns(LOCK_FILE))
     shutil.rmtree(os.path.join(part, 'checkpoints', '4'))
     os.remove(os.path.join(part, 'results.json'))
-  assert read(part)[1] == {'step': 2}
+  at_2, pos = read(part)
+  assert pos == {'step': 2}
+  check_two_devices(two_devices, at_2, logged_train_metrics(full, 2))
   assert train(c, part)['step'] == 4
   (a, pos_a), (b, pos_b) = read(full), read(part)
   assert pos_a == pos_b == {'step': 4}
@@ -206,12 +218,37 @@ def test_resume_with_another_model_is_refused_but_another_compute_is_not(tmp_pat
   assert (wd / 'config.json').read_text() == tiny_config().to_json(indent=1)
 
 
+class NonFiniteAt:
+  """The run's training split, with the keypoints of global step `step`'s batch not finite."""
+
+  def __init__(self, split, step):
+    self.split, self.step = split, step
+
+  def __getattr__(self, name):
+    return getattr(self.split, name)
+
+  def train_batches(self, global_batch_size, *, start_step=0):
+    for step, batch in enumerate(self.split.train_batches(global_batch_size,
+                                                          start_step=start_step), start_step):
+      if step == self.step:
+        batch = dict(batch, query_joints=np.full_like(batch['query_joints'], np.nan))
+      yield batch
+
+
 def test_non_finite_loss_is_named(tmp_path):
+  """Step 1's loss is not finite (its batch is): the run stops at the check after step 2,
+  naming step 1, not the first of the window. (A blown-up lr would do it too, but lr is a
+  constant of the step: another program to compile, ~12 s; this one is the tiny run's.)"""
+  from capenext_jax.models.capenext import CapeNextConfig
+  from capenext_jax.training.loop import train_and_evaluate
+  from data_pipeline.splits import run_splits
   c = tiny_config(2)
-  c.optim.lr = 1e30   # the first update blows the params up; step 1's loss is not finite
   c.data.root = str(tmp_path / 'data')
-  with pytest.raises(FloatingPointError, match=r'at step 1'):
-    train(c, str(tmp_path / 'run'))
+  size = CapeNextConfig.from_dict(c.model.to_dict()).image_size
+  splits = run_splits(c, str(tmp_path / 'run'), image_size=size)
+  with pytest.raises(FloatingPointError, match=r'non-finite .*loss.* at step 1 '):
+    train_and_evaluate(c, str(tmp_path / 'run'),
+                       splits._replace(train=NonFiniteAt(splits.train, 1)))
 
 
 # ----------------------------------------------------------------------------- loop branches
@@ -274,14 +311,22 @@ def layout_batches(c) -> list[dict]:
   return [next(it) for _ in range(2)]
 
 
-def layout_run(c, batches, layout, devices=None) -> dict:
-  """{path: host array} of the params, BatchNorm statistics and per-step metrics after the
-  loop's train step (training.init.build_train_step, with the loop's optimizer and text cache)
-  ran `batches` on the mesh ('data', 'fsdp') = `layout`. On (1, 2) the step also gathers
-  params and splits activations over the batch with no all-to-all. (Imports no TensorFlow:
-  the batches come from `layout_batches`.)"""
+def flat(tree) -> dict:
+  """{path: host array} of a pytree."""
   import jax
-  from capenext_jax.device import partition
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+
+
+def layout_run(c, batches, layout) -> dict:
+  """`flat(((params, BatchNorm statistics, optimizer state), metrics))` after the loop's train
+  step (training.init.build_train_step, with the loop's optimizer and text cache) ran
+  `batches` on the mesh ('data', 'fsdp') = `layout`; metrics are their means over the steps,
+  as the loop logs them. On (1, 2) the step also gathers params and splits activations over
+  the batch with no all-to-all. (Imports no TensorFlow: the batches come from
+  `layout_batches`.)"""
+  import jax
+  from capenext_jax.device import flat as flat_lib, partition
   from capenext_jax.device.forward import device_batch
   from capenext_jax.mp100 import episodes as ep
   from capenext_jax.text.cache import replicated_text_cache
@@ -292,7 +337,7 @@ def layout_run(c, batches, layout, devices=None) -> dict:
   dataset = json_source(files['train'], files['image_root']).dataset
   tx = schedule.make_optimizer(schedule.for_batch_size(c.optim, c.batch_size),
                                ep.epoch_length(dataset) // c.batch_size)
-  mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]}, devices)
+  mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]})
   with jax.set_mesh(mesh):
     graphdef, st, sh = init.init_state(c, tx, mesh)
     cache = replicated_text_cache(graphdef, st, dataset, mesh)
@@ -305,10 +350,11 @@ def layout_run(c, batches, layout, devices=None) -> dict:
     metrics = []
     for b in batches:
       st, m = step(st, device_batch(b, mesh), cache)
-      metrics.append(m)
-    leaves = jax.tree_util.tree_flatten_with_path(
-        jax.device_get((st.trainable, st.batch_stats, metrics)))[0]
-  return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+      metrics.append(jax.device_get(m))
+    means = {k: float(sum(m[k] for m in metrics) / len(metrics))
+             for k in metrics[0] if k != 'finite'}
+    # Adam's moments per leaf, as a checkpoint holds them (their buffers follow the mesh).
+    return flat(((st.trainable, st.batch_stats, flat_lib.to_leaves(st.opt_state)), means))
 
 
 def two_device_main(data_root, backbone, batches_file, out):
@@ -329,7 +375,55 @@ def two_device_main(data_root, backbone, batches_file, out):
     batches = [{k.split('|', 1)[1]: saved[k] for k in saved.files if k.startswith(f'{i}|')}
                for i in range(2)]
   np.savez(out, **layout_run(c, batches, (1, 2)))
-  print('TWO_DEVICES_OK')
+
+
+def start_two_devices(c, backbone, tmp_path) -> tuple[subprocess.Popen, str]:
+  """`two_device_main` started on the first 2 batches of `c` = `tiny_config(4, backbone)`,
+  read here by the loop's tf.data pipeline (the subprocess imports no TensorFlow): (process,
+  its npz). It gets the run's XLA settings (conftest._compile_cheaply) and 2 host devices, and
+  runs while this process trains (its programs are its own)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
+  batches = tmp_path / 'batches.npz'
+  np.savez(batches, **{f'{i}|{k}': v for i, b in enumerate(layout_batches(c))
+                       for k, v in b.items()})
+  out = tmp_path / 'two_devices.npz'
+  with open(f'{out}.log', 'w') as log:   # a file: nobody reads a pipe while the run trains
+    proc = subprocess.Popen([sys.executable, __file__, 'two_devices', c.data.root, backbone,
+                             str(batches), str(out)], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, cwd=REPO)
+  return proc, str(out)
+
+
+def check_two_devices(started, state, logged_metrics) -> None:
+  """The 2-device run's state after 2 steps equals the 1-device run's (`state`: its step-2
+  checkpoint, as `checkpoint_reader` reads it), and its metrics the means the loop logged."""
+  from capenext_jax.device.flat import to_leaves
+  proc, out = started
+  assert proc.wait(timeout=600) == 0, pathlib.Path(f'{out}.log').read_text()[-4000:]
+  with np.load(out) as saved:
+    two = {k: saved[k] for k in saved.files}
+  params, batch_stats, opt_state = state
+  one = flat(((params, batch_stats, to_leaves(opt_state)),
+              {k: v for k, v in logged_metrics.items() if k != 'lr'}))
+  assert two.keys() == one.keys()
+  bad = mismatches(one, two)
+  assert not bad, '; '.join(bad)
+
+
+def logged_train_metrics(workdir, step) -> dict:
+  """{name: value} of the `train/...` scalars the loop wrote to TensorBoard at `step`."""
+  import glob
+  import tensorflow as tf
+  out = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      if event.step == step:
+        for v in event.summary.value:
+          if v.tag.startswith('train/'):
+            out[v.tag[len('train/'):]] = float(tf.make_ndarray(v.tensor))
+  assert out, f'no train/ scalars at step {step} in {workdir}'
+  return out
 
 
 def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
@@ -345,34 +439,6 @@ def mismatches(want, got, rtol=2e-5, atol=2e-6) -> list[str]:
 
   jax.tree_util.tree_map_with_path(check, want, got)
   return out
-
-
-# The 1-device reference runs here, in the test's process: its programs are the ones the other
-# tests of that backbone compile (the same config, optimizer and step as the loop's), so
-# the run's compilation cache has them. The subprocess gets the same batches (it imports no
-# TensorFlow) and compiles with the run's XLA settings (conftest._compile_cheaply) and the
-# device count.
-@pytest.mark.parametrize('backbone', BACKBONES)
-def test_two_devices_match_one(tmp_path, backbone):
-  import jax
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=xla_flags('--xla_force_host_platform_device_count=2'))
-  c = tiny_config(backbone=backbone)
-  c.data.root = str(tmp_path)
-  batches = layout_batches(c)
-  np.savez(tmp_path / 'batches.npz', **{f'{i}|{k}': v for i, b in enumerate(batches)
-                                        for k, v in b.items()})
-  one = layout_run(c, batches, (1, 1), jax.devices()[:1])
-  out = tmp_path / 'two.npz'
-  proc = subprocess.run([sys.executable, __file__, 'two_devices', str(tmp_path), backbone,
-                         str(tmp_path / 'batches.npz'), str(out)], env=env,
-                        capture_output=True, text=True, timeout=600, cwd=REPO)
-  assert proc.returncode == 0 and 'TWO_DEVICES_OK' in proc.stdout, proc.stderr[-4000:]
-  with np.load(out) as saved:
-    two = {k: saved[k] for k in saved.files}
-  assert two.keys() == one.keys()
-  bad = mismatches(one, two)
-  assert not bad, '; '.join(bad)
 
 
 # ----------------------------------------------------------------------------- 2 processes
