@@ -33,7 +33,8 @@ ENV = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=f'{REPO}:{REPO}/tests')
 COVERAGE = {
     # README
     'python3 -m venv .venv && .venv/bin/pip install -e ".[train]" && .venv/bin/python train.py '
-    '--workdir runs/synthetic': ('test', 'tests/test_train.py::test_resume_and_two_devices_equal_one_run'),
+    '--workdir runs/synthetic':
+        ('test', 'tests/test_train.py::test_resume_and_two_devices_equal_one_run'),
     '.venv/bin/pip install -e ".[test]" && .venv/bin/python -m pytest -q -n 2 --dist worksteal '
     '--durations=30':
         ('ci', 'the README test command'),

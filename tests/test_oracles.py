@@ -304,7 +304,8 @@ def test_eval_text_options_change_only_their_cache_rows(eval_program, tmp_path, 
   # The user's file: the keypoint rows whose reversed name differs, the category rows untouched.
   reversed_rows = np.zeros_like(changed_rows)
   for c, (cid, k) in enumerate(zip(ds.category_ids, ds.category_num_keypoints)):
-    reversed_rows[c, :k] = [a != b for a, b in zip(reversed_names[str(cid)], ds.descriptions[c][:k])]
+    reversed_rows[c, :k] = [a != b for a, b in zip(reversed_names[str(cid)],
+                                                   ds.descriptions[c][:k])]
   assert reversed_rows.any()
   np.testing.assert_array_equal(np.abs(from_file[0] - regular[0]).max(axis=-1) > 0, reversed_rows)
   np.testing.assert_array_equal(from_file[1], regular[1])

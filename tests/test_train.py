@@ -239,13 +239,11 @@ def test_non_finite_loss_is_named(tmp_path):
   """Step 1's loss is not finite (its batch is): the run stops at the check after step 2,
   naming step 1, not the first of the window. (A blown-up lr would do it too, but lr is a
   constant of the step: another program to compile, ~12 s; this one is the tiny run's.)"""
-  from capenext_jax.models.capenext import CapeNextConfig
   from capenext_jax.training.loop import train_and_evaluate
   from data_pipeline.splits import run_splits
   c = tiny_config(2)
   c.data.root = str(tmp_path / 'data')
-  size = CapeNextConfig.from_dict(c.model.to_dict()).image_size
-  splits = run_splits(c, str(tmp_path / 'run'), image_size=size)
+  splits = run_splits(c, str(tmp_path / 'run'), image_size=image_size(c))
   with pytest.raises(FloatingPointError, match=r'non-finite .*loss.* at step 1 '):
     train_and_evaluate(c, str(tmp_path / 'run'),
                        splits._replace(train=NonFiniteAt(splits.train, 1)))
@@ -318,12 +316,12 @@ def flat(tree) -> dict:
   return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
-def layout_run(c, batches, layout) -> dict:
+def fsdp_run(c, batches) -> dict:
   """`flat(((params, BatchNorm statistics), metrics))` after the loop's train step
   (training.init.build_train_step, with the loop's optimizer and text cache) ran `batches` on
-  the mesh ('data', 'fsdp') = `layout`; metrics are their means over the steps, as the loop
-  logs them. On (1, 2) the step also gathers params and splits activations over the batch with
-  no all-to-all. (Imports no TensorFlow: the batches come from `layout_batches`.)"""
+  the mesh ('data', 'fsdp') = (1, 2); metrics are their means over the steps, as the loop logs
+  them. The step gathers params and splits activations over the batch with no all-to-all.
+  (Imports no TensorFlow: the batches come from `layout_batches`.)"""
   import jax
   from capenext_jax.device import partition
   from capenext_jax.device.forward import device_batch
@@ -336,16 +334,15 @@ def layout_run(c, batches, layout) -> dict:
   dataset = json_source(files['train'], files['image_root']).dataset
   tx = schedule.make_optimizer(schedule.for_batch_size(c.optim, c.batch_size),
                                ep.epoch_length(dataset) // c.batch_size)
-  mesh = partition.make_mesh({'data': layout[0], 'fsdp': layout[1]})
+  mesh = partition.make_mesh({'data': 1, 'fsdp': 2})
   with jax.set_mesh(mesh):
     graphdef, st, sh = init.init_state(c, tx, mesh)
     cache = replicated_text_cache(graphdef, st, dataset, mesh)
     step = init.build_train_step(c, image_size(c), graphdef, tx, sh)
-    if layout == (1, 2):
-      assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
-      step = step.lower(st, device_batch(batches[0], mesh), cache).compile()
-      hlo = step.as_text()
-      assert ' all-gather(' in hlo and ' all-to-all(' not in hlo
+    assert any('fsdp' in tuple(s.spec) for s in jax.tree.leaves(sh.trainable))
+    step = step.lower(st, device_batch(batches[0], mesh), cache).compile()
+    hlo = step.as_text()
+    assert ' all-gather(' in hlo and ' all-to-all(' not in hlo
     metrics = []
     for b in batches:
       st, m = step(st, device_batch(b, mesh), cache)
@@ -356,8 +353,8 @@ def layout_run(c, batches, layout) -> dict:
 
 
 def two_device_main(data_root, backbone, batches_file, out):
-  """Subprocess with 2 devices: `layout_run` of the batches saved in `batches_file` on
-  ('data', 'fsdp') = (1, 2), saved to the npz `out`.
+  """Subprocess with 2 devices: `fsdp_run` of the batches saved in `batches_file`, saved to
+  the npz `out`.
 
   (1, 2) shards the params and splits the batch over both devices, so it covers each
   backbone's parameter shapes and its batch statistics. The data-parallel layout (2, 1) of the
@@ -372,7 +369,7 @@ def two_device_main(data_root, backbone, batches_file, out):
   with np.load(batches_file) as saved:
     batches = [{k.split('|', 1)[1]: saved[k] for k in saved.files if k.startswith(f'{i}|')}
                for i in range(2)]
-  np.savez(out, **layout_run(c, batches, (1, 2)))
+  np.savez(out, **fsdp_run(c, batches))
 
 
 def start_two_devices(c, backbone, tmp_path) -> tuple[subprocess.Popen, str]:
