@@ -217,9 +217,10 @@ def test_norms_keep_float64_and_compute_bfloat16_in_float32():
 
 
 def test_init_rngs_draws_nnx_rngs_keys_without_tracing_counters():
-  """A model built with `init_rngs` under jit has the params of one built with `nnx.Rngs`
-  (eagerly too), and its trace holds no counter increments: the uint32 adds that made tracing a
-  model's construction quadratic (see init_rngs)."""
+  """A model built with `init_rngs` under jit has the params and dropout keys of one built with
+  `nnx.Rngs` (eagerly too), and its trace holds no counter increments (the uint32 adds that made
+  tracing a model's construction quadratic) and no key draws (each a threefry loop for XLA to
+  compile): only the draws of the weights. The dropout stream the model keeps is a plain one."""
   class Net(nnx.Module):
     def __init__(self, rngs):
       self.a = layers.linear(8, 16, rngs=rngs)
@@ -227,19 +228,25 @@ def test_init_rngs_draws_nnx_rngs_keys_without_tracing_counters():
       self.drop = layers.Dropout(0.5, rngs=rngs)
 
   def params(make_rngs):
-    return lambda: nnx.state(Net(make_rngs(3)), nnx.Param)
+    def build():
+      net = Net(make_rngs(3))
+      return nnx.state(net, nnx.Param), jax.random.key_data(net.drop.rngs.key.get_value())
+    return build
 
   want = params(nnx.Rngs)()
   for got in (jax.jit(params(layers.init_rngs))(), params(layers.init_rngs)()):
     jax.tree.map(np.testing.assert_array_equal, want, got)
-  assert jax.tree.leaves(want)
+  assert len(jax.tree.leaves(want)) == 5
+  assert type(Net(layers.init_rngs(3)).drop.rngs) is nnx.RngStream
 
-  def counter_adds(make_rngs):
+  def counts(make_rngs):
     jaxpr = jax.make_jaxpr(params(make_rngs))().jaxpr
-    return sum(e.primitive.name == 'add' and e.outvars[0].aval.dtype == jnp.uint32
-               for e in jaxpr.eqns)
+    return (sum(e.primitive.name == 'add' and e.outvars[0].aval.dtype == jnp.uint32
+                for e in jaxpr.eqns),
+            sum(e.primitive.name in ('random_seed', 'random_fold_in', 'random_split')
+                for e in jaxpr.eqns))
 
-  assert counter_adds(nnx.Rngs) >= 5 and counter_adds(layers.init_rngs) == 0
+  assert min(counts(nnx.Rngs)) >= 5 and counts(layers.init_rngs) == (0, 0)
 
 
 def test_next_key_is_the_streams_call():
