@@ -24,9 +24,7 @@ class _BuildStream(nnx.RngStream):
       return super().__call__()
 
   def fork(self, **kwargs) -> nnx.RngStream:
-    if kwargs:
-      raise TypeError(f'fork{kwargs}: a stream of init_rngs only forks whole')
-    return nnx.RngStream(self(), tag=self.tag)
+    return nnx.RngStream(super().fork(**kwargs).key.get_value(), tag=self.tag)
 
 
 def init_rngs(seed: int) -> nnx.Rngs:
