@@ -42,6 +42,7 @@ def init_rngs(seed: int) -> nnx.Rngs:
   """
   with jax.ensure_compile_time_eval():   # the stream's key, too, is computed now
     rngs = nnx.Rngs(seed)
+    # Set after construction: nnx.Rngs turns a stream it is given into a plain RngStream.
     rngs.default = _BuildStream(rngs.default.key.get_value(), tag='default')
   count = rngs.default.count
   count.set_raw_value(np.zeros(count.shape, np.uint32))
