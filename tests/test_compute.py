@@ -268,8 +268,14 @@ def test_remat_gives_the_gradients_of_no_remat(name, remat):
   rematted = _copy_with(module, remat=remat)
   y, grads = _backbone_grads(plain, x, train=True)
   y_remat, grads_remat = _backbone_grads(rematted, x, train=True)
-  np.testing.assert_allclose(y_remat, y, rtol=1e-6, atol=1e-6)
-  _assert_trees_close(grads_remat, grads, rtol=1e-5, atol=1e-7)
+  # Remat recomputes each block's forward inside the backward, where XLA fuses it with other
+  # ops and may round differently (the same ops, sums reordered): float32 round-off of up to
+  # ~20 epsilons of a tensor's largest value (2.6e-6 measured on Swin under the tests' XLA
+  # flags since the hand-written LayerNorm / normalisation backwards; the same comparison in
+  # float64 differs by 2e-15, so nothing but rounding does). Bound: 1e-5 of each tensor's
+  # largest value; different drop-path masks or statistics move these by far more.
+  _assert_trees_close_to_scale([y_remat], [y], rel=1e-5)
+  _assert_trees_close_to_scale(grads_remat, grads, rel=1e-5)
   # The same state moved: drop-path streams and BatchNorm statistics.
   state = lambda m: jax.tree.map(
       lambda a: jax.random.key_data(a) if jnp.issubdtype(a.dtype, jax.dtypes.prng_key) else a,

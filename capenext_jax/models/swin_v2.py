@@ -266,14 +266,12 @@ class WindowAttention(nnx.Module):
       # matmul (with heads between window and token, XLA:CPU ran the logits product at half
       # speed).
       q, k, v = qkv.transpose(3, 0, 1, 4, 2, 5)
-      q = (_l2_normalize(q.astype(jnp.float32)) * scale).astype(x.dtype)
-      k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
+      q, k = layers.l2_normalize(q, scale), layers.l2_normalize(k)
       out = biased_attention(q, k, v, position_bias, mask).transpose(0, 1, 3, 2, 4)
     else:
       # Token-major [B, nW, N, h, d], the layout the qkv product writes (no transpose).
       q, k, v = (qkv[:, :, :, i] for i in range(3))
-      q = (_l2_normalize(q.astype(jnp.float32)) * scale.reshape(h, 1)).astype(x.dtype)
-      k = _l2_normalize(k.astype(jnp.float32)).astype(x.dtype)
+      q, k = layers.l2_normalize(q, scale.reshape(h, 1)), layers.l2_normalize(k)
       out = fused_biased_attention(q, k, v, position_bias, mask, implementation)
     return self.proj(out.reshape(b, nw, n, c))
 
@@ -382,11 +380,6 @@ def fused_biased_attention(q: jax.Array, k: jax.Array, v: jax.Array, position_bi
       fold(q), fold(k), fold(v), bias=bias, scale=1.0, implementation=implementation,
       site=f'Swin shifted-window attention ({n} tokens, {nw}x{h} heads)')
   return out.reshape(b, n, nw, h, d).transpose(0, 2, 1, 3, 4)
-
-
-def _l2_normalize(x: jax.Array) -> jax.Array:
-  """`F.normalize(x, dim=-1)`: x / max(||x||, 1e-12)."""
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 class SwinBlock(nnx.Module):

@@ -12,10 +12,12 @@ One module per role; the names below are the package's interface (`layers.linear
                     contract_tokens
   linear.py         Linear, linear, trunc_normal_linear, conv2d, patch_conv (PatchConv:
                     a matmul off CPU, patch_matmul), to_input_dtype
-  norm.py           LayerNorm, layer_norm, BatchNorm, at_least_float32
+  norm.py           LayerNorm, layer_norm, normalize_last_axis, l2_normalize (hand-written
+                    backwards), BatchNorm, at_least_float32
   mlp.py            gelu, quick_gelu, Mlp (Swin V2 / ViT blocks)
   attention.py      attention kernel choice (ATTENTIONS, target_platform), the fused call with
-                    its cuDNN checks and logged XLA fallback, MultiHeadAttention (torch's)
+                    its cuDNN checks and logged XLA fallback, MultiHeadAttention (torch's),
+                    softmax_attention (its explicit path, hand-written backward)
   dropout.py        Dropout, DropPath (hash masks: hash_bits, hash_block), next_key
   remat.py          run_block under `nnx.remat` (CapeNextConfig.remat)
 """
@@ -23,7 +25,8 @@ from capenext_jax.models.layers.attention import (ATTENTION_AUTO, ATTENTION_REFE
                                                   MultiHeadAttention, attention_implementation,
                                                   cudnn_refusal, cudnn_version, current_platform,
                                                   dot_product_attention, log_fallback,
-                                                  target_platform, valid_keys_first)
+                                                  softmax_attention, target_platform,
+                                                  valid_keys_first)
 from capenext_jax.models.layers.cpu_kernels import contract_tokens, dense, sum_rows
 from capenext_jax.models.layers.dropout import (DropPath, Dropout, hash_bits, hash_block,
                                                 next_key)
@@ -34,7 +37,8 @@ from capenext_jax.models.layers.linear import (Linear, PatchConv, conv2d, linear
                                                to_input_dtype, trunc_normal_linear)
 from capenext_jax.models.layers.mlp import Mlp, gelu, quick_gelu
 from capenext_jax.models.layers.norm import (BN_EPS, BN_MOMENTUM, LN_EPS, BatchNorm, LayerNorm,
-                                             at_least_float32, layer_norm)
+                                             at_least_float32, l2_normalize, layer_norm,
+                                             normalize_last_axis)
 from capenext_jax.models.layers.remat import (REMAT_BLOCKS, REMAT_NONE, check_remat,
                                               remat_policy, run_block)
 
@@ -49,6 +53,7 @@ __all__ = [
     'current_platform',
     'dot_product_attention',
     'log_fallback',
+    'softmax_attention',
     'target_platform',
     'valid_keys_first',
     'contract_tokens',
@@ -81,7 +86,9 @@ __all__ = [
     'BatchNorm',
     'LayerNorm',
     'at_least_float32',
+    'l2_normalize',
     'layer_norm',
+    'normalize_last_axis',
     'REMAT_BLOCKS',
     'REMAT_NONE',
     'check_remat',

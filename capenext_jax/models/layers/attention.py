@@ -3,6 +3,7 @@ cuDNN eligibility checks and XLA fallback, and torch's MultiheadAttention."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 
@@ -241,7 +242,14 @@ class MultiHeadAttention(nnx.Module):
                                     kv_lengths=lengths, scale=1.0 / math.sqrt(self.head_dim))
         return self.out_proj(out.reshape(b, lq, self.embed_dim)), weights().mean(axis=1)
       log_fallback(site, reason)
-    return self._attend(weights(), v, b, lq)
+    if attn_mask is not None:
+      return self._attend(weights(), v, b, lq)
+    heads_first = lambda t: t.transpose(0, 2, 1, 3)
+    keep = self.attn_dropout.keep_mask((b, self.num_heads, lq, lk))
+    out, mean_weights = softmax_attention(
+        heads_first(q) * (1.0 / math.sqrt(self.head_dim)), heads_first(k), heads_first(v),
+        key_padding_mask, keep, self.attn_dropout.rate)
+    return self.out_proj(heads_first(out).reshape(b, lq, self.embed_dim)), mean_weights
 
   def _weights(self, q, k, key_padding_mask, attn_mask) -> jax.Array:
     """q [B, Lq, H, hd], k [B, Lk, H, hd] -> softmax weights [B, H, Lq, Lk] in q's dtype."""
@@ -266,3 +274,82 @@ class MultiHeadAttention(nnx.Module):
     out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
     out = out.reshape(b, lq, self.embed_dim)
     return self.out_proj(out), mean_weights
+
+
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                      key_padding_mask: jax.Array | None, keep: jax.Array | None,
+                      rate: float) -> tuple[jax.Array, jax.Array]:
+  """Explicit-softmax attention with dropout on the probabilities, and a hand-written backward.
+
+  q [B, H, Lq, d] (already scaled), k [B, H, Lk, d], v [B, H, Lk, dv]; key_padding_mask
+  [B, Lk] bool (True = ignore) or None; keep: bool [B, H, Lq, Lk] dropout decisions or None
+  (no dropout), `rate` their drop probability. Returns (out [B, H, Lq, dv], the probabilities
+  before dropout averaged over heads [B, Lq, Lk]), both in q's dtype. Logits and softmax are
+  float32 (at least), as in `MultiHeadAttention._weights`; the forward is that path's, value
+  for value.
+
+  The backward keeps the float32 probabilities (as autodiff did) and the dropped-out ones the
+  forward writes anyway (in q's dtype), and its two logit products read the logit gradient in
+  q's dtype, as flash attention's backward does: autodiff multiplied
+  float32 copies of it and of q and k, the largest tensors of a bfloat16 step's head backward.
+  In float32 it is autodiff's arithmetic up to rounding. A dropped-out probability that is 0
+  stands for a dropped element without harm where the probability itself rounded to 0: the
+  softmax gradient multiplies by it. (Row sums from rowsum(dO * O), flash attention's other
+  saving, were tried: with O rounded to bfloat16 they doubled the bfloat16 gradients' error.)
+  """
+  return _softmax_attention(q, k, v, key_padding_mask, keep, 0.0 if keep is None else rate)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _softmax_attention(q, k, v, key_padding_mask, keep, rate):
+  return _attention_forward(q, k, v, key_padding_mask, keep, rate)[0]
+
+
+def _attention_forward(q, k, v, key_padding_mask, keep, rate):
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  if key_padding_mask is not None:
+    logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+  exact_probs = jax.nn.softmax(logits, axis=-1)
+  probs = exact_probs.astype(q.dtype)
+  dropped = probs if keep is None else jnp.where(keep, probs * (1.0 / (1.0 - rate)),
+                                                 jnp.zeros_like(probs))
+  out = jnp.einsum('bhqk,bhkd->bhqd', dropped, v)
+  return (out, probs.mean(axis=1)), (q, k, v, exact_probs, dropped)
+
+
+def _softmax_attention_fwd(q, k, v, key_padding_mask, keep, rate):
+  # symbolic_zeros: the primals come wrapped (`.value`), so that the backward can tell an
+  # unused head-mean output (the usual case) from a zero one and skip its terms.
+  value = lambda a: None if a is None else a.value
+  return _attention_forward(value(q), value(k), value(v), value(key_padding_mask),
+                            value(keep), rate)
+
+
+def _softmax_attention_bwd(rate, residuals, cotangents):
+  q, k, v, exact_probs, dropped = residuals
+  d_out, d_mean = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
+                   for c in cotangents)
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  p = exact_probs.astype(acc)
+  d_probs = jnp.zeros((), acc)      # dL/d(probabilities before dropout)
+  row_sums = jnp.zeros((), acc)     # sum_k p_k * d_probs_k, per row
+  dv = jnp.zeros_like(v)
+  if d_out is not None:
+    d_dropped = jnp.einsum('bhqd,bhkd->bhqk', d_out, v)
+    d_kept = d_dropped if rate == 0.0 else jnp.where(
+        dropped != 0, d_dropped * (1.0 / (1.0 - rate)), jnp.zeros_like(d_dropped))
+    d_probs = d_kept.astype(acc)
+    row_sums = jnp.sum(p * d_probs, axis=-1, keepdims=True)
+    dv = jnp.einsum('bhqk,bhqd->bhkd', dropped, d_out).astype(v.dtype)
+  if d_mean is not None:
+    share = d_mean[:, None].astype(acc) / p.shape[1]
+    d_probs = d_probs + share
+    row_sums = row_sums + jnp.sum(p * share, axis=-1, keepdims=True)
+  d_logits = (p * (d_probs - row_sums)).astype(q.dtype)
+  # Products in q's dtype: a bfloat16 matmul accumulates in float32 on every backend.
+  dq = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
+  dk = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
+  return dq, dk, dv, None, None
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd, symbolic_zeros=True)

@@ -80,12 +80,19 @@ class Dropout(nnx.Module):
     self.rngs = rngs[rng_collection].fork() if rate > 0 else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
+    keep = self.keep_mask(self.mask_shape(x))
+    if keep is None:
       return x
-    keep = 1.0 - self.rate
-    bits = hash_bits(next_key(self.rngs), self.mask_shape(x))
-    threshold = jnp.uint32(min(round(keep * 2.0**32), 2**32 - 1))
-    return jnp.where(bits < threshold, x * (1.0 / keep), jnp.zeros_like(x))
+    return jnp.where(keep, x * (1.0 / (1.0 - self.rate)), jnp.zeros_like(x))
+
+  def keep_mask(self, shape: tuple[int, ...]) -> jax.Array | None:
+    """bool [*shape]: which elements this call keeps (a fresh key, as `__call__` draws), or
+    None in eval mode or at rate 0 (everything kept). For callers that apply the mask
+    themselves (`layers.softmax_attention`)."""
+    if self.deterministic or self.rate == 0.0:
+      return None
+    threshold = jnp.uint32(min(round((1.0 - self.rate) * 2.0**32), 2**32 - 1))
+    return hash_bits(next_key(self.rngs), shape) < threshold
 
   def mask_shape(self, x: jax.Array) -> tuple[int, ...]:
     """Shape of the keep decisions, broadcast against x."""
