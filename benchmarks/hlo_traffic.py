@@ -20,8 +20,13 @@ reshapes, constants and iotas are free (their kernel reads the source). It ignor
 what XLA's own passes would change (it sees the step before optimisation), so it is a model to
 compare versions of the code with, not a prediction of a profile.
 
+--fusion dag keeps one more of XLA's habits: a fusion is a graph, not a chain, so a value used
+by several elementwise ops that all land in the same kernel (x in x * sigmoid(x), the chain of
+a hash) stays in registers instead of being written and read back. The default, chain, is the
+rule the issue's baseline was first measured with; compare versions under one rule.
+
 usage: python benchmarks/hlo_traffic.py [--batch 128] [--dtype bfloat16|float32]
-         [--backbone swinv2_t] [--attention auto] [--tiny] [--hlo FILE]
+         [--backbone swinv2_t] [--attention auto] [--fusion chain|dag] [--tiny] [--hlo FILE]
 --tiny: the backbone's CPU test size at 64 px (seconds). --hlo: read a saved lowering (the
 text `lower_train_step` returns) instead of lowering; --save FILE writes the lowering.
 Imports only capenext_jax and jax/flax/optax/numpy (runs on accelerator hosts without TF).
@@ -248,11 +253,17 @@ def flops_of(op: Op) -> float:
   return 0.0
 
 
-class Traffic:
-  """Modelled bytes moved per component, accumulated over functions and their calls."""
+FUSIONS = ('chain', 'dag')
 
-  def __init__(self, functions):
-    self.functions = functions
+
+class Traffic:
+  """Modelled bytes moved per component, accumulated over functions and their calls, under a
+  fusion rule of FUSIONS (module docstring)."""
+
+  def __init__(self, functions, fusion: str = 'chain'):
+    if fusion not in FUSIONS:
+      raise ValueError(f'fusion {fusion!r}: expected one of {FUSIONS}')
+    self.functions, self.fusion = functions, fusion
     self.memo = {}
     self.by_name = collections.Counter()   # bytes by op name (the name stack's tail)
     self.kernel_memo = {}
@@ -315,13 +326,30 @@ class Traffic:
       return op.kind == 'reduce' and user.elems[:1] == op.elems[:1] and user.kind != 'reduce'
 
     boundary = set(args) | out_values
-    for v, users in consumers.items():
-      op = producer.get(v)
-      if (op is None or is_kernel(op) or len(users) != 1 or is_kernel(users[0])
-          or v in out_values or (op.kind == 'reduce' and not epilogue(op, users[0]))):
-        boundary.add(v)
-      else:
-        parent[find(id(op))] = find(id(users[0]))
+    if self.fusion == 'chain':
+      for v, users in consumers.items():
+        op = producer.get(v)
+        if (op is None or is_kernel(op) or len(users) != 1 or is_kernel(users[0])
+            or v in out_values or (op.kind == 'reduce' and not epilogue(op, users[0]))):
+          boundary.add(v)
+        else:
+          parent[find(id(op))] = find(id(users[0]))
+    else:
+      # Consumers before producers, so that each value's users already sit in their final
+      # kernels: the value joins them when they are all one kernel.
+      for op in reversed(ops):
+        if op.kind in FREE:
+          continue
+        for v in op.results:
+          users = consumers.get(v)
+          if not users:
+            continue
+          if (is_kernel(op) or any(is_kernel(u) for u in users) or v in out_values
+              or (op.kind == 'reduce' and not all(epilogue(op, u) for u in users))
+              or len({find(id(u)) for u in users}) != 1):
+            boundary.add(v)
+          else:
+            parent[find(id(op))] = find(id(users[0]))
 
     total, kernels = collections.Counter(), collections.Counter()
     counted = set()   # kernels already counted
@@ -396,11 +424,11 @@ def census(functions) -> dict:
           'vector_matmuls': vector_matmuls}
 
 
-def analyse(text: str, batch_size: int, top: int = 0) -> dict:
+def analyse(text: str, batch_size: int, top: int = 0, fusion: str = 'chain') -> dict:
   """The JSON record of a lowering of a train step on `batch_size` samples; `top`: also the
-  op names that move the most bytes."""
+  op names that move the most bytes; `fusion`: the traffic model's rule (FUSIONS)."""
   functions = parse_module(text)
-  model = Traffic(functions)
+  model = Traffic(functions, fusion)
   traffic = model.of('main')
   c = census(functions)
   total = sum(traffic.values())
@@ -410,6 +438,7 @@ def analyse(text: str, batch_size: int, top: int = 0) -> dict:
       'gflop_per_sample': round(sum(c['flops'].values()) / batch_size / 1e9, 2),
       'gflop_per_sample_by_component': {k: round(v / batch_size / 1e9, 3)
                                         for k, v in sorted(c['flops'].items())},
+      'fusion': fusion,
       'traffic_mb_per_sample': round(total / batch_size / 1e6, 2),
       'traffic_mb_per_sample_by_component': per_sample,
       'optimizer_mb_per_step': round(traffic.get('optimizer', 0) / 1e6, 2),
@@ -437,6 +466,8 @@ def main(argv=None):
   parser.add_argument('--hlo', help='analyse this saved lowering instead of lowering')
   parser.add_argument('--save', help='also write the lowering to this file')
   parser.add_argument('--top', type=int, default=0, help='list the N op names moving most bytes')
+  parser.add_argument('--fusion', default='chain', choices=FUSIONS,
+                      help="the traffic model's fusion rule (see the docstring)")
   args = parser.parse_args(argv)
 
   record = {'benchmark': 'hlo_traffic', 'batch': args.batch, 'dtype': args.dtype,
@@ -461,7 +492,7 @@ def main(argv=None):
         f.write(text)
       os.replace(tmp, args.save)
   record['lower_s'] = round(time.perf_counter() - t0, 2)
-  record.update(analyse(text, args.batch, args.top))
+  record.update(analyse(text, args.batch, args.top, args.fusion))
   print(json.dumps(record), flush=True)
   return record
 

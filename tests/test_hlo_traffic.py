@@ -78,3 +78,22 @@ def test_values_of_separate_regions_are_told_apart():
   model = _model(lambda x: layers.sum_rows(x) + layers.sum_rows(x * 2.0), x)
   assert sum(model.kernel_memo['main'].values()) == 1
   assert sum(model.memo['main'].values()) == 64 * 32 * 4 + 32 * 4
+
+
+def test_dag_fusion_keeps_a_value_used_twice_in_one_kernel():
+  # u = tanh(y) is read twice by the fused u * u + u and its sum. The chain rule writes u and
+  # reads it back (a kernel of its own); the dag rule, as XLA's fusion does, keeps it inside
+  # the one kernel that reads y and writes the scalar. A value read by two kernels (y: the
+  # matmul's output) is written under both rules.
+  def f(x, w):
+    u = jnp.tanh(x @ w)
+    return (u * u + u).sum()
+
+  x, w = jnp.ones((64, 32), jnp.float32), jnp.ones((32, 16), jnp.float32)
+  functions = hlo_traffic.parse_module(_lowered(f, x, w))
+  chain, dag = (hlo_traffic.Traffic(functions, fusion) for fusion in ('chain', 'dag'))
+  chain_bytes, dag_bytes = sum(chain.of('main').values()), sum(dag.of('main').values())
+  matmul, u = 64 * 32 * 4 + 32 * 16 * 4 + 64 * 16 * 4, 64 * 16 * 4
+  assert dag_bytes == matmul + (u + 4) and chain_bytes == dag_bytes + 2 * u
+  assert sum(dag.kernel_memo['main'].values()) == 2
+  assert sum(chain.kernel_memo['main'].values()) == 3
