@@ -3,7 +3,6 @@ float32, bfloat16 matmuls, remat gradients, the dot_product_attention path."""
 import dataclasses
 import json
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +18,9 @@ from capenext_jax.models.swin_v2 import SwinV2Config
 from capenext_jax.mp100.geometry import heatmap_side
 from capenext_jax.tools import bf16_fidelity
 from capenext_jax.device import state as state_lib, step as step_lib
+from conftest import FIXTURES
 
-FIXTURE = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'fixtures',
-                       'tiny_capenext.npz')
+FIXTURE = str(FIXTURES / 'tiny_capenext.npz')   # honours $CAPENEXT_SHARED (conftest)
 
 
 def _tiny(backbone: str, **compute) -> CapeNextConfig:
