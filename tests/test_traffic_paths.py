@@ -305,35 +305,41 @@ def _attention_case(dtype, seed=10):
   return qkv, padding, keep, weights
 
 
-def _attention_grads(f, qkv, weights, use_mean):
-  def loss(*qkv):
-    out, mean = f(*qkv)
+def _attention_grads(f, qkv, weights, use_mean, attn_mask=None, argnums=(0, 1, 2)):
+  def loss(q, k, v, attn_mask):
+    out, mean = f(q, k, v, attn_mask)
     return ((out.astype(jnp.float32) * weights[0]).sum()
             + use_mean * (mean.astype(jnp.float32) * weights[1]).sum())
-  return jax.grad(loss, argnums=(0, 1, 2))(*qkv)
+  return jax.grad(loss, argnums=argnums)(*qkv, attn_mask)
 
 
 def test_softmax_attention_backward_equals_autodiff_of_its_forward():
   from capenext_jax.models.layers.attention import _attention_forward
   qkv, padding, keep, weights = _attention_case(jnp.float32)
-  for mask in (None, keep):
-    new = lambda q, k, v: layers.softmax_attention(q, k, v, padding, mask, 0.1)   # noqa: E731
-    old = lambda q, k, v: _attention_forward(q, k, v, padding, mask, 0.1)[0]   # noqa: E731
-    for a, b in zip(new(*qkv), old(*qkv)):
+  lq, lk = qkv[0].shape[2], qkv[1].shape[2]
+  causal = jnp.triu(jnp.ones((lq, lk), bool), 1)
+  additive = jnp.asarray(np.random.default_rng(12).normal(size=(lq, lk)), jnp.float32)
+  for drop, attn_mask in ((None, None), (keep, None), (keep, causal), (keep, additive)):
+    new = lambda q, k, v, m: layers.softmax_attention(   # noqa: E731
+        q, k, v, padding, drop, 0.1, attn_mask=m)
+    old = lambda q, k, v, m: _attention_forward(q, k, v, padding, m, drop, 0.1)[0]  # noqa: E731
+    for a, b in zip(new(*qkv, attn_mask), old(*qkv, attn_mask)):
       np.testing.assert_array_equal(a, b)
+    # The additive mask's gradient too (the sum of the logit gradient over batch and heads).
+    argnums = (0, 1, 2, 3) if attn_mask is additive else (0, 1, 2)
     for use_mean in (0.0, 1.0):   # the head-mean output unused (a symbolic zero) and used
       # float32: the same sums in another order (and 1/(1-rate) applied after the product),
       # a few ulps of the largest gradient.
-      for g_new, g_old in zip(_attention_grads(new, qkv, weights, use_mean),
-                              _attention_grads(old, qkv, weights, use_mean)):
+      for g_new, g_old in zip(_attention_grads(new, qkv, weights, use_mean, attn_mask, argnums),
+                              _attention_grads(old, qkv, weights, use_mean, attn_mask, argnums)):
         np.testing.assert_allclose(g_new, g_old, rtol=0, atol=4e-6 * np.abs(g_old).max())
 
 
 def test_softmax_attention_backward_in_bfloat16_multiplies_bfloat16_and_stays_accurate():
   from capenext_jax.models.layers.attention import _attention_forward
   qkv, padding, keep, weights = _attention_case(jnp.bfloat16)
-  new = lambda q, k, v: layers.softmax_attention(q, k, v, padding, keep, 0.1)   # noqa: E731
-  old = lambda q, k, v: _attention_forward(q, k, v, padding, keep, 0.1)[0]   # noqa: E731
+  new = lambda q, k, v, m: layers.softmax_attention(q, k, v, padding, keep, 0.1)  # noqa: E731
+  old = lambda q, k, v, m: _attention_forward(q, k, v, padding, None, keep, 0.1)[0]  # noqa: E731
   grad_new = lambda *a: _attention_grads(new, a, weights, 1.0)   # noqa: E731
   grad_old = lambda *a: _attention_grads(old, a, weights, 1.0)   # noqa: E731
   assert not any('f32 x f32' in k for k in _census(grad_new, *qkv, platform='cuda')['matmuls'])
@@ -345,8 +351,10 @@ def test_softmax_attention_backward_in_bfloat16_multiplies_bfloat16_and_stays_ac
   errors = {'new': [], 'old': []}
   for seed in range(12):
     qkv, padding, keep, weights = _attention_case(jnp.bfloat16, seed)
-    old = lambda q, k, v: _attention_forward(q, k, v, padding, keep, 0.1)[0]   # noqa: E731
-    new = lambda q, k, v: layers.softmax_attention(q, k, v, padding, keep, 0.1)   # noqa: E731
+    old = lambda q, k, v, m: _attention_forward(   # noqa: E731
+        q, k, v, padding, None, keep, 0.1)[0]
+    new = lambda q, k, v, m: layers.softmax_attention(   # noqa: E731
+        q, k, v, padding, keep, 0.1)
     truth = _attention_grads(old, tuple(t.astype(jnp.float32) for t in qkv), weights, 1.0)
     for name, f in (('new', new), ('old', old)):
       errors[name].append([float(jnp.linalg.norm(g.astype(jnp.float32) - t) / jnp.linalg.norm(t))
@@ -355,16 +363,29 @@ def test_softmax_attention_backward_in_bfloat16_multiplies_bfloat16_and_stays_ac
   assert np.all(new_err <= 1.25 * old_err), (new_err, old_err)
 
 
-def test_multi_head_attention_training_forward_unchanged_by_the_hand_written_path():
+def test_multi_head_attention_in_training_is_its_projections_around_softmax_attention():
+  # Dropout on, key padding and a causal mask: the projections, the scaled heads and the
+  # dropout decisions of the module's own stream (a twin at the same count draws them), around
+  # `_attention_forward` (what autodiff would differentiate); the mask zeroes the future.
+  import math
+
   from flax import nnx
+
+  from capenext_jax.models.layers.attention import _attention_forward
   mha = layers.MultiHeadAttention(16, 4, dropout=0.3, rngs=nnx.Rngs(0, dropout=1))
   rng = np.random.default_rng(11)
   x = jnp.asarray(rng.normal(size=(2, 6, 16)), jnp.float32)
   padding = jnp.asarray(rng.random((2, 6)) < 0.3).at[:, 0].set(False)
+  causal = jnp.triu(jnp.ones((6, 6), bool), 1)
   twin = nnx.clone(mha)
-  new = mha(x, x, x, key_padding_mask=padding)
-  # An all-False attn_mask takes the explicit path autodiff differentiates, with the same
-  # dropout key (the twin's stream is at the same count).
-  old = twin(x, x, x, key_padding_mask=padding, attn_mask=jnp.zeros((6, 6), bool))
-  for a, b in zip(new, old):
-    np.testing.assert_array_equal(a, b)
+  out, mean = mha(x, x, x, key_padding_mask=padding, attn_mask=causal)
+  heads = lambda t: t.reshape(2, 6, 4, 4).transpose(0, 2, 1, 3)   # noqa: E731
+  keep = twin.attn_dropout.keep_mask((2, 4, 6, 6))
+  assert not bool(keep.all())
+  want, want_mean = _attention_forward(heads(twin.q_proj(x)) * (1.0 / math.sqrt(4)),
+                                       heads(twin.k_proj(x)), heads(twin.v_proj(x)), padding,
+                                       causal, keep, 0.3)[0]
+  np.testing.assert_array_equal(out, twin.out_proj(want.transpose(0, 2, 1, 3).reshape(2, 6, 16)))
+  np.testing.assert_array_equal(mean, want_mean)
+  # Key 0 is never padded and every query may see it.
+  assert not np.any(np.asarray(mean)[:, causal]) and np.all(np.asarray(mean)[:, :, 0] > 0)

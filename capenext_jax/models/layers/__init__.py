@@ -17,12 +17,14 @@ One module per role; the names below are the package's interface (`layers.linear
   mlp.py            gelu, quick_gelu, Mlp (Swin V2 / ViT blocks)
   attention.py      attention kernel choice (ATTENTIONS, target_platform), the fused call with
                     its cuDNN checks and logged XLA fallback, MultiHeadAttention (torch's),
-                    softmax_attention (its explicit path, hand-written backward)
+                    softmax_attention (its explicit path, hand-written backward),
+                    attention_probabilities (the float32 softmax both paths share)
   dropout.py        Dropout, DropPath (hash masks: hash_bits, hash_block), next_key
   remat.py          run_block under `nnx.remat` (CapeNextConfig.remat)
 """
 from capenext_jax.models.layers.attention import (ATTENTION_AUTO, ATTENTION_REFERENCE, ATTENTIONS,
                                                   MultiHeadAttention, attention_implementation,
+                                                  attention_probabilities,
                                                   cudnn_refusal, cudnn_version, current_platform,
                                                   dot_product_attention, log_fallback,
                                                   softmax_attention, target_platform,
@@ -48,6 +50,7 @@ __all__ = [
     'ATTENTIONS',
     'MultiHeadAttention',
     'attention_implementation',
+    'attention_probabilities',
     'cudnn_refusal',
     'cudnn_version',
     'current_platform',

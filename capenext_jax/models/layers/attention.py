@@ -221,16 +221,20 @@ class MultiHeadAttention(nnx.Module):
     """
     b, lq, _ = query.shape
     lk = key.shape[1]
-    # Heads split channel-major: [B, L, H, hd].
+    # Heads split channel-major, then moved before the tokens: [B, H, L, hd]. (With the heads
+    # between the token axes, XLA:CPU ran both attention products at about half speed.)
     split = lambda t, l: t.reshape(b, l, self.num_heads, self.head_dim)
+    heads_first = lambda t: t.transpose(0, 2, 1, 3)
+    merge = lambda out: self.out_proj(heads_first(out).reshape(b, lq, self.embed_dim))
+    scale = 1.0 / math.sqrt(self.head_dim)
     v = split(self.v_proj(value), lk)
     if lk == 1 and key_padding_mask is None and attn_mask is None:
       # Softmax over a single key is exactly 1 whatever q and k are (the fusion module's
       # cross-attentions): skip both projections. Dropout still acts on that weight.
       weights = jnp.ones((b, self.num_heads, lq, 1), v.dtype)
-      return self._attend(weights, v, b, lq)
+      out = jnp.einsum('bhqk,bhkd->bhqd', self.attn_dropout(weights), heads_first(v))
+      return merge(out), weights.mean(axis=1)
     q, k = split(self.q_proj(query), lq), split(self.k_proj(key), lk)
-    weights = lambda: self._weights(q, k, key_padding_mask, attn_mask)
     if attention_implementation(self.attention) == 'cudnn':
       site = f'MultiHeadAttention(E={self.embed_dim}, heads={self.num_heads}, {lq}x{lk})'
       dropout = self.attn_dropout.rate > 0 and not self.attn_dropout.deterministic
@@ -239,54 +243,49 @@ class MultiHeadAttention(nnx.Module):
         lengths, fk, fv = (None, k, v) if key_padding_mask is None else valid_keys_first(
             key_padding_mask, k, v)
         out = dot_product_attention(q, fk, fv, implementation='cudnn', site=site,
-                                    kv_lengths=lengths, scale=1.0 / math.sqrt(self.head_dim))
-        return self.out_proj(out.reshape(b, lq, self.embed_dim)), weights().mean(axis=1)
+                                    kv_lengths=lengths, scale=scale)
+        # The head-mean weights apart (a caller that drops them costs nothing).
+        probs = attention_probabilities(heads_first(q) * scale, heads_first(k),
+                                        key_padding_mask)
+        return (self.out_proj(out.reshape(b, lq, self.embed_dim)),
+                probs.astype(q.dtype).mean(axis=1))
       log_fallback(site, reason)
-    if attn_mask is not None:
-      return self._attend(weights(), v, b, lq)
-    heads_first = lambda t: t.transpose(0, 2, 1, 3)
     keep = self.attn_dropout.keep_mask((b, self.num_heads, lq, lk))
     out, mean_weights = softmax_attention(
-        heads_first(q) * (1.0 / math.sqrt(self.head_dim)), heads_first(k), heads_first(v),
-        key_padding_mask, keep, self.attn_dropout.rate)
-    return self.out_proj(heads_first(out).reshape(b, lq, self.embed_dim)), mean_weights
+        heads_first(q) * scale, heads_first(k), heads_first(v), key_padding_mask, keep,
+        self.attn_dropout.rate, attn_mask=attn_mask)
+    return merge(out), mean_weights
 
-  def _weights(self, q, k, key_padding_mask, attn_mask) -> jax.Array:
-    """q [B, Lq, H, hd], k [B, Lk, H, hd] -> softmax weights [B, H, Lq, Lk] in q's dtype."""
-    # Heads moved before the tokens ([B, H, L, hd]): with the heads between the token axes,
-    # XLA:CPU ran both attention products at about half speed.
-    q = q.transpose(0, 2, 1, 3) * (1.0 / math.sqrt(self.head_dim))
-    logits = jnp.einsum('bhqd,bhkd->bhqk', q, k.transpose(0, 2, 1, 3),
-                        preferred_element_type=jnp.float32)
-    if attn_mask is not None:
-      if attn_mask.dtype == jnp.bool_:
-        logits = jnp.where(attn_mask[None, None], -jnp.inf, logits)
-      else:
-        logits = logits + attn_mask[None, None]
-    if key_padding_mask is not None:
-      logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
-    return jax.nn.softmax(logits, axis=-1).astype(q.dtype)
 
-  def _attend(self, weights: jax.Array, v: jax.Array, b: int, lq: int):
-    """weights [B, H, Lq, Lk] (before dropout), v [B, Lk, H, hd] -> (out, head-mean weights)."""
-    mean_weights = weights.mean(axis=1)
-    weights = self.attn_dropout(weights)
-    out = jnp.einsum('bhqk,bhkd->bhqd', weights, v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
-    out = out.reshape(b, lq, self.embed_dim)
-    return self.out_proj(out), mean_weights
+def attention_probabilities(q: jax.Array, k: jax.Array, key_padding_mask: jax.Array | None,
+                            attn_mask: jax.Array | None = None) -> jax.Array:
+  """float32 (at least) softmax(q k^T + mask) [B, H, Lq, Lk] of q [B, H, Lq, d] (already
+  scaled) and k [B, H, Lk, d]; key_padding_mask [B, Lk] bool (True = ignore) or None;
+  attn_mask [Lq, Lk] bool (True = ignore) or additive float, or None."""
+  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
+  if attn_mask is not None:
+    if attn_mask.dtype == jnp.bool_:
+      logits = jnp.where(attn_mask[None, None], -jnp.inf, logits)
+    else:
+      logits = logits + attn_mask[None, None]
+  if key_padding_mask is not None:
+    logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
+  return jax.nn.softmax(logits, axis=-1)
 
 
 def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
                       key_padding_mask: jax.Array | None, keep: jax.Array | None,
-                      rate: float) -> tuple[jax.Array, jax.Array]:
+                      rate: float, *, attn_mask: jax.Array | None = None
+                      ) -> tuple[jax.Array, jax.Array]:
   """Explicit-softmax attention with dropout on the probabilities, and a hand-written backward.
 
   q [B, H, Lq, d] (already scaled), k [B, H, Lk, d], v [B, H, Lk, dv]; key_padding_mask
   [B, Lk] bool (True = ignore) or None; keep: bool [B, H, Lq, Lk] dropout decisions or None
-  (no dropout), `rate` their drop probability. Returns (out [B, H, Lq, dv], the probabilities
-  before dropout averaged over heads [B, Lq, Lk]), both in q's dtype. Logits and softmax are
-  float32 (at least), as in `MultiHeadAttention._weights`; the forward is that path's, value
-  for value.
+  (no dropout), `rate` their drop probability; attn_mask [Lq, Lk] bool (True = ignore) or
+  additive float (it gets its gradient), or None. Returns (out [B, H, Lq, dv], the
+  probabilities before dropout averaged over heads [B, Lq, Lk]), both in q's dtype. Logits and
+  softmax are float32 (at least): `attention_probabilities`, which also gives the cuDNN path's
+  head-mean weights.
 
   The backward keeps the float32 probabilities (as autodiff did) and the dropped-out ones the
   forward writes anyway (in q's dtype), and its two logit products read the logit gradient in
@@ -297,36 +296,34 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array,
   softmax gradient multiplies by it. (Row sums from rowsum(dO * O), flash attention's other
   saving, were tried: with O rounded to bfloat16 they doubled the bfloat16 gradients' error.)
   """
-  return _softmax_attention(q, k, v, key_padding_mask, keep, 0.0 if keep is None else rate)
+  return _softmax_attention(q, k, v, key_padding_mask, attn_mask, keep,
+                            0.0 if keep is None else rate)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _softmax_attention(q, k, v, key_padding_mask, keep, rate):
-  return _attention_forward(q, k, v, key_padding_mask, keep, rate)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _softmax_attention(q, k, v, key_padding_mask, attn_mask, keep, rate):
+  return _attention_forward(q, k, v, key_padding_mask, attn_mask, keep, rate)[0]
 
 
-def _attention_forward(q, k, v, key_padding_mask, keep, rate):
-  logits = jnp.einsum('bhqd,bhkd->bhqk', q, k, preferred_element_type=jnp.float32)
-  if key_padding_mask is not None:
-    logits = jnp.where(key_padding_mask[:, None, None, :], -jnp.inf, logits)
-  exact_probs = jax.nn.softmax(logits, axis=-1)
+def _attention_forward(q, k, v, key_padding_mask, attn_mask, keep, rate):
+  exact_probs = attention_probabilities(q, k, key_padding_mask, attn_mask)
   probs = exact_probs.astype(q.dtype)
   dropped = probs if keep is None else jnp.where(keep, probs * (1.0 / (1.0 - rate)),
                                                  jnp.zeros_like(probs))
   out = jnp.einsum('bhqk,bhkd->bhqd', dropped, v)
-  return (out, probs.mean(axis=1)), (q, k, v, exact_probs, dropped)
+  return (out, probs.mean(axis=1)), (q, k, v, attn_mask, exact_probs, dropped)
 
 
-def _softmax_attention_fwd(q, k, v, key_padding_mask, keep, rate):
+def _softmax_attention_fwd(q, k, v, key_padding_mask, attn_mask, keep, rate):
   # symbolic_zeros: the primals come wrapped (`.value`), so that the backward can tell an
   # unused head-mean output (the usual case) from a zero one and skip its terms.
   value = lambda a: None if a is None else a.value
   return _attention_forward(value(q), value(k), value(v), value(key_padding_mask),
-                            value(keep), rate)
+                            value(attn_mask), value(keep), rate)
 
 
 def _softmax_attention_bwd(rate, residuals, cotangents):
-  q, k, v, exact_probs, dropped = residuals
+  q, k, v, attn_mask, exact_probs, dropped = residuals
   d_out, d_mean = (None if isinstance(c, jax.custom_derivatives.SymbolicZero) else c
                    for c in cotangents)
   acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -345,11 +342,15 @@ def _softmax_attention_bwd(rate, residuals, cotangents):
     share = d_mean[:, None].astype(acc) / p.shape[1]
     d_probs = d_probs + share
     row_sums = row_sums + jnp.sum(p * share, axis=-1, keepdims=True)
-  d_logits = (p * (d_probs - row_sums)).astype(q.dtype)
+  d_logits = p * (d_probs - row_sums)
+  d_mask = None    # a boolean mask (or none) has no gradient; an additive one sums the logits'
+  if attn_mask is not None and attn_mask.dtype != jnp.bool_:
+    d_mask = jnp.sum(d_logits, axis=(0, 1)).astype(attn_mask.dtype)
   # Products in q's dtype: a bfloat16 matmul accumulates in float32 on every backend.
+  d_logits = d_logits.astype(q.dtype)
   dq = jnp.einsum('bhqk,bhkd->bhqd', d_logits, k)
   dk = jnp.einsum('bhqk,bhqd->bhkd', d_logits, q)
-  return dq, dk, dv, None, None
+  return dq, dk, dv, None, d_mask, None
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd, symbolic_zeros=True)
