@@ -14,7 +14,7 @@ import stat
 import numpy as np
 import pytest
 
-from capenext_jax import export, loading
+from capenext_jax import atomic, export, loading
 from capenext_jax import params as params_lib
 from capenext_jax.convert import cli
 from capenext_jax.extras import MissingExtra
@@ -273,7 +273,7 @@ cli.main(args)
 '''
 
 
-def test_kill_9_leaves_the_old_or_the_new_export(tmp_path, small_export):
+def test_kill_9_leaves_the_old_or_the_new_export(tmp_path, small_export, monkeypatch):
   import subprocess
   import sys
   from conftest import REPO
@@ -292,3 +292,10 @@ def test_kill_9_leaves_the_old_or_the_new_export(tmp_path, small_export):
     if point == 'writing':
       assert {p.name: p.read_bytes() for p in dst.iterdir()} == old
     assert export.read_export(dst)[0] == export.read_export(exp_a)[0]
+  # Each kill left its hidden temporary beside the export; the next conversion there (a new
+  # process: atomic sweeps a folder at a process's first write) deletes both.
+  assert len(_leftovers(tmp_path)) == 2
+  monkeypatch.setattr(atomic, '_swept', set())
+  assert cli.main([str(exp_a), str(dst), '--formats', 'safetensors', '--overwrite']) == 0
+  assert _leftovers(tmp_path) == [] and sorted(p.name for p in dst.iterdir()) == [
+      'config.json', 'params.safetensors']
