@@ -12,14 +12,17 @@ Only the programs use this module; the library raises ordinary exceptions.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import os
 import sys
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from capenext_jax import runtime
+from capenext_jax.errors import DataWarning
 from capenext_jax.extras import MissingExtra
 
 # A user's input is wrong, or an optional dependency it needs is not installed: exit 2. (Not
@@ -56,12 +59,33 @@ def fail(prog: str, message: str, status: int = 2):
   raise SystemExit(status)
 
 
+@contextlib.contextmanager
+def plain_data_warnings() -> Iterator[None]:
+  """Within the block, a `DataWarning` (annotations dropped, images skipped) is one plain line
+  on stderr, `warning: <message>`, instead of Python's `file:line: DataWarning: ...` and the
+  source line that warned; other warnings print as before."""
+  with warnings.catch_warnings():   # restores the filters and showwarning afterwards
+    warnings.simplefilter('always', DataWarning)   # each load that drops data says so
+    show = warnings.showwarning
+
+    def show_plainly(message, category, filename, lineno, file=None, line=None):
+      if issubclass(category, DataWarning):
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+      else:
+        show(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show_plainly
+    yield
+
+
 def guarded(prog: str, main: Callable, *, verbose: Callable[[], bool]) -> Callable:
-  """`main` with the project's errors turned into one line and an exit status."""
+  """`main` with the project's errors turned into one line and an exit status, and its data
+  warnings into plain lines (`plain_data_warnings`)."""
 
   def run(*args, **kwargs):
     try:
-      return main(*args, **kwargs)
+      with plain_data_warnings():
+        return main(*args, **kwargs)
     except Exception as e:  # noqa: BLE001 - sorted by exit_status below
       status = exit_status(e)
       if status is None or verbose():

@@ -32,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
+from capenext_jax.errors import DataWarning
 from capenext_jax.extras import require
 from capenext_jax.mp100 import episodes as ep
 from capenext_jax.mp100 import geometry
@@ -131,7 +132,7 @@ def json_source(ann_file: str, image_root: str, *, drop_missing_images: bool = T
     if not ok.all():
       bad = sorted({ds.image_path[i] for i in np.nonzero(~ok)[0]})
       warnings.warn(f'{ann_file}: skipped {int((~ok).sum())} instances in {len(bad)} missing or '
-                    f'unreadable images, e.g. {bad[:3]}')
+                    f'unreadable images, e.g. {bad[:3]}', DataWarning, stacklevel=2)
       lost = [('a missing or unreadable image', int(ds.ann_id[i]),
                int(ds.category_ids[ds.category_index[i]])) for i in np.nonzero(~ok)[0]]
       ds = select_instances(ds, ok)

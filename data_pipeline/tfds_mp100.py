@@ -22,6 +22,7 @@ import warnings
 
 import numpy as np
 
+from capenext_jax.errors import DataWarning
 from capenext_jax.extras import require
 from capenext_jax.mp100 import geometry
 from capenext_jax.mp100.annotations import load_annotations
@@ -137,7 +138,8 @@ class Mp100(tfds.core.GeneratorBasedBuilder):
           'crop_origin': origin[i], 'crop_size': size[i],
       }
     if skipped:
-      warnings.warn(f'{ann_file}: skipped {skipped} instances with missing or unreadable images')
+      warnings.warn(f'{ann_file}: skipped {skipped} instances with missing or unreadable images',
+                    DataWarning)
 
 
 def build_records(manual_dir: str, data_dir: str, config: Mp100Config | str = 'split1') -> Mp100:

@@ -432,6 +432,10 @@ def test_train_on_a_split_with_nothing_usable_names_the_file(tmp_path):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert f'train.py: error: {path}: no instances to train on: all 2 of its annotations were ' \
          'dropped' in proc.stderr
+  # Before the error, the reader's warning as one plain line (not Python's warning format).
+  assert any(line.startswith(f'warning: {path}: dropped 2 annotations')
+             for line in proc.stderr.splitlines()), proc.stderr
+  assert 'DataWarning' not in proc.stderr and 'warnings.warn' not in proc.stderr
   assert path.read_bytes() == before
 
 

@@ -18,6 +18,7 @@ import warnings
 
 import numpy as np
 
+from capenext_jax.errors import DataWarning
 from capenext_jax.mp100.descriptions import (check_descriptions, description_source,
                                              matching_rule, regular_descriptions)
 from capenext_jax.mp100.geometry import bbox_to_center_scale, clean_bbox
@@ -26,10 +27,6 @@ from capenext_jax.mp100.json_files import read_json
 MAX_KPT = 100          # max_kpt_num of the MP-100 configs: every array is padded to this.
 VISIBILITIES = (0, 1, 2)   # COCO: 0 not labelled, 1 labelled but hidden, 2 labelled and visible
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-class DataWarning(UserWarning):
-  """Annotations the reader dropped (counted, with ids); programs print it as one plain line."""
 
 
 @dataclasses.dataclass

@@ -19,10 +19,10 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from capenext_jax import cli
 from capenext_jax.mp100.annotations import MP100Dataset, check_episode_size, load_annotations
 from capenext_jax.mp100.json_files import read_json
 
@@ -108,13 +108,7 @@ def run(args) -> None:
   if args.shots < 1:
     raise ValueError(f'--shots must be at least 1, got {args.shots}')
   data = read_json(args.ann_file, 'annotation file')
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter('always')
-    try:
-      d = checked_dataset(args.ann_file, args.image_root, args.shots, args.skeleton_base, data)
-    finally:   # one plain line each, also before an error
-      for w in caught:
-        print(f'warning: {w.message}', file=sys.stderr)
+  d = checked_dataset(args.ann_file, args.image_root, args.shots, args.skeleton_base, data)
   print(summary(d))
   val = [n.strip() for n in args.val.split(',') if n.strip()]
   test = [n.strip() for n in args.test.split(',') if n.strip()]
@@ -151,7 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  'see docs/CUSTOM_DATA.md); the split files are written 0-based')
   args = p.parse_args(argv)
   try:
-    run(args)
+    with cli.plain_data_warnings():   # as they come, before an error too
+      run(args)
   except ValueError as e:
     print(f'{p.prog}: error: {e}', file=sys.stderr)
     return 2
