@@ -19,10 +19,8 @@ sys.path.insert(0, _REPO)
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
-from capenext_jax.models.layers import init_rngs  # noqa: E402
+from capenext_jax.models.capenext import CapeNextConfig, abstract_model  # noqa: E402
 from capenext_jax.device import partition  # noqa: E402
 
 PAPER_BACKBONES = ('swinv2_t', 'resnet50', 'hrnet_w32', 'vit_b16', 'dinov2_s14')
@@ -44,7 +42,7 @@ def count(tree) -> int:
 
 def describe(name: str) -> dict:
   config = CapeNextConfig.variant(name)
-  model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0)))
+  model = abstract_model(config)
   _, trainable, batch_stats, _ = partition.split_model(model)
   side = config.backbone.output_resolution
   return {'backbone': name, 'input_px': config.image_size,

@@ -34,7 +34,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import measure  # noqa: E402
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model  # noqa: E402
 from capenext_jax.models.layers import init_rngs  # noqa: E402
 from capenext_jax.runtime import tune_allocator  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
@@ -104,7 +104,9 @@ def measure_forward(model: str, dtype: str, batch_sizes: list[int], repeats: int
 
   # Random weights made under one jit (eagerly, each initializer op compiles apart: minutes on
   # a GPU).
-  graphdef = nnx.graphdef(nnx.eval_shape(make))
+  abstract = abstract_model(config)
+  abstract.eval()
+  graphdef = nnx.graphdef(abstract)
   state = jax.jit(lambda: nnx.state(make()))()
 
   @jax.jit

@@ -24,10 +24,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from capenext_jax import losses
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig, frozen_in_compute_dtype
-from capenext_jax.device import partition, state as state_lib, step as step_lib
+from capenext_jax.models.capenext import (CapeNextConfig, abstract_model,
+                                          frozen_in_compute_dtype)
+from capenext_jax.device import state as state_lib, step as step_lib
 from capenext_jax.models import layers
-from capenext_jax.models.layers import init_rngs
 from capenext_jax.tools.bf16_fidelity import random_batch
 from capenext_jax.training import schedule
 
@@ -37,11 +37,7 @@ HEATMAP = 64   # the official configs' targets are 64 px at every input size
 def abstract_train_state(config: CapeNextConfig, tx) -> tuple[nnx.GraphDef, state_lib.TrainState]:
   """(graphdef, TrainState of ShapeDtypeStructs) of a randomly initialised model: nothing is
   computed or allocated."""
-  make = lambda: CapeNext(config, rngs=init_rngs(0))
-  graphdef = partition.split_model(nnx.eval_shape(make))[0]
-  state = jax.eval_shape(lambda: state_lib.init_train_state(make(), tx,
-                                                            jax.random.PRNGKey(0))[1])
-  return graphdef, state
+  return state_lib.abstract_train_state(abstract_model(config), tx, jax.random.PRNGKey(0))
 
 
 def lower_train_step(config: CapeNextConfig, batch_size: int, *, platform: str = 'cuda',

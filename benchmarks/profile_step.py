@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import measure  # noqa: E402
 from capenext_jax import losses  # noqa: E402
 from capenext_jax.models import layers, swin_v2  # noqa: E402
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
 from capenext_jax.device import flat, partition, state as state_lib, step as step_lib  # noqa: E402
 from capenext_jax.training import schedule  # noqa: E402
@@ -291,11 +291,10 @@ class Steps:
                                   attention=attention)
 
   def graphdef(self, config: CapeNextConfig):
-    make = lambda: CapeNext(config, rngs=layers.init_rngs(0))
-    graphdef = partition.split_model(nnx.eval_shape(make))[0]
+    graphdef = partition.split_model(abstract_model(config))[0]
     if self.state is None:    # the attention setting is in the graphdef, not in the state
-      self.state = jax.jit(
-          lambda: state_lib.init_train_state(make(), self.tx, jax.random.PRNGKey(0))[1])()
+      self.state = jax.jit(lambda: state_lib.init_train_state(
+          CapeNext(config, rngs=layers.init_rngs(0)), self.tx, jax.random.PRNGKey(0))[1])()
     return graphdef
 
   def run(self, capture: Capture, attention: str, batch_size: int, *, inspect: bool,

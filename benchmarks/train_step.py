@@ -32,7 +32,7 @@ import measure  # noqa: E402
 
 from capenext_jax import losses  # noqa: E402
 from capenext_jax.models import backbones  # noqa: E402
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig  # noqa: E402
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model  # noqa: E402
 from capenext_jax.models.layers import init_rngs  # noqa: E402
 from capenext_jax.runtime import allocator, tune_allocator  # noqa: E402
 from capenext_jax.tools.bf16_fidelity import random_batch  # noqa: E402
@@ -79,9 +79,9 @@ def time_batch(train_step, state, batch_size: int, config: CapeNextConfig, args)
 def new_state(config: CapeNextConfig, tx) -> tuple[nnx.GraphDef, state_lib.TrainState]:
   """(graphdef, train state) with random weights, created under one jit: built eagerly, each
   initializer op would compile on its own (~130 small programs: minutes on a GPU)."""
-  make = lambda: CapeNext(config, rngs=init_rngs(0))
-  graphdef = partition.split_model(nnx.eval_shape(make))[0]
-  init = lambda: state_lib.init_train_state(make(), tx, jax.random.PRNGKey(0))[1]
+  graphdef = partition.split_model(abstract_model(config))[0]
+  init = lambda: state_lib.init_train_state(CapeNext(config, rngs=init_rngs(0)), tx,
+                                            jax.random.PRNGKey(0))[1]
   return graphdef, jax.jit(init)()
 
 

@@ -38,8 +38,7 @@ from flax import nnx
 from capenext_jax import artefacts, atomic
 from capenext_jax import params as params_lib
 from capenext_jax.errors import first_line
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig
-from capenext_jax.models.layers import init_rngs
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model
 
 FORMAT_NAME, FORMAT_VERSION = 'capenext-jax', 1
 CONFIG_FILE = 'config.json'
@@ -86,11 +85,9 @@ def _header(config: CapeNextConfig, dtype: str, flat: Mapping[str, np.ndarray],
 
 @functools.lru_cache(maxsize=16)   # a conversion checks one config several times
 def abstract_weights(config: CapeNextConfig) -> dict:
-  """The weights pure dict (`params_lib.WEIGHTS`) of `config`'s model as ShapeDtypeStructs,
-  traced abstractly (`nnx.eval_shape`: nothing is computed; ~1 s for the headline size on
-  CPU). Cached: treat the result as read-only."""
-  model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0)))
-  return nnx.to_pure_dict(nnx.state(model, params_lib.WEIGHTS))
+  """The weights pure dict (`params_lib.WEIGHTS`) of `config`'s model as ShapeDtypeStructs
+  (`abstract_model`: nothing is computed). Cached: treat the result as read-only."""
+  return nnx.to_pure_dict(nnx.state(abstract_model(config), params_lib.WEIGHTS))
 
 
 def check_fits(config: CapeNextConfig, params: Mapping) -> None:
@@ -293,11 +290,11 @@ def build_model(config: CapeNextConfig, params: Mapping, *, dtype=jnp.float32,
                 seed: int = 0) -> CapeNext:
   """A CapeNext in eval mode holding `params` (cast to `dtype`), without a random init.
 
-  The module tree is traced abstractly (`nnx.eval_shape`), so nothing is computed for the
-  ~200M parameters that get overwritten; only the dropout / drop-path RNG streams are made
+  The module tree is abstract (`abstract_model`), so nothing is computed for the ~200M
+  parameters that get overwritten; only the dropout / drop-path RNG streams are made
   concrete, each from its own `fold_in(key(seed), i)`.
   """
-  model = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(seed)))
+  model = abstract_model(config)
   state = nnx.state(model, params_lib.WEIGHTS)
   params_lib.check_structure(nnx.to_pure_dict(state), params)
   params_lib.check_finite(params)

@@ -33,8 +33,8 @@ from capenext_jax.convert import official
 from capenext_jax.convert.pretrained import init_from_pretrained, with_path  # noqa: F401 - API
 from capenext_jax.convert.torch_io import load_state_dict
 from capenext_jax.device import partition, state as state_lib
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig, frozen_in_compute_dtype
-from capenext_jax.models.layers import init_rngs
+from capenext_jax.models.capenext import (CapeNext, CapeNextConfig, abstract_model,
+                                          frozen_in_compute_dtype)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -155,8 +155,7 @@ def _load_workdir(path: Path, mesh, step: int | None,
     mesh = partition.make_mesh({'data': 1, 'fsdp': 1}, jax.devices()[:1])
   rules = partition.rules_from_config(run_config.get('sharding_rules', ()))
   min_bytes = run_config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES)
-  _, *parts = partition.split_model(
-      nnx.eval_shape(lambda: CapeNext(model_config, rngs=init_rngs(run_config.seed))))
+  _, *parts = partition.split_model(abstract_model(model_config))
   target = {name: state_lib.abstract_state(
       part, partition.param_shardings(part, mesh, rules, min_bytes))
       for name, part in zip(('trainable', 'batch_stats', 'frozen'), parts)}
@@ -205,8 +204,8 @@ def model_params(ckpt: Checkpoint) -> dict:
 
 
 def _graphdef(config: CapeNextConfig) -> nnx.GraphDef:
-  """The train-state graphdef of `config` (traced abstractly: nothing is computed)."""
-  return partition.split_model(nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(0))))[0]
+  """The train-state graphdef of `config` (of `abstract_model`: nothing is computed)."""
+  return partition.split_model(abstract_model(config))[0]
 
 
 def load_model(path: str | os.PathLike, config: CapeNextConfig | None = None, *,

@@ -116,3 +116,32 @@ def test_bad_text_inputs_are_named():
   with pytest.raises(ValueError, match='at most 100'):
     from capenext_jax.text.cache import tokenize_categories
     tokenize_categories([CategoryText('centipede', [f'leg {i}' for i in range(101)])])
+
+
+def test_abstract_model_is_traced_once_per_config_and_copied_per_call(monkeypatch):
+  """`abstract_model`: the model `nnx.eval_shape` of its construction gives (graph and shapes),
+  traced once per config; each call a copy that its caller may fill and switch to eval mode."""
+  from capenext_jax.models import capenext
+  from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model
+  from capenext_jax.models.layers import init_rngs
+  config = CapeNextConfig.variant('tiny', image_size=64)
+  built = []
+  init = CapeNext.__init__
+  monkeypatch.setattr(CapeNext, '__init__', lambda self, *a, **k: (built.append(1),
+                                                                   init(self, *a, **k))[1])
+  capenext._traced_abstract_model.cache_clear()
+  first, second = abstract_model(config), abstract_model(config)
+  assert len(built) == 1 and first is not second
+  direct = nnx.eval_shape(lambda: CapeNext(config, rngs=init_rngs(7)))
+  assert nnx.graphdef(first) == nnx.graphdef(direct)
+  shapes = lambda m: jax.tree.map(lambda x: (x.shape, x.dtype), nnx.state(m))  # noqa: E731
+  assert shapes(first) == shapes(direct)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(first)))
+  # Filling one copy and switching it to eval mode leaves the next copy abstract, in training.
+  params = nnx.state(first, nnx.Param)
+  nnx.update(first, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), params))
+  first.eval()
+  third = abstract_model(config)
+  assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(third)))
+  assert nnx.graphdef(third) == nnx.graphdef(second) != nnx.graphdef(first)
+  assert len(built) == 2   # the first copy's trace and `direct`'s

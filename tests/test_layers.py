@@ -249,6 +249,18 @@ def test_init_rngs_draws_nnx_rngs_keys_without_tracing_counters():
   assert min(counts(nnx.Rngs)) >= 5 and counts(layers.init_rngs) == (0, 0)
 
 
+def test_threefry_fold_in_in_python_integers_is_jax_fold_in():
+  # The build stream hashes its keys in Python integers; jax.random.fold_in is the truth, over
+  # seeds whose words are small, large and 64-bit, and counts at the uint32 extremes.
+  from capenext_jax.models.layers.initializers import threefry_fold_in
+  words = lambda key: tuple(int(w) for w in np.asarray(jax.random.key_data(key)))  # noqa: E731
+  for seed in (0, 3, 2**31 - 1, 2**32 + 5, 2**63 - 1):
+    key = jax.random.key(seed)
+    for data in (0, 1, 2, 137, 2**31, 2**32 - 1):
+      assert threefry_fold_in(words(key), data) == words(jax.random.fold_in(key, data)), (
+          seed, data)
+
+
 def test_next_key_is_the_streams_call():
   """Dropout's `next_key(stream)` draws the keys `stream()` would, and moves its counter the same,
   eagerly and under jit."""

@@ -52,6 +52,17 @@ def init_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
   return graphdef, state
 
 
+def abstract_train_state(model: nnx.Module, optimizer: optax.GradientTransformation,
+                         rng: jax.Array) -> tuple[nnx.GraphDef, TrainState]:
+  """(graphdef, TrainState of ShapeDtypeStructs) that `init_train_state(model, optimizer, rng)`
+  gives, for a model whose arrays are ShapeDtypeStructs (`models.capenext.abstract_model`):
+  only the optimizer's init is traced, nothing is computed."""
+  graphdef, *parts = partition.split_model(model)
+  state = jax.eval_shape(lambda parts, rng: init_train_state(
+      nnx.merge(graphdef, *parts), optimizer, rng)[1], parts, rng)
+  return graphdef, state
+
+
 def state_shardings(state: TrainState, optimizer: optax.GradientTransformation, mesh: Mesh,
                     rules: partition.Rules = (),
                     min_shard_bytes: int = partition.FSDP_MIN_BYTES) -> TrainState:

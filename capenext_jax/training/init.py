@@ -13,7 +13,7 @@ from capenext_jax.convert.pretrained import init_from_pretrained
 from capenext_jax.device import forward as forward_lib
 from capenext_jax.device import partition, state as state_lib
 from capenext_jax.device import step as step_lib
-from capenext_jax.models.capenext import CapeNext, CapeNextConfig
+from capenext_jax.models.capenext import CapeNext, CapeNextConfig, abstract_model
 from capenext_jax.models.layers import init_rngs
 
 
@@ -40,7 +40,7 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
   model_config: `config.model` as the program parsed it (parsed here when not given).
 
   The init runs under jit with `out_shardings`, so no device ever holds a full unsharded copy
-  (eval_shape -> shardings -> jit(init)). Pretrained backbone / CLIP weights, when configured
+  (abstract model -> shardings -> jit(init)). Pretrained backbone / CLIP weights, when configured
   (`config.init`), are then read on the host and placed with the same shardings.
   """
   if model_config is None:
@@ -51,9 +51,8 @@ def init_state(config: ml_collections.ConfigDict, optimizer, mesh, *,
     return state_lib.init_train_state(model, optimizer, rng, shardings=param_shardings)[1]
 
   rng = jax.random.PRNGKey(config.seed)
-  graphdef = partition.split_model(nnx.eval_shape(
-      lambda: CapeNext(model_config, rngs=init_rngs(config.seed))))[0]
-  abstract = jax.eval_shape(init, rng)
+  graphdef, abstract = state_lib.abstract_train_state(abstract_model(model_config), optimizer,
+                                                      rng)
   shardings = state_lib.state_shardings(
       abstract, optimizer, mesh, partition.rules_from_config(config.sharding_rules),
       config.get('fsdp_min_bytes', partition.FSDP_MIN_BYTES))
