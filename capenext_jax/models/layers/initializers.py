@@ -25,7 +25,7 @@ class _BuildStream(nnx.RngStream):
     super().__init__(key, tag=tag)
     # The key's words as Python integers, read once (None: not a single threefry key).
     threefry = str(jax.random.key_impl(key)) == 'threefry2x32' and not key.shape
-    with jax.ensure_compile_time_eval():   # a fork's key is concrete, its stream made traced
+    with jax.ensure_compile_time_eval():   # also for a fork built under a trace
       self.key_words = (tuple(int(w) for w in np.asarray(jax.random.key_data(key)))
                         if threefry else None)
 
@@ -33,7 +33,6 @@ class _BuildStream(nnx.RngStream):
     with jax.ensure_compile_time_eval():
       if self.key_words is None:
         return super().__call__()
-      self.count._check_can_update()
       words = threefry_fold_in(self.key_words, int(self.count.get_value()))
       self.count[...] += 1
       return jax.random.wrap_key_data(np.asarray(words, np.uint32), impl='threefry2x32')
