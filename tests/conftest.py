@@ -28,10 +28,6 @@ FIXTURES = SHARED / 'fixtures'
 MP100_MINI = SHARED / 'data' / 'mp100_mini'
 
 
-# XLA's cheap backend settings (runtime.ONE_RUN_COMPILE) as XLA flags, for every program of the
-# run (`_compile_cheaply`). (capenext_jax.runtime imports no jax: the variables below are still
-# set before jax loads.)
-CHEAP_XLA_FLAGS = ' '.join(f'--{k}={str(v).lower()}' for k, v in runtime.ONE_RUN_COMPILE.items())
 
 
 def _share_compiled_programs():
@@ -49,22 +45,25 @@ _share_compiled_programs()
 
 
 def _compile_cheaply():
-  """XLA's cheap backend settings (CHEAP_XLA_FLAGS) for every program of the run, this process's
-  and its subprocesses' (through XLA_FLAGS, read when jax starts its backend): the tests run
-  tiny models for a step or a few, and compiling was most of the suite's time (they cut a tiny
-  train step's compile from 21 s to 12 s then; today's compiles in 7.1 s with them, 3.9 s with
-  jaxlib 0.10's older CPU kernel emitters too, see runtime.ONE_RUN_COMPILE). The programs, their
-  shapes and dtypes are the same; only the machine code differs, which moves float32
-  round-off: every bound in the tests holds for both (test_train.LAYOUT_EPS says how the layout
-  checks do). A caller that sets the optimisation level itself, e.g.
+  """XLA's cheap backend settings (runtime.ONE_RUN_XLA_FLAGS) for every program of the run,
+  this process's and its subprocesses' (through XLA_FLAGS, read when jax starts its backend):
+  the tests run tiny models for a step or a few, and compiling was most of the suite's time
+  (they cut a tiny train step's compile from 21 s to 12 s then; today's compiles in 7.1 s with
+  them, 3.9 s with jaxlib 0.10's older CPU kernel emitters too, see runtime.ONE_RUN_COMPILE).
+  The programs, their shapes and dtypes are the same; only the machine code differs, which
+  moves float32 round-off: every bound in the tests holds for both (test_train.LAYOUT_EPS says
+  how the layout checks do). A caller that sets the optimisation level itself, e.g.
   XLA_FLAGS=--xla_backend_optimization_level=3 (XLA's default), runs the suite with XLA's
-  default settings."""
+  default settings. Either way LLVM's fast instruction selector is off (runtime.NO_FAST_ISEL:
+  at level 0 it made kernels read past their buffers). (capenext_jax.runtime imports no jax:
+  the variables are still set before jax loads.)"""
   if os.environ.get('CAPENEXT_TEST_XLA_FLAGS'):
     return   # a subprocess of the run (or a worker): its XLA_FLAGS are what its parent chose
   os.environ['CAPENEXT_TEST_XLA_FLAGS'] = '1'
   flags = os.environ.get('XLA_FLAGS', '')
   if 'xla_backend_optimization_level' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {CHEAP_XLA_FLAGS}'.strip()
+    os.environ['XLA_FLAGS'] = f'{flags} {runtime.ONE_RUN_XLA_FLAGS}'.strip()
+  runtime.allow_one_run_compile()
 
 
 def xla_flags(*extra: str) -> str:

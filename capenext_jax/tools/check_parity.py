@@ -36,19 +36,19 @@ from flax import nnx
 from capenext_jax import export
 from capenext_jax import losses as losses_lib
 from capenext_jax import loading
+from capenext_jax import runtime
 from capenext_jax.convert import official
 from capenext_jax.models.capenext import NUM_SLOTS, CapeNext
 from capenext_jax.models.head import adjacency_from_skeleton
 from capenext_jax.mp100 import geometry
-from capenext_jax.runtime import ONE_RUN_COMPILE
 from capenext_jax.text.cache import category_prompt
 from capenext_jax.text.tokenizer import tokenize
 
 ACT_TOL, SIM_TOL, LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4, 1e-5, 1e-4
 # Each program of the check runs once, so it is compiled with XLA's cheap backend settings
-# (runtime.ONE_RUN_COMPILE): the tiny fixture's loss and gradients compile ~3x faster on a CPU,
-# and no row moves by more than a tenth of its tolerance (the closest, 0.47 of its tolerance
-# instead of 0.41).
+# (runtime.one_run_compile_options()): the tiny fixture's loss and gradients compile ~3x faster
+# on a CPU, and no row moves by more than a tenth of its tolerance (the closest, 0.47 of its
+# tolerance instead of 0.41).
 
 
 @dataclasses.dataclass
@@ -165,8 +165,8 @@ def run_checks(z, model: CapeNext, record=None) -> list[Row]:
 
 
 def run_once(jitted, *args):
-  """`jitted(*args)`, compiled with `ONE_RUN_COMPILE`."""
-  return jitted.lower(*args).compile(ONE_RUN_COMPILE)(*args)
+  """`jitted(*args)`, compiled with `runtime.one_run_compile_options()`."""
+  return jitted.lower(*args).compile(runtime.one_run_compile_options())(*args)
 
 
 def _activation_rows(model, batch, out, z, ref, required: bool) -> list[Row]:
@@ -315,4 +315,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == '__main__':
+  runtime.allow_one_run_compile()   # before jax's backend starts: nothing above started it
   sys.exit(main())
