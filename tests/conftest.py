@@ -87,6 +87,10 @@ def _tune_allocator_for_subprocesses():
 
 _tune_allocator_for_subprocesses()
 _compile_cheaply()
+# A native crash of a subprocess (train.py, eval.py, a 2-device run) prints its Python threads'
+# stacks into the output its test reports: the XLA:CPU crash of runtime.NO_FAST_ISEL left
+# nothing but an exit status of -11 in CI.
+os.environ.setdefault('PYTHONFAULTHANDLER', '1')
 
 
 # Modules whose tests train or evaluate in subprocesses, about a minute each: they run first,
