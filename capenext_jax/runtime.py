@@ -54,42 +54,47 @@ def _jaxlib_minor() -> tuple[int, int] | None:
 # Their round-off differs from the default compilation's, so compare only programs compiled
 # alike. Compile with `one_run_compile_options()`, never with this dict alone (NO_FAST_ISEL).
 ONE_RUN_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
-# jaxlib 0.10's XLA:CPU still has its element-by-element kernel emitters beside the MLIR fusion
-# emitters it uses by default; they compile a tiny train step in half the time (7.1 s -> 3.9 s;
-# the whole test suite 981 s -> 657 s on 2 cores). Later jaxlibs have only the fusion emitters,
-# and XLA refuses a flag it does not know, so the setting is named only where it exists.
-if _jaxlib_minor() == (0, 10):
-  ONE_RUN_COMPILE['xla_cpu_use_fusion_emitters'] = False
-
 # At backend level 0 XLA:CPU has LLVM pick instructions with its fast selector (FastISel), which
 # folds a 4-byte float load into the 16-byte memory operand of `vblendvps` (a `select`, e.g.
 # ReLU's gradient inside a BatchNorm reduction): the kernel reads 12 bytes past the value, and
 # dies of SIGSEGV where its buffer ends in the last 12 bytes of a mapped page. It took down ~1
-# run in 4 of the suite's HRNet 2-device step (jaxlib 0.10 and 0.12 alike; 38 such folds in that
-# step, none with this option; tests/test_runtime.py puts a buffer at a page's end). LLVM's own
-# selector folds only whole-vector loads, at ~7% more compile time. LLVM's options belong to the
-# process: XLA takes them from XLA_FLAGS only, read once when its backend starts (the first
-# array or compile), never as compile options. Above level 0 LLVM never runs FastISel.
+# run in 4 of the suite's HRNet 2-device step (38 such folds in that step; jaxlib 0.10.2 and
+# 0.12.1 alike; tests/test_runtime.py puts a buffer at a page's end). jaxlib 0.10 takes LLVM's
+# option to use its own selector instead (NO_FAST_ISEL: no fold left, compile times within
+# noise); 0.12 ignores it, so there the cheap level is 1, where LLVM runs no FastISel. LLVM's
+# options belong to the process: XLA takes them from XLA_FLAGS only, read once when its backend
+# starts (the first array or compile), never as compile options.
 NO_FAST_ISEL = '--xla_backend_extra_options=-fast-isel=false'
+if _jaxlib_minor() == (0, 10):
+  # jaxlib 0.10's XLA:CPU still has its element-by-element kernel emitters beside the MLIR
+  # fusion emitters it uses by default; they compile a tiny train step in half the time (7.1 s
+  # -> 3.9 s; the whole test suite 981 s -> 657 s on 2 cores). Later jaxlibs have only the
+  # fusion emitters, and XLA refuses a flag it does not know.
+  ONE_RUN_COMPILE['xla_cpu_use_fusion_emitters'] = False
+  _GUARD = NO_FAST_ISEL
+else:
+  ONE_RUN_COMPILE['xla_backend_optimization_level'] = 1
+  _GUARD = ''
 # The process-wide form of the cheap settings, for a process's XLA_FLAGS (the test suite's).
-ONE_RUN_XLA_FLAGS = ' '.join([*(f'--{k}={str(v).lower()}' for k, v in ONE_RUN_COMPILE.items()),
-                              NO_FAST_ISEL])
+ONE_RUN_XLA_FLAGS = ' '.join(
+    [*(f'--{k}={str(v).lower()}' for k, v in ONE_RUN_COMPILE.items()), _GUARD]).strip()
 
 
 def allow_one_run_compile(environ=os.environ) -> None:
-  """Add NO_FAST_ISEL to `environ`'s XLA_FLAGS, unless they set LLVM options of their own (which
-  it would replace). In a program: before jax starts its backend; later it changes nothing."""
+  """Add the FastISel guard (where level 0 needs it) to `environ`'s XLA_FLAGS, unless they set
+  LLVM options of their own (which it would replace). In a program: before jax starts its
+  backend; later it changes nothing."""
   flags = environ.get('XLA_FLAGS', '')
-  if 'xla_backend_extra_options' not in flags:
-    environ['XLA_FLAGS'] = f'{flags} {NO_FAST_ISEL}'.strip()
+  if _GUARD and 'xla_backend_extra_options' not in flags:
+    environ['XLA_FLAGS'] = f'{flags} {_GUARD}'.strip()
 
 
 def one_run_compile_options() -> dict:
   """The compile options of a program run once (`jitted.lower(...).compile(options)`):
-  ONE_RUN_COMPILE where this process's XLA_FLAGS turn FastISel off (`allow_one_run_compile`
-  before the backend started), else the same at level 1, which runs no FastISel (the tiny
-  parity check's compiles take 47 s there instead of 28 s)."""
-  if NO_FAST_ISEL in os.environ.get('XLA_FLAGS', '').split():
+  ONE_RUN_COMPILE where it is safe in this process (level 0 needs the guard in the XLA_FLAGS
+  the backend started with: `allow_one_run_compile`), else the same at level 1 (jaxlib 0.10's
+  tiny parity check compiles in 47 s there instead of 28 s)."""
+  if not _GUARD or _GUARD in os.environ.get('XLA_FLAGS', '').split():
     return dict(ONE_RUN_COMPILE)
   return dict(ONE_RUN_COMPILE, xla_backend_optimization_level=1)
 

@@ -90,17 +90,19 @@ print('ok')
 
 
 def test_one_run_compile_reads_nothing_past_a_buffer():
-  """The suite's XLA_FLAGS (runtime.ONE_RUN_XLA_FLAGS) compile at level 0 safely; a process
-  without the guard in its XLA_FLAGS gets level 1; and check_parity's command line, which adds
-  the guard after its imports, still adds it before jax's backend started (else: SIGSEGV)."""
+  """The suite's XLA_FLAGS (runtime.ONE_RUN_XLA_FLAGS) compile at the cheap level safely (0 on
+  jaxlib 0.10, with its guard); a process without the guard in its XLA_FLAGS gets level 1; and
+  check_parity's command line, which adds the guard after its imports, still adds it before
+  jax's backend started (else: SIGSEGV)."""
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
-  level_0_unguarded = runtime.ONE_RUN_XLA_FLAGS.replace(runtime.NO_FAST_ISEL, '')
+  cheap = runtime.ONE_RUN_COMPILE['xla_backend_optimization_level']
+  unguarded = runtime.ONE_RUN_XLA_FLAGS.replace(runtime.NO_FAST_ISEL, '')
 
   def kernel(xla_flags, level, imports='', allow='') -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-c', PAGE_END_KERNEL, str(level), imports, allow],
                           env=dict(env, JAX_PLATFORMS='cpu', XLA_FLAGS=xla_flags), cwd=REPO,
                           capture_output=True, text=True)
 
-  for run in (kernel(runtime.ONE_RUN_XLA_FLAGS, 0), kernel(level_0_unguarded, 1),
-              kernel('', 0, 'capenext_jax.tools.check_parity', 'allow')):
+  for run in (kernel(runtime.ONE_RUN_XLA_FLAGS, cheap), kernel(unguarded, 1),
+              kernel('', cheap, 'capenext_jax.tools.check_parity', 'allow')):
     assert run.returncode == 0 and run.stdout.strip() == 'ok', (run.returncode, run.stderr[-2000:])
